@@ -1,0 +1,141 @@
+"""Command line: a thin layer over the library API.
+
+    hf-model-stock run RECIPE [--dry-run] [--out DIR] [--device cpu|cuda] [--overwrite]
+    hf-model-stock merge --base B --model M1 --model M2 [...] --out DIR [options]
+    hf-model-stock validate RECIPE
+    hf-model-stock demo [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from hf_model_stock import __version__
+from hf_model_stock.errors import ModelStockError
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so temporary output is removed
+
+
+def _add_merge_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute (default: recipe's, else auto)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (from headers only) and exit")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-model-stock", description="Merge fine-tuned LLMs with Model Stock.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a recipe: merge, write, (push, evaluate)")
+    run.add_argument("recipe", type=Path)
+    run.add_argument("--out", type=Path, help="output directory (overrides output.path)")
+    _add_merge_options(run)
+    run.set_defaults(func=_cmd_run)
+
+    validate = sub.add_parser("validate", help="check a recipe and the models' compatibility, print the plan")
+    validate.add_argument("recipe", type=Path)
+    validate.set_defaults(func=_cmd_validate)
+
+    merge = sub.add_parser("merge", help="merge models named on the command line")
+    merge.add_argument("--base", required=True, help="pre-trained model: local dir or org/name[@rev]")
+    merge.add_argument("--model", action="append", required=True, dest="models", help="a fine-tune (repeat)")
+    merge.add_argument("--out", type=Path, required=True, help="output directory")
+    merge.add_argument("--dtype", help="output dtype (default: the base's)")
+    merge.add_argument("--granularity", choices=["layer", "filter"], default="layer")
+    merge.add_argument("--no-clamp-t", action="store_true", help="do not clamp t to [0, 1] (reference behaviour)")
+    merge.add_argument("--eps", type=float, help="added to the product of delta norms (default 1e-8)")
+    merge.add_argument("--chunk-size", help="input bytes per unit of work, e.g. 128MiB")
+    merge.add_argument("--shard-size", help="max output shard size, e.g. 5GB")
+    merge.add_argument("--tokenizer-source", help="'base' (default), one of the models, or a directory")
+    _add_merge_options(merge)
+    merge.set_defaults(func=_cmd_merge)
+
+    demo = sub.add_parser("demo", help="offline demo: build a model and fine-tunes, merge, load, generate")
+    demo.add_argument("--workdir", type=Path, default=Path("hfms-demo"), help="where models are built and merged")
+    demo.add_argument("-q", "--quiet", action="store_true")
+    demo.set_defaults(func=_cmd_demo)
+
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from hf_model_stock.recipe import load_recipe
+    from hf_model_stock.runner import run_recipe
+
+    recipe = load_recipe(args.recipe)
+    run_recipe(recipe, out_dir=args.out, device=args.device, dry_run=args.dry_run,
+               overwrite=args.overwrite, progress=not args.quiet)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from hf_model_stock.recipe import load_recipe
+    from hf_model_stock.runner import run_recipe
+
+    run_recipe(load_recipe(args.recipe), dry_run=True, progress=False)
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from hf_model_stock.recipe import parse_recipe
+    from hf_model_stock.runner import run_recipe
+
+    recipe: dict = {
+        "base_model": args.base,
+        "models": args.models,
+        "parameters": {"granularity": args.granularity, "clamp_t": not args.no_clamp_t},
+        "output": {"path": str(args.out)},
+    }
+    if args.eps is not None:
+        recipe["parameters"]["eps"] = args.eps
+    if args.dtype:
+        recipe["dtype"] = args.dtype
+    if args.chunk_size:
+        recipe["compute"] = {"chunk_size": args.chunk_size}
+    if args.shard_size:
+        recipe["output"]["shard_size"] = args.shard_size
+    if args.tokenizer_source:
+        recipe["tokenizer_source"] = args.tokenizer_source
+    import yaml
+
+    parsed = parse_recipe(yaml.safe_dump(recipe), "command line")
+    run_recipe(parsed, device=args.device, dry_run=args.dry_run, overwrite=args.overwrite, progress=not args.quiet)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from hf_model_stock.demo import run_demo
+
+    run_demo(args.workdir, progress=not args.quiet)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``hf-model-stock`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    previous = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return int(args.func(args) or 0)
+    except ModelStockError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: temporary output removed", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Exceptions with one-line messages that name the file, tensor or recipe key at fault."""
+
+
+class ModelStockError(Exception):
+    """Base class: every error the tool reports to users derives from it (exit code 2 in the CLI)."""
+
+
+class RecipeError(ModelStockError):
+    """The recipe is malformed or inconsistent (names the key, and the line where known)."""
+
+
+class CheckpointError(ModelStockError):
+    """A checkpoint file or index is unreadable or malformed (names the file)."""
+
+
+class CompatibilityError(ModelStockError):
+    """The models cannot be merged together (names the tensor or config key)."""
+
+
+class SourceError(ModelStockError):
+    """A model source cannot be resolved or downloaded (names the source)."""

@@ -1,0 +1,242 @@
+"""Lazy, header-driven access to tensors spread over safetensors shards.
+
+Only headers are parsed up front; tensor bytes are read later with ``pread`` into caller-owned
+buffers, so nothing is memory-mapped and resident memory stays bounded by those buffers (pages a
+process maps from a multi-GB shard count towards its RSS until unmapped). Parsing fails closed: any
+header that is not exactly what the safetensors specification allows raises ``CheckpointError``
+naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from hf_model_stock.errors import CheckpointError
+from hf_model_stock.io.dtypes import SAFETENSORS_TO_TORCH, itemsize
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, absolute byte offset, dtype code and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate the header of one ``.safetensors`` file.
+
+    Returns the tensors (with absolute offsets) and the ``__metadata__`` dict.
+
+    >>> tensors, metadata = read_header(Path("model.safetensors"))  # doctest: +SKIP
+    """
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({file_size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"{path}: header claims {header_len} bytes, more than the {MAX_HEADER_BYTES} allowed"
+                )
+            if 8 + header_len > file_size:
+                raise CheckpointError(
+                    f"{path}: header length {header_len} runs past the end of the file ({file_size} bytes)"
+                )
+            raw = fh.read(header_len)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: malformed safetensors header JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    data_start = 8 + header_len
+    data_size = file_size - data_start
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        begin, end, dtype, shape = _validate_entry(path, name, entry)
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} data_offsets [{begin}, {end}] lie beyond the data section "
+                f"({data_size} bytes)"
+            )
+        tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
+    for (_, prev_end, prev_name), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < prev_end:
+            raise CheckpointError(f"{path}: tensors {prev_name!r} and {name!r} overlap")
+    return tensors, metadata
+
+
+def _validate_entry(path: Path, name: str, entry: Any) -> tuple[int, int, str, tuple[int, ...]]:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise CheckpointError(f"{where}: header entry must have exactly dtype, shape and data_offsets")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in SAFETENSORS_TO_TORCH:
+        raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise CheckpointError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
+    expected = math.prod(shape) * itemsize(dtype)
+    if offsets[1] - offsets[0] != expected:
+        raise CheckpointError(
+            f"{where}: data_offsets span {offsets[1] - offsets[0]} bytes but dtype {dtype} and shape "
+            f"{shape} need {expected}"
+        )
+    return offsets[0], offsets[1], dtype, tuple(shape)
+
+
+def _shard_path(root: Path, index_path: Path, name: Any) -> Path:
+    """Resolve a shard named by an index, refusing anything that escapes the model directory."""
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{index_path}: weight_map values must be file names, got {name!r}")
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in name:
+        raise CheckpointError(f"{index_path}: shard {name!r} is outside the model directory")
+    path = root / rel
+    if not path.is_file():
+        raise CheckpointError(f"{index_path}: shard {name!r} is missing")
+    resolved, real_root = path.resolve(), root.resolve()
+    # A Hugging Face cache snapshot links its files to ../../blobs of the same repo: that is allowed.
+    allowed = [real_root, (root / ".." / ".." / "blobs").resolve()]
+    if not any(resolved.is_relative_to(a) for a in allowed):
+        raise CheckpointError(f"{index_path}: shard {name!r} is a link that escapes the model directory")
+    return path
+
+
+class Checkpoint:
+    """All tensors of one model directory (single file or sharded with an index), headers only.
+
+    >>> ckpt = Checkpoint.open(Path("my-model"))  # doctest: +SKIP
+    >>> ckpt.tensors["model.embed_tokens.weight"].shape  # doctest: +SKIP
+    (32000, 4096)
+    """
+
+    def __init__(self, root: Path, tensors: dict[str, TensorInfo], metadata: dict[str, str]):
+        self.root = root
+        self.tensors = tensors
+        self.metadata = metadata
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({t.path for t in self.tensors.values()})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @classmethod
+    def open(cls, root: Path) -> "Checkpoint":
+        """Read the headers of a model directory or a single ``.safetensors`` file."""
+        root = Path(root)
+        if root.is_file():
+            tensors, metadata = read_header(root)
+            return cls(root.parent, tensors, metadata)
+        if not root.is_dir():
+            raise CheckpointError(f"{root}: no such model directory")
+        index_path = root / INDEX_NAME
+        if index_path.is_file():
+            return cls._open_indexed(root, index_path)
+        single = root / SINGLE_NAME
+        if single.is_file():
+            tensors, metadata = read_header(single)
+            return cls(root, tensors, metadata)
+        found = sorted(p.name for p in root.iterdir() if p.suffix in {".bin", ".pt", ".pth"})
+        hint = f" (found pickle weights {', '.join(found)}; they are not read)" if found else ""
+        raise CheckpointError(f"{root}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
+
+    @classmethod
+    def _open_indexed(cls, root: Path, index_path: Path) -> "Checkpoint":
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointError(f"{index_path}: unreadable index ({exc})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index_path}: no weight_map")
+        by_file: dict[Path, list[str]] = {}
+        for name, shard in weight_map.items():
+            by_file.setdefault(_shard_path(root, index_path, shard), []).append(name)
+        tensors: dict[str, TensorInfo] = {}
+        metadata: dict[str, str] = {}
+        for path, names in by_file.items():
+            found, meta = read_header(path)
+            metadata.update(meta)
+            for name in names:
+                if name not in found:
+                    raise CheckpointError(f"{index_path}: tensor {name!r} is not in shard {path.name}")
+                tensors[name] = found[name]
+        return cls(root, tensors, metadata)
+
+
+class ShardFiles:
+    """Open file descriptors for ``pread``, one per shard file, closed together."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def read_into(self, info: TensorInfo, start: int, dest: memoryview) -> None:
+        """Read ``len(dest)`` bytes of ``info`` starting ``start`` bytes into the tensor."""
+        fd = self._fds.get(info.path)
+        if fd is None:
+            fd = self._fds[info.path] = os.open(info.path, os.O_RDONLY)
+        want, done = len(dest), 0
+        while done < want:
+            n = os.preadv(fd, [dest[done:]], info.offset + start + done)
+            if n <= 0:
+                raise CheckpointError(f"{info.path}: unexpected end of file reading tensor {info.name!r}")
+            done += n
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "ShardFiles":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

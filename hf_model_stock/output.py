@@ -1,0 +1,97 @@
+"""The output directory: written under a temporary name beside its destination and renamed into
+place only once complete, so a half-written merge never looks like a valid model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from hf_model_stock.errors import ModelStockError
+from hf_model_stock.io.dtypes import CONFIG_DTYPE_NAMES
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+TEMP_MARKER = ".hfms-tmp-"
+
+
+def check_destination(out_dir: Path, overwrite: bool) -> None:
+    """Fail early if the output exists (without ``overwrite``) or its parent is not writable."""
+    if out_dir.exists() and not overwrite:
+        raise ModelStockError(f"{out_dir}: output directory exists (pass --overwrite to replace it)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ModelStockError(f"{out_dir}: output path exists and is not a directory")
+    parent = out_dir.parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True)
+        except OSError as exc:
+            raise ModelStockError(f"{parent}: cannot create output parent ({exc.strerror or exc})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ModelStockError(f"{parent}: output location is not writable")
+
+
+def make_temp_dir(out_dir: Path) -> Path:
+    """A fresh directory beside ``out_dir`` (same filesystem, so the final rename is atomic)."""
+    tmp = out_dir.parent / f"{TEMP_MARKER}{out_dir.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise ModelStockError(f"{out_dir.parent}: cannot create output ({exc.strerror or exc})") from None
+    return tmp
+
+
+def commit_dir(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move the finished ``tmp`` to ``out_dir``; an existing output is replaced only with ``overwrite``."""
+    if out_dir.exists():
+        if not overwrite:
+            raise ModelStockError(f"{out_dir}: output directory exists (pass --overwrite to replace it)")
+        old = out_dir.parent / f"{TEMP_MARKER}old-{out_dir.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out_dir)
+
+
+def remove_dir(path: Optional[Path]) -> None:
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_config(base_dir: Path, dest: Path, out_dtype: Optional[str]) -> None:
+    """Copy config.json (dtype updated to the output's) and generation_config.json from the base."""
+    config_path = base_dir / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if out_dtype in CONFIG_DTYPE_NAMES:
+            name = CONFIG_DTYPE_NAMES[out_dtype]
+            keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+            for key in keys:
+                config[key] = name
+        (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    gen = base_dir / "generation_config.json"
+    if gen.is_file():
+        shutil.copyfile(gen, dest / "generation_config.json")
+
+
+def copy_tokenizer(source_dir: Path, dest: Path) -> list[str]:
+    """Copy the tokenizer files present in ``source_dir``; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source_dir / name).is_file():
+            shutil.copyfile(source_dir / name, dest / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,128 @@
+"""High-level API: resolve sources, plan, merge into a temporary directory, report, card, rename.
+
+>>> from hf_model_stock.pipeline import merge_models  # doctest: +SKIP
+>>> merge_models("base-dir", ["ft-a", "ft-b", "ft-c"], "merged")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from hf_model_stock import output
+from hf_model_stock.card import build_card
+from hf_model_stock.errors import ModelStockError
+from hf_model_stock.merge import execute
+from hf_model_stock.methods.model_stock import ModelStockParams
+from hf_model_stock.plan import MergeOptions, MergePlan, build_plan
+from hf_model_stock.recipe import ModelEntry, Recipe
+from hf_model_stock.report import build_report, write_report
+from hf_model_stock.io.writer import write_index
+from hf_model_stock.sources import ResolvedModel, resolve
+
+
+@dataclass(frozen=True)
+class MergeOutcome:
+    """Where the merged model was written, and its report."""
+
+    path: Path
+    report: dict[str, Any]
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelStockError(f"device {name!r} requested but no CUDA GPU is available (use --device cpu)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ModelStockError(f"unknown device {name!r} (use auto, cpu or cuda)")
+    return name
+
+
+def options_from_recipe(recipe: Recipe, device: Optional[str] = None) -> MergeOptions:
+    """Merge options from a recipe, with an optional device override."""
+    return MergeOptions(
+        params=ModelStockParams(**recipe.parameters.model_dump()),
+        dtype=recipe.dtype,
+        device=resolve_device(device or recipe.compute.device),
+        chunk_bytes=recipe.compute.chunk_size,
+        prefetch=recipe.compute.prefetch,
+        shard_bytes=recipe.output.shard_size,
+    )
+
+
+def plan_merge(base: ResolvedModel, models: Sequence[ResolvedModel], options: MergeOptions) -> MergePlan:
+    """Check compatibility and plan, from headers only (what ``--dry-run`` prints)."""
+    for m in models:
+        if m.path == base.path:
+            raise ModelStockError(f"{m.label}: is the base model; list only fine-tunes")
+    paths = [m.path for m in models]
+    for i, m in enumerate(models):
+        if m.path in paths[:i]:
+            raise ModelStockError(f"{m.label}: listed twice among the fine-tunes")
+    return build_plan(base, list(models), options)
+
+
+def execute_plan(
+    plan: MergePlan,
+    out_dir: Path,
+    *,
+    overwrite: bool = False,
+    tokenizer_dir: Optional[Path] = None,
+    recipe: Optional[dict[str, Any]] = None,
+    progress: bool = True,
+) -> MergeOutcome:
+    """Run a plan into ``out_dir`` atomically: nothing appears there unless the merge completes."""
+    out_dir = Path(out_dir).expanduser().absolute()
+    for m in [plan.base, *plan.models]:
+        if m.path.resolve() == out_dir.resolve():
+            raise ModelStockError(f"{out_dir}: output directory is also an input model ({m.label})")
+    output.check_destination(out_dir, overwrite)
+    tmp = output.make_temp_dir(out_dir)
+    try:
+        started = time.perf_counter()
+        result = execute(plan, tmp, progress=progress)
+        write_index(tmp, plan.shards)
+        output.write_config(plan.base.path, tmp, plan.options.dtype)
+        tokenizer_files = output.copy_tokenizer(tokenizer_dir or plan.base.path, tmp)
+        report = build_report(
+            plan, result, seconds=time.perf_counter() - started, recipe=recipe, tokenizer_files=tokenizer_files
+        )
+        write_report(tmp, report)
+        build_card(report).save(tmp / "README.md")
+        output.commit_dir(tmp, out_dir, overwrite)
+    except BaseException:
+        output.remove_dir(tmp)
+        raise
+    return MergeOutcome(path=out_dir, report=report)
+
+
+def merge_models(
+    base: str | Path,
+    models: Sequence[str | Path],
+    out_dir: str | Path,
+    options: Optional[MergeOptions] = None,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> MergeOutcome:
+    """Merge fine-tunes of ``base`` (local dirs or Hub ids) with Model Stock into ``out_dir``."""
+    resolved_base = resolve(ModelEntry.model_validate(str(base)))
+    resolved = [resolve(ModelEntry.model_validate(str(m))) for m in models]
+    plan = plan_merge(resolved_base, resolved, options or MergeOptions())
+    return execute_plan(plan, Path(out_dir), overwrite=overwrite, progress=progress)
+
+
+def tokenizer_dir_for(recipe: Recipe, base: ResolvedModel, models: Sequence[ResolvedModel]) -> Path:
+    """The directory whose tokenizer files the merged model carries (``tokenizer_source``)."""
+    if recipe.tokenizer_source == "base":
+        return base.path
+    for m in models:
+        if m.entry.model == recipe.tokenizer_source:
+            return m.path
+    return Path(recipe.tokenizer_source).expanduser()

@@ -1,0 +1,235 @@
+"""The merge plan: every tensor's inputs, output dtype, work units and place in the output shards.
+
+Built from safetensors headers and config.json alone, so it is complete (and every compatibility
+error has surfaced) before the first byte of weights is read. ``--dry-run`` prints it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+from hf_model_stock.errors import CompatibilityError
+from hf_model_stock.io.dtypes import is_floating, itemsize
+from hf_model_stock.io.reader import Checkpoint, TensorInfo
+from hf_model_stock.io.writer import OutputTensor, ShardLayout, layout_shards
+from hf_model_stock.methods.model_stock import DEFAULT_BLOCK, ModelStockParams
+from hf_model_stock.sources import ResolvedModel
+
+BASELINE_RSS = 400 * 2**20  # interpreter + torch + libraries, measured before any tensor is read
+TIED_OUTPUT_EMBEDDING = "lm_head.weight"
+MAX_LISTED_PROBLEMS = 20
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How to merge: method parameters, output dtype, device and memory budget."""
+
+    params: ModelStockParams = ModelStockParams()
+    dtype: Optional[str] = None  # safetensors code of the output dtype; None keeps the base's
+    device: str = "cpu"
+    workers: int = 0  # compute threads on the CPU; 0: one per core
+    chunk_bytes: int = 128 * 2**20  # input bytes (all models together) per unit of work
+    prefetch: int = 2
+    shard_bytes: int = 5 * 10**9
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One output tensor: its inputs (base first), what to do with them and how to split the work."""
+
+    name: str
+    shape: tuple[int, ...]
+    inputs: tuple[TensorInfo, ...]
+    out_dtype: str
+    merge: bool  # False: copied from the base (non-floating tensors)
+    filter_wise: bool
+    unit_elems: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def cols(self) -> int:
+        return self.numel // self.shape[0] if self.shape and self.shape[0] else max(self.numel, 1)
+
+    def units(self) -> Iterator[tuple[int, int]]:
+        """Element ranges [start, stop) of the flattened tensor, one per unit of work."""
+        if self.numel == 0:
+            yield (0, 0)
+            return
+        for start in range(0, self.numel, self.unit_elems):
+            yield (start, min(self.numel, start + self.unit_elems))
+
+    @property
+    def two_pass(self) -> bool:
+        """Layer-wise tensors larger than one unit: pass 1 sums the Gram matrix, pass 2 writes."""
+        return self.merge and not self.filter_wise and self.numel > self.unit_elems
+
+    @property
+    def in_bytes_per_elem(self) -> int:
+        return sum(itemsize(i.dtype) for i in self.inputs)
+
+
+@dataclass
+class MergePlan:
+    """Everything the executor needs, decided from headers."""
+
+    base: ResolvedModel
+    models: list[ResolvedModel]
+    options: MergeOptions
+    tasks: list[TensorTask]
+    shards: list[ShardLayout]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(i.nbytes for t in self.tasks for i in (t.inputs if t.merge else t.inputs[:1]))
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from disk, counting the second pass over two-pass tensors."""
+        return sum(
+            (2 if t.two_pass else 1) * sum(i.nbytes for i in (t.inputs if t.merge else t.inputs[:1]))
+            for t in self.tasks
+        )
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(s.file_bytes for s in self.shards)
+
+    @property
+    def max_unit_in_bytes(self) -> int:
+        return max((min(t.numel, t.unit_elems) * t.in_bytes_per_elem for t in self.tasks), default=0)
+
+    @property
+    def max_unit_out_bytes(self) -> int:
+        return max((min(t.numel, t.unit_elems) * itemsize(t.out_dtype) for t in self.tasks), default=0)
+
+    @property
+    def max_single_unit_elems(self) -> int:
+        """Largest layer-wise tensor merged in one unit: the size of the float32 delta-sum scratch."""
+        return max((t.numel for t in self.tasks if t.merge and not t.filter_wise and not t.two_pass), default=0)
+
+    @property
+    def peak_memory_estimate(self) -> int:
+        n = len(self.models)
+        scratch = (2 * n + 2) * DEFAULT_BLOCK * 4 * max(1, self.options.workers or 2)
+        buffers = (self.options.prefetch + 1) * self.max_unit_in_bytes + 2 * self.max_unit_out_bytes
+        buffers += 4 * self.max_single_unit_elems
+        return BASELINE_RSS + buffers + scratch
+
+    def describe(self) -> str:
+        """Human-readable plan, as printed by ``--dry-run``."""
+        gib = 2**30
+        merged = sum(t.merge for t in self.tasks)
+        lines = [
+            f"base:   {self.base.label}  ({self.base.path})",
+            *[f"model:  {m.label}  ({m.path})" for m in self.models],
+            f"method: model_stock  granularity={self.options.params.granularity} "
+            f"clamp_t={self.options.params.clamp_t} eps={self.options.params.eps:g}  device={self.options.device}",
+            f"tensors: {len(self.tasks)} ({merged} merged, {len(self.tasks) - merged} copied from the base, "
+            f"{sum(t.two_pass for t in self.tasks)} in two passes)",
+            f"bytes in: {self.bytes_in / gib:.3f} GiB (read {self.bytes_read / gib:.3f} GiB)   "
+            f"bytes out: {self.bytes_out / gib:.3f} GiB in {len(self.shards)} shard(s)",
+            f"expected peak memory: {self.peak_memory_estimate / gib:.2f} GiB "
+            f"(chunk {self.options.chunk_bytes / 2**20:.0f} MiB, prefetch {self.options.prefetch})",
+        ]
+        lines += [f"shard:  {s.filename}  {len(s.tensors)} tensors  {s.file_bytes / gib:.3f} GiB" for s in self.shards]
+        lines += [f"note:   {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _tied(config: dict) -> bool:
+    # PretrainedConfig defaults tie_word_embeddings to True; most configs state it explicitly.
+    return bool(config.get("tie_word_embeddings", True))
+
+
+def check_configs(base: ResolvedModel, models: list[ResolvedModel]) -> list[str]:
+    """Architecture-level mismatches between each model's config.json and the base's."""
+    problems = []
+    base_cfg = base.config()
+    for m in models:
+        cfg = m.config()
+        for key in ("model_type", "architectures"):
+            if key in base_cfg and key in cfg and cfg[key] != base_cfg[key]:
+                problems.append(f"config {key}: {cfg[key]!r} in {m.label} vs {base_cfg[key]!r} in base")
+    return problems
+
+
+def build_plan(base: ResolvedModel, models: list[ResolvedModel], options: MergeOptions) -> MergePlan:
+    """Check that the models can be merged and plan the merge, reading headers only.
+
+    Raises ``CompatibilityError`` listing every mismatch found (names, shapes, dtypes, configs).
+    """
+    if len(models) < 2:
+        raise CompatibilityError(f"Model Stock needs at least 2 fine-tuned models, got {len(models)}")
+    base_ckpt = Checkpoint.open(base.path)
+    ckpts = [Checkpoint.open(m.path) for m in models]
+    problems = check_configs(base, models)
+    notes: list[str] = []
+
+    names = set(base_ckpt.tensors)
+    if _tied(base.config()):
+        holders = [c for c in [base_ckpt, *ckpts] if TIED_OUTPUT_EMBEDDING in c.tensors]
+        if holders and len(holders) < len(ckpts) + 1:
+            names.discard(TIED_OUTPUT_EMBEDDING)
+            notes.append(
+                f"{TIED_OUTPUT_EMBEDDING} is tied to the input embeddings (tie_word_embeddings) and stored "
+                "by only some models: it is left out, transformers ties it on load"
+            )
+    for m, c in zip(models, ckpts):
+        theirs = set(c.tensors) - ({TIED_OUTPUT_EMBEDDING} if TIED_OUTPUT_EMBEDDING not in names else set())
+        for name in sorted(names - theirs):
+            problems.append(f"tensor {name!r}: missing in {m.label}")
+        for name in sorted(theirs - names):
+            problems.append(f"tensor {name!r}: in {m.label} but not in the base")
+
+    tasks: list[TensorTask] = []
+    order = sorted(names, key=lambda n: (str(base_ckpt.tensors[n].path), base_ckpt.tensors[n].offset))
+    for name in order:
+        b = base_ckpt.tensors[name]
+        inputs = [b]
+        for m, c in zip(models, ckpts):
+            info = c.tensors.get(name)
+            if info is None:
+                continue
+            if info.shape != b.shape:
+                problems.append(f"tensor {name!r}: shape {list(info.shape)} in {m.label} vs {list(b.shape)} in base")
+            elif is_floating(info.dtype) != is_floating(b.dtype):
+                problems.append(f"tensor {name!r}: dtype {info.dtype} in {m.label} vs {b.dtype} in base")
+            inputs.append(info)
+        if len(inputs) != len(models) + 1:
+            continue
+        tasks.append(_task(name, inputs, options))
+    if problems:
+        more = len(problems) - MAX_LISTED_PROBLEMS
+        listed = "; ".join(problems[:MAX_LISTED_PROBLEMS]) + (f"; and {more} more" if more > 0 else "")
+        raise CompatibilityError(f"{len(problems)} incompatibilities with base {base.label}: {listed}")
+
+    shards = layout_shards([OutputTensor(t.name, t.out_dtype, t.shape) for t in tasks], options.shard_bytes)
+    return MergePlan(base=base, models=models, options=options, tasks=tasks, shards=shards, notes=notes)
+
+
+def _task(name: str, inputs: list[TensorInfo], options: MergeOptions) -> TensorTask:
+    base = inputs[0]
+    merge = is_floating(base.dtype)
+    out_dtype = (options.dtype or base.dtype) if merge else base.dtype
+    per_elem = sum(itemsize(i.dtype) for i in inputs) if merge else itemsize(base.dtype)
+    numel = max(base.numel, 1)
+    unit = max(1, options.chunk_bytes // per_elem)
+    filter_wise = merge and options.params.granularity == "filter" and len(base.shape) >= 2 and base.numel > 0
+    if filter_wise:
+        cols = max(1, base.numel // max(base.shape[0], 1))
+        unit = max(1, unit // cols) * cols  # whole rows: each row's t needs all of that row
+    return TensorTask(
+        name=name,
+        shape=base.shape,
+        inputs=tuple(inputs),
+        out_dtype=out_dtype,
+        merge=merge,
+        filter_wise=filter_wise,
+        unit_elems=min(unit, numel),
+    )

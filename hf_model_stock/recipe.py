@@ -1,0 +1,268 @@
+"""Recipes: YAML -> validated ``Recipe``. Errors name the key and the line it is on.
+
+A recipe names a base model, N >= 2 fine-tunes of it, the method's parameters, compute options, the
+output and the evaluations to run afterwards. See ``recipes/`` for examples.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hf_model_stock.errors import RecipeError
+from hf_model_stock.io.dtypes import parse_dtype_name
+from hf_model_stock.methods.model_stock import DEFAULT_EPS
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string such as ``"5GB"``, ``"500MiB"`` or ``"1024"``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        m = _SIZE.match(str(value))
+        if not m:
+            raise ValueError(f"not a size: {value!r} (write e.g. 5GB or 500MiB)")
+        size = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return size
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelEntry(_Strict):
+    """A model: a local path or a Hub repo ``org/name``, optionally pinned to a revision."""
+
+    model: str = Field(min_length=1)
+    revision: Optional[str] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return split_revision(value)
+        return value
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}@{self.revision}" if self.revision else self.model
+
+
+def split_revision(text: str) -> dict[str, Optional[str]]:
+    """``"org/name@rev"`` -> model and revision; local paths are never split."""
+    text = text.strip()
+    if "@" in text and not Path(text).exists():
+        model, rev = text.rsplit("@", 1)
+        if model and rev:
+            return {"model": model, "revision": rev}
+    return {"model": text, "revision": None}
+
+
+class Parameters(_Strict):
+    """Model Stock options."""
+
+    granularity: Literal["layer", "filter"] = "layer"
+    clamp_t: bool = True
+    eps: float = Field(default=DEFAULT_EPS, ge=0.0)
+
+
+class Compute(_Strict):
+    """Where and in what memory the merge runs."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    chunk_size: int = Field(default=128 * 2**20, description="bytes of input (all models) per unit of work")
+    prefetch: int = Field(default=2, ge=1, le=16)
+
+    @field_validator("chunk_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int:
+        return parse_size(value)
+
+
+class PushToHub(_Strict):
+    """Where to upload the merged model once it is written."""
+
+    repo_id: str = Field(min_length=3, pattern=r"^[\w.-]+/[\w.-]+$")
+    private: bool = False
+    revision: Optional[str] = None
+    commit_message: Optional[str] = None
+
+
+class Output(_Strict):
+    """Where the merged model goes."""
+
+    path: Optional[str] = None
+    shard_size: int = 5 * 10**9
+    overwrite: bool = False
+    push_to_hub: Optional[PushToHub] = None
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int:
+        return parse_size(value)
+
+
+class Recipe(_Strict):
+    """A validated merge recipe."""
+
+    base_model: ModelEntry
+    models: list[ModelEntry]
+    method: Literal["model_stock"] = "model_stock"
+    parameters: Parameters = Parameters()
+    dtype: Optional[str] = None
+    compute: Compute = Compute()
+    output: Output = Output()
+    tokenizer_source: str = "base"
+    allow_pickle: bool = False
+    evals: Optional[dict[str, Any]] = None
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: Optional[str]) -> Optional[str]:
+        return None if value is None else parse_dtype_name(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        if len(self.models) < 2:
+            raise ValueError(f"models: Model Stock needs at least 2 fine-tuned models, got {len(self.models)}")
+        seen: set[tuple[str, Optional[str]]] = set()
+        base_key = _identity(self.base_model)
+        for i, entry in enumerate(self.models):
+            key = _identity(entry)
+            if key == base_key:
+                raise ValueError(f"models[{i}]: {entry.label} is the base model; list only fine-tunes")
+            if key in seen:
+                raise ValueError(f"models[{i}]: {entry.label} is listed twice")
+            seen.add(key)
+        if self.output.path is not None:
+            out = Path(self.output.path).expanduser().resolve()
+            for entry in [self.base_model, *self.models]:
+                if _is_local(entry) and Path(entry.model).expanduser().resolve() == out:
+                    raise ValueError(f"output.path: {self.output.path} is also an input model")
+        if self.tokenizer_source not in ("base", *(m.model for m in self.models)) and not Path(
+            self.tokenizer_source
+        ).expanduser().is_dir():
+            raise ValueError(
+                f"tokenizer_source: {self.tokenizer_source!r} is neither 'base', one of the models, nor a directory"
+            )
+        return self
+
+
+def _is_local(entry: ModelEntry) -> bool:
+    return Path(entry.model).expanduser().exists()
+
+
+def _identity(entry: ModelEntry) -> tuple[str, Optional[str]]:
+    if _is_local(entry):
+        return (str(Path(entry.model).expanduser().resolve()), None)
+    return (entry.model, entry.revision)
+
+
+def _line_map(node: yaml.Node, path: tuple[Any, ...] = (), out: Optional[dict] = None) -> dict:
+    """Map each key path in the YAML document to the (1-based) line it starts on."""
+    out = {} if out is None else out
+    out[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            out[path + (key.value,)] = key.start_mark.line + 1
+            _line_map(value, path + (key.value,), out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _line_map(item, path + (i,), out)
+    return out
+
+
+def _line_of(lines: dict, loc: tuple[Any, ...]) -> Optional[int]:
+    while loc:
+        if loc in lines:
+            return lines[loc]
+        loc = loc[:-1]
+    return None
+
+
+def _relative_to(base: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """Resolve local paths written in a recipe relative to the recipe's folder."""
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str):
+            entry = split_revision(value)
+            candidate = base / str(entry["model"])
+            return str(candidate) if not Path(value).is_absolute() and candidate.exists() else value
+        if isinstance(value, dict) and isinstance(value.get("model"), str):
+            return {**value, "model": fix(value["model"]) if "@" not in value["model"] else value["model"]}
+        return value
+
+    data = dict(data)
+    if "base_model" in data:
+        data["base_model"] = fix(data["base_model"])
+    if isinstance(data.get("models"), list):
+        data["models"] = [fix(m) for m in data["models"]]
+    if isinstance(data.get("tokenizer_source"), str) and data["tokenizer_source"] != "base":
+        data["tokenizer_source"] = fix(data["tokenizer_source"])
+    out = data.get("output")
+    if isinstance(out, dict) and isinstance(out.get("path"), str) and not Path(out["path"]).is_absolute():
+        data["output"] = {**out, "path": str(base / out["path"])}
+    return data
+
+
+def _loc_from_message(msg: str) -> tuple[Any, ...]:
+    """Key path named at the start of a cross-field error such as ``models[1]: ...``."""
+    m = re.match(r"^([A-Za-z_][\w.\[\]]*):", msg)
+    if not m:
+        return ()
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"[.\[\]]+", m.group(1)) if p)
+
+
+def parse_recipe(text: str, source: str = "<recipe>", base_dir: Optional[Path] = None) -> Recipe:
+    """Validate recipe YAML text. Relative local paths resolve against ``base_dir`` (default: cwd)."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        raise RecipeError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping with base_model and models")
+    lines = _line_map(root) if root is not None else {}
+    if base_dir is not None:
+        data = _relative_to(base_dir, data)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        line = _line_of(lines, loc or _loc_from_message(msg))
+        where = f"{source}:{line}" if line else source
+        more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
+        prefix = f"{key}: " if key and not msg.startswith(key.split("[")[0]) else ""
+        raise RecipeError(f"{where}: {prefix}{msg}{more}") from None
+
+
+def load_recipe(path: Path | str) -> Recipe:
+    """Read and validate a recipe file; relative local model paths resolve against its folder.
+
+    >>> recipe = load_recipe("recipes/demo.yaml")  # doctest: +SKIP
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror or exc})") from None
+    return parse_recipe(text, str(path), base_dir=path.resolve().parent)

@@ -1,0 +1,59 @@
+"""Run a recipe end to end: resolve sources, plan, merge (then push and evaluate when asked)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from hf_model_stock.errors import RecipeError
+from hf_model_stock.pipeline import MergeOutcome, execute_plan, options_from_recipe, plan_merge, tokenizer_dir_for
+from hf_model_stock.recipe import Recipe
+from hf_model_stock.report import layer_summary
+from hf_model_stock.merge import TensorStats
+from hf_model_stock.sources import resolve
+
+
+def run_recipe(
+    recipe: Recipe,
+    *,
+    out_dir: Optional[Path] = None,
+    device: Optional[str] = None,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Optional[MergeOutcome]:
+    """Merge as the recipe says; with ``dry_run`` print the plan (headers only) and stop."""
+    options = options_from_recipe(recipe, device)
+    base = resolve(recipe.base_model)
+    models = [resolve(m) for m in recipe.models]
+    plan = plan_merge(base, models, options)
+    target = out_dir or (Path(recipe.output.path) if recipe.output.path else None)
+    if dry_run:
+        print(plan.describe())
+        if target is not None:
+            print(f"output: {target}")
+        return None
+    if target is None:
+        raise RecipeError("output.path: no output directory (set output.path or pass --out)")
+    outcome = execute_plan(
+        plan,
+        target,
+        overwrite=overwrite or recipe.output.overwrite,
+        tokenizer_dir=tokenizer_dir_for(recipe, base, models),
+        recipe=recipe.model_dump(mode="json", exclude_none=True),
+        progress=progress,
+    )
+    if progress:
+        print_summary(outcome)
+    return outcome
+
+
+def print_summary(outcome: MergeOutcome) -> None:
+    """Print where the merge went and its per-layer t."""
+    s = outcome.report["summary"]
+    print(f"merged {s['merged']} tensors, copied {s['copied']}, clamped {s['clamped']} in {s['seconds']:.1f} s "
+          f"-> {outcome.path}")
+    rows = layer_summary([TensorStats(**t) for t in outcome.report["tensors"]])
+    print(f"{'layer':>6} {'tensors':>7} {'mean t':>7} {'min t':>7} {'max t':>7} {'cos':>7}")
+    for r in rows:
+        print(f"{r.layer:>6} {r.tensors:>7} {r.t_mean:7.4f} {r.t_min:7.4f} {r.t_max:7.4f} {r.cos_mean:7.4f}")

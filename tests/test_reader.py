@@ -1,0 +1,73 @@
+"""The header reader fails closed on malformed safetensors files and indexes."""
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hf_model_stock.errors import CheckpointError
+from hf_model_stock.io.reader import Checkpoint, ShardFiles, read_header
+
+
+def raw_file(path: Path, header: dict, data: bytes = b"", header_len: int | None = None) -> Path:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text) if header_len is None else header_len) + text + data)
+    return path
+
+
+def test_reads_what_safetensors_wrote(tmp_path):
+    tensors = {"x": torch.arange(12, dtype=torch.float32).view(3, 4), "y": torch.tensor([1, 2], dtype=torch.int64)}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    found, _ = read_header(tmp_path / "m.safetensors")
+    assert found["x"].shape == (3, 4) and found["x"].dtype == "F32" and found["y"].nbytes == 16
+    buf = torch.empty(48, dtype=torch.uint8)
+    with ShardFiles() as files:
+        files.read_into(found["x"], 0, memoryview(buf.numpy()))
+    assert torch.equal(buf.view(torch.float32).view(3, 4), tensors["x"])
+
+
+@pytest.mark.parametrize("header, data, header_len, message", [
+    ({}, b"", 10**12, "header claims 1000000000000 bytes, more than the 104857600 allowed"),
+    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"", 500, "runs past the end of the file"),
+    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, None, "lie beyond the data section"),
+    ({"x": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, None, "unknown dtype 'Q4'"),
+    ({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 12, None, "need 12"),
+    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "y": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, None, "overlap"),
+    ({"x": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, b"\0" * 8, None, "non-negative integers"),
+    ({"x": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, b"\0" * 8, None, "0 <= begin <= end"),
+])
+def test_malformed_headers(tmp_path, header, data, header_len, message):
+    path = raw_file(tmp_path / "bad.safetensors", header, data, header_len)
+    with pytest.raises(CheckpointError) as exc:
+        read_header(path)
+    assert str(exc.value).startswith(str(path)) and message in str(exc.value)
+
+
+def test_truncated_and_malformed_json(tmp_path):
+    (tmp_path / "t.safetensors").write_bytes(b"\x05\x00")
+    with pytest.raises(CheckpointError, match="truncated safetensors file"):
+        read_header(tmp_path / "t.safetensors")
+    (tmp_path / "j.safetensors").write_bytes(struct.pack("<Q", 5) + b"{nope")
+    with pytest.raises(CheckpointError, match="malformed safetensors header JSON"):
+        read_header(tmp_path / "j.safetensors")
+
+
+@pytest.mark.parametrize("shard, message", [
+    ("../outside.safetensors", "is outside the model directory"),
+    ("/etc/passwd", "is outside the model directory"),
+    ("missing.safetensors", "is missing"),
+    ("link.safetensors", "is a link that escapes the model directory"),
+])
+def test_index_cannot_point_outside(tmp_path, shard, message):
+    model = tmp_path / "model"
+    model.mkdir()
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "outside.safetensors"))
+    (model / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": shard}}))
+    with pytest.raises(CheckpointError) as exc:
+        Checkpoint.open(model)
+    assert message in str(exc.value) and "model.safetensors.index.json" in str(exc.value)
