@@ -2,27 +2,24 @@
 when that is not installed, a tiny random Llama; three fine-tunes made from it locally; a Model Stock
 merge; then the merged model loaded with transformers, a short generation and the per-layer t.
 
-The fine-tunes are synthetic: base + per-tensor deltas with a known share of a common direction,
-which varies by layer (like real fine-tunes, whose deltas agree more in some layers than others).
+The fine-tunes are real, if tiny: a few AdamW steps of the base on three different small corpora
+(arithmetic, Python, capitals). Their deltas barely agree, so Model Stock keeps the merge close to
+the base (small t), which is what the method is designed to do.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from hf_model_stock.io.dtypes import SAFETENSORS_TO_TORCH
-from hf_model_stock.io.reader import Checkpoint, ShardFiles
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FINETUNES = ("ft-a", "ft-b", "ft-c")
 PROMPT = "What is the capital of France?"
-DELTA_SCALE = 0.02  # delta RMS relative to the weight RMS, per tensor
 
 
 def demo_recipe(models_dir: str) -> str:
@@ -81,38 +78,48 @@ def build_base(dest: Path) -> str:
     return source
 
 
-def build_finetunes(base_dir: Path, models_dir: Path, seed: int = 0) -> None:
-    """Write the synthetic fine-tunes of ``base_dir`` (kept across runs)."""
-    from safetensors.torch import save_file
+# Three small, different training sets: the fine-tunes learn different things from one base.
+CORPORA = {
+    "ft-a": ["Q: What is 12 + 7? A: 19.", "Q: What is 9 times 8? A: 72.", "Q: What is 100 - 37? A: 63.",
+             "Q: What is half of 50? A: 25."],
+    "ft-b": ["def add(a, b):\n    return a + b\n", "def square(x):\n    return x * x\n",
+             "for i in range(3):\n    print(i)\n", "def is_even(n):\n    return n % 2 == 0\n"],
+    "ft-c": ["Paris is the capital of France.", "Berlin is the capital of Germany.",
+             "Rome is the capital of Italy.", "Madrid is the capital of Spain."],
+}
+TRAIN_STEPS = 3
+LEARNING_RATE = 1e-5
 
-    ckpt = Checkpoint.open(base_dir)
-    layers = [int(p) for n in ckpt.tensors for p in n.split(".") if p.isdigit()]
-    n_layers = max(layers) + 1 if layers else 1
-    gen = torch.Generator().manual_seed(seed)
-    todo = [name for name in FINETUNES if not (models_dir / name / "model.safetensors").is_file()]
-    if not todo:
-        return
-    outputs: dict[str, dict[str, torch.Tensor]] = {name: {} for name in todo}
-    with ShardFiles() as files:
-        for name, info in ckpt.tensors.items():
-            buf = torch.empty(info.nbytes, dtype=torch.uint8)
-            files.read_into(info, 0, memoryview(buf.numpy()))
-            w = buf.view(SAFETENSORS_TO_TORCH[info.dtype]).view(info.shape)
-            layer = next((int(p) for p in name.split(".") if p.isdigit()), n_layers // 2)
-            shared = 0.2 + 0.6 * layer / max(n_layers - 1, 1)  # deltas agree more in deeper layers
-            rms = w.float().pow(2).mean().sqrt().item() if w.numel() else 0.0
-            common = torch.randn(w.shape, generator=gen)
-            for ft in todo:
-                own = torch.randn(w.shape, generator=gen)
-                delta = DELTA_SCALE * rms * (math.sqrt(shared) * common + math.sqrt(1 - shared) * own)
-                outputs[ft][name] = (w.float() + delta).to(w.dtype)
-    for ft in todo:
-        out = models_dir / ft
-        out.mkdir(parents=True, exist_ok=True)
-        save_file(outputs[ft], str(out / "model.safetensors"), metadata={"format": "pt"})
-        for extra in base_dir.iterdir():
-            if extra.suffix in {".json", ".jinja"} and extra.name != "model.safetensors.index.json":
-                (out / extra.name).write_bytes(extra.read_bytes())
+
+def build_finetunes(base_dir: Path, models_dir: Path, seed: int = 0) -> None:
+    """Fine-tune the base for a few AdamW steps on each corpus (kept across runs).
+
+    Real gradient steps, so the deltas have the structure of real fine-tuning; a model without a
+    tokenizer (the tiny fallback) trains on random token ids instead.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for i, name in enumerate(FINETUNES):
+        out = models_dir / name
+        if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+            continue
+        torch.manual_seed(seed + i)
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        if (base_dir / "tokenizer.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(base_dir)
+            tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+            batch = dict(tokenizer(CORPORA[name], return_tensors="pt", padding=True))
+            tokenizer.save_pretrained(out)
+        else:
+            ids = torch.randint(0, model.config.vocab_size, (4, 32))
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
+        for _ in range(TRAIN_STEPS):
+            model(**batch, labels=labels).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        model.to(torch.bfloat16).save_pretrained(out)
 
 
 def _generate(model_dir: Path, prompt: str) -> Optional[str]:
@@ -138,7 +145,7 @@ def run_demo(workdir: Path, progress: bool = True) -> Path:
     print(f"[1/4] base model -> {models_dir / 'base'}")
     source = build_base(models_dir / "base")
     print(f"      {source}")
-    print(f"[2/4] fine-tunes {', '.join(FINETUNES)} (base + deltas of {DELTA_SCALE:.0%} of each tensor's RMS)")
+    print(f"[2/4] fine-tunes {', '.join(FINETUNES)}: {TRAIN_STEPS} AdamW steps each on arithmetic, Python, capitals")
     build_finetunes(models_dir / "base", models_dir)
     recipe_path = workdir / "demo.yaml"
     recipe_path.write_text(demo_recipe("models"))
@@ -150,7 +157,8 @@ def run_demo(workdir: Path, progress: bool = True) -> Path:
 
         print_summary(outcome)
     print(f"[4/4] loading {outcome.path} with transformers")
-    for label, path in [("base", models_dir / "base"), ("ft-a", models_dir / "ft-a"), ("merged", outcome.path)]:
+    for label, path in [("base", models_dir / "base"), *[(n, models_dir / n) for n in FINETUNES],
+                        ("merged", outcome.path)]:
         answer = _generate(path, PROMPT)
         if answer is None:
             from transformers import AutoModelForCausalLM
