@@ -273,7 +273,7 @@ def execute(plan: MergePlan, directory: Path, progress: bool = True) -> Executio
                 kernel.merge_from_sum(src[0], sums, float(ratio.t), out)
             else:
                 assert ratio is not None
-                kernel.merge_recompute(src, float(ratio.t), out)
+                kernel.merge_recompute(src, float(ratio.t), out, delta_sum[:n])
             if on_gpu:
                 out_host.copy_(out)
             in_pool.release(unit.buffer)

@@ -110,8 +110,8 @@ class MergePlan:
 
     @property
     def max_single_unit_elems(self) -> int:
-        """Largest layer-wise tensor merged in one unit: the size of the float32 delta-sum scratch."""
-        return max((t.numel for t in self.tasks if t.merge and not t.filter_wise and not t.two_pass), default=0)
+        """Largest layer-wise unit of work: the size of the float32 delta-sum scratch."""
+        return max((min(t.numel, t.unit_elems) for t in self.tasks if t.merge and not t.filter_wise), default=0)
 
     @property
     def peak_memory_estimate(self) -> int:

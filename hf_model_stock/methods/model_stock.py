@@ -21,9 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional, Sequence, TypeVar
 
+import numpy as np
 import torch
 
+from hf_model_stock.methods import fused_cpu
+
 T = TypeVar("T")
+_FUSED_DTYPES = {torch.bfloat16: torch.uint16, torch.float32: torch.float32}
 
 DEFAULT_EPS = 1e-8  # the authors' reference code adds this to the product of norms
 DEFAULT_BLOCK = 1 << 18  # elements per block: four bf16 inputs and the float32 scratch stay in L2
@@ -212,20 +216,66 @@ class ParallelKernel:
         futures = [self._pool.submit(fn, k, s, e) for k, (s, e) in zip(self.kernels, ranges)]
         return [f.result() for f in futures]
 
+    def _fused(self, sources: Sequence[torch.Tensor]) -> Optional[np.ndarray]:
+        """The inputs as one (N+1) x n numpy array for the fused CPU kernels, when they are CPU
+        tensors of one supported dtype laid out at a uniform stride in one buffer (as the reader
+        lays them out); None otherwise."""
+        first = sources[0]
+        if (
+            self.kernels[0].device.type != "cpu"
+            or not fused_cpu.available()
+            or len(sources) < 2
+            or first.dtype not in _FUSED_DTYPES
+            or any(s.dtype != first.dtype or s.numel() != first.numel() or not s.is_contiguous() for s in sources)
+        ):
+            return None
+        step = sources[1].data_ptr() - first.data_ptr()
+        size = first.element_size()
+        if step <= 0 or step % size or any(
+            s.data_ptr() - first.data_ptr() != i * step for i, s in enumerate(sources)
+        ):
+            return None
+        stacked = torch.as_strided(first, (len(sources), first.numel()), (step // size, 1))
+        return stacked.view(_FUSED_DTYPES[first.dtype]).numpy()
+
     def gram(self, sources: Sequence[torch.Tensor], delta_sum: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Gram matrix of the deltas of whole flat ``sources`` (float64, N x N)."""
+        """Gram matrix of the deltas of whole flat ``sources`` (float64, N x N); with ``delta_sum``
+        (float32, at least as long), also store sum_i d_i there."""
         numel = sources[0].numel()
+        stacked = self._fused(sources)
+        if stacked is not None:
+            sums = delta_sum.numpy() if delta_sum is not None else None
+            grams = self._map(lambda k, s, e: fused_cpu.gram(stacked, s, e, sums), self._slices(numel, 4096))
+            return torch.from_numpy(np.sum(grams, axis=0))
         block = self.kernels[0].block
         grams = self._map(lambda k, s, e: k.gram(sources, s, e, delta_sum), self._slices(numel, block))
         return torch.stack(grams).sum(0)
 
     def merge_from_sum(self, base: torch.Tensor, delta_sum: torch.Tensor, t: float, out: torch.Tensor) -> None:
         """``out = w_0 + t/N * delta_sum`` over whole flat tensors."""
+        if (
+            self.kernels[0].device.type == "cpu"
+            and fused_cpu.available()
+            and base.dtype in _FUSED_DTYPES
+            and out.dtype == base.dtype
+            and base.is_contiguous()
+            and out.is_contiguous()
+        ):
+            b, o, sums = (x.view(_FUSED_DTYPES[x.dtype]).numpy() for x in (base, out, delta_sum))
+            self._map(lambda k, s, e: fused_cpu.finish(b, sums, t / self.n, o, s, e), self._slices(out.numel(), 4096))
+            return
         self._map(lambda k, s, e: k.merge_from_sum(base, delta_sum, t, out, s, e),
                   self._slices(out.numel(), self.kernels[0].block))
 
-    def merge_recompute(self, sources: Sequence[torch.Tensor], t: float, out: torch.Tensor) -> None:
-        """``out = w_0 + t/N * sum_i d_i`` over whole flat tensors, recomputing the deltas."""
+    def merge_recompute(
+        self, sources: Sequence[torch.Tensor], t: float, out: torch.Tensor, scratch: torch.Tensor
+    ) -> None:
+        """``out = w_0 + t/N * sum_i d_i`` over whole flat tensors, recomputing the deltas (the
+        second pass over a tensor too big for one unit); ``scratch`` is float32, at least as long."""
+        if self._fused(sources) is not None:
+            self.gram(sources, scratch)
+            self.merge_from_sum(sources[0], scratch, t, out)
+            return
         self._map(lambda k, s, e: k.merge_recompute(sources, t, out, s, e),
                   self._slices(out.numel(), self.kernels[0].block))
 
