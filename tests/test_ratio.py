@@ -81,15 +81,20 @@ def test_tiny_deltas_follow_the_authors_epsilon_not_a_norm_clamp():
     assert ours.t.item() == pytest.approx(reference_ratio(torch.zeros(10000), deltas), rel=1e-9)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_blocked_gram_of_a_big_tensor_matches_float64(workers):
-    """65.5M elements: float32 reductions drift here; blocked float32 dots summed in float64 do not."""
+@pytest.mark.parametrize("workers, stacked", [(1, False), (2, False), (2, True)])
+def test_blocked_gram_of_a_big_tensor_matches_float64(workers, stacked):
+    """65.5M elements: float32 reductions drift here; blocked float32 dots summed in float64 do not.
+    Separate tensors take the torch kernel, rows of one buffer the fused CPU kernel."""
     n_el = 65_536_000
     gen = torch.Generator().manual_seed(1)
-    base = torch.randn(n_el, generator=gen).to(torch.bfloat16)
+    rows = torch.empty(3, n_el, dtype=torch.bfloat16)
+    rows[0] = torch.randn(n_el, generator=gen)
     common = torch.randn(n_el, generator=gen) * 0.01
-    models = [(base.float() + common + torch.randn(n_el, generator=gen) * 0.01).to(torch.bfloat16) for _ in range(2)]
+    for i in (1, 2):
+        rows[i] = rows[0].float() + common + torch.randn(n_el, generator=gen) * 0.01
+    base, *models = rows if stacked else [r.clone() for r in rows]
     kernel = ParallelKernel(2, workers=workers)
+    assert (kernel._fused([base, *models]) is not None) == stacked
     g = kernel.gram([base, *models])
     kernel.close()
     d = [m.double() - base.double() for m in models]
