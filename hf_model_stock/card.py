@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import re
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import yaml
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from hf_model_stock.merge import TensorStats
 from hf_model_stock.report import layer_summary
@@ -15,21 +16,30 @@ def _source_id(src: dict[str, Any]) -> str:
     return src.get("repo_id") or src["model"]
 
 
-def build_card(report: dict[str, Any], repo_id: Optional[str] = None) -> ModelCard:
-    """A model card with merge metadata (base_model list, relation, tags) and a reproducible body."""
+DEFAULT_TITLE = "Model Stock merge"
+EVAL_HEADING = "## Evaluation"
+
+
+def build_card(report: dict[str, Any], repo_id: Optional[str] = None, t_plot: Optional[str] = None) -> ModelCard:
+    """A model card with merge metadata (base_model list, relation, tags) and a reproducible body;
+    ``t_plot`` names a picture of t by layer beside the card."""
     sources = [report["sources"]["base"], *report["sources"]["models"]]
+    # base_model metadata must name Hub repos (the Hub rejects a card naming a local path there);
+    # local sources are listed in the body only
+    hub_ids = [s["repo_id"] for s in sources if s.get("repo_id")]
     data = ModelCardData(
-        base_model=[_source_id(s) for s in sources],
+        base_model=hub_ids or None,
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=["merge", "model-stock", "hf-model-stock"],
     )
-    data.base_model_relation = "merge"
+    if hub_ids:
+        data.base_model_relation = "merge"
     stats = [TensorStats(**t) for t in report["tensors"]]
     rows = layer_summary(stats)
     summary = report["summary"]
     lines = [
-        f"# {repo_id or 'Model Stock merge'}",
+        f"# {repo_id or DEFAULT_TITLE}",
         "",
         "This model is a merge of fine-tuned models made with hf-model-stock using **Model Stock** "
         "(Jang, Yun, Han, 2024, arXiv:2403.19522).",
@@ -56,6 +66,7 @@ def build_card(report: dict[str, Any], repo_id: Optional[str] = None) -> ModelCa
         "| layer | tensors | mean t | min t | max t | mean cos |",
         "|---|---|---|---|---|---|",
         *[f"| {r.layer} | {r.tensors} | {r.t_mean:.4f} | {r.t_min:.4f} | {r.t_max:.4f} | {r.cos_mean:.4f} |" for r in rows],
+        *(["", f"![t by layer]({t_plot})"] if t_plot else []),
     ]
     if report.get("recipe"):
         lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(report["recipe"], sort_keys=False).rstrip(), "```"]
@@ -71,3 +82,78 @@ def build_card(report: dict[str, Any], repo_id: Optional[str] = None) -> ModelCa
         "",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+EvalRow = Union[Sequence[Any], Any]  # (task, metric, value) or an object with .task, .metric, .value
+
+
+def _eval_triple(row: EvalRow) -> tuple[str, str, float]:
+    if isinstance(row, (tuple, list)):
+        task, metric, value = row[:3]
+    elif isinstance(row, dict):
+        task, metric, value = row["task"], row["metric"], row["value"]
+    else:
+        task, metric, value = row.task, row.metric, row.value
+    return str(task), str(metric), float(value)
+
+
+def card_title(card: ModelCard) -> Optional[str]:
+    """The first level-1 heading of the card's body."""
+    m = re.search(r"^# (.+)$", card.text, flags=re.MULTILINE)
+    return m.group(1).strip() if m else None
+
+
+def _replace_section(text: str, heading: str, section: str) -> str:
+    """Replace the ``heading`` section (up to the next level-2 heading) of ``text``, or append it."""
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", flags=re.MULTILINE | re.DOTALL)
+    if pattern.search(text):
+        return pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1).rstrip("\n") + "\n"
+    return text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+
+
+def card_with_evals(
+    card: ModelCard,
+    results: Iterable[EvalRow],
+    *,
+    model_name: Optional[str] = None,
+    task_type: str = "text-generation",
+) -> ModelCard:
+    """A copy of ``card`` with evaluation results: ``model-index`` metadata and an Evaluation table.
+
+    ``results`` holds ``(task, metric, value)`` triples (or objects with ``task``, ``metric`` and
+    ``value``, such as ``evaluation.summary.Score``). Results for a (task, metric) already on the card
+    are replaced; others are kept.
+
+    >>> card = card_with_evals(ModelCard.load("merged/README.md"), [("gsm8k", "exact_match,strict-match", 0.41)])  # doctest: +SKIP
+    """
+    rows = [_eval_triple(r) for r in results]
+    data = ModelCard(str(card)).data  # a copy
+    new_keys = {(task, metric) for task, metric, _ in rows}
+    kept = [e for e in (data.eval_results or []) if (e.dataset_type, e.metric_type) not in new_keys]
+    data.eval_results = kept + [
+        EvalResult(task_type=task_type, dataset_type=task, dataset_name=task, metric_type=metric,
+                   metric_name=metric, metric_value=value)
+        for task, metric, value in rows
+    ]
+    data.model_name = model_name or data.model_name or card_title(card) or DEFAULT_TITLE
+    table = [
+        EVAL_HEADING,
+        "",
+        "| task | metric | value |",
+        "|---|---|---|",
+        *[f"| {e.dataset_type} | {e.metric_type} | {float(e.metric_value):.4f} |" for e in data.eval_results],
+        "",
+    ]
+    body = _replace_section(card.text, EVAL_HEADING, "\n".join(table))
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def retitle_card(card: ModelCard, repo_id: str) -> ModelCard:
+    """``card`` with the default title (written before the repo was known) replaced by ``repo_id``."""
+    if card_title(card) != DEFAULT_TITLE:
+        return card
+    body = re.sub(rf"^# {re.escape(DEFAULT_TITLE)}$", f"# {repo_id}", card.text, count=1, flags=re.MULTILINE)
+    data = ModelCard(str(card)).data
+    if data.eval_results:
+        data.model_name = repo_id
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

@@ -3,6 +3,7 @@
     hf-model-stock run RECIPE [--dry-run] [--out DIR] [--device cpu|cuda] [--overwrite]
     hf-model-stock merge --base B --model M1 --model M2 [...] --out DIR [options]
     hf-model-stock validate RECIPE
+    hf-model-stock inspect RECIPE | --base B --model M1 --model M2 [...] [--out DIR]
     hf-model-stock demo [--workdir DIR]
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from hf_model_stock import __version__
+from hf_model_stock.analysis import add_inspect_parser
 from hf_model_stock.errors import ModelStockError
 
 
@@ -58,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--tokenizer-source", help="'base' (default), one of the models, or a directory")
     _add_merge_options(merge)
     merge.set_defaults(func=_cmd_merge)
+
+    add_inspect_parser(sub)
 
     demo = sub.add_parser("demo", help="offline demo: build a model and fine-tunes, merge, load, generate")
     demo.add_argument("--workdir", type=Path, default=Path("hfms-demo"), help="where models are built and merged")

@@ -8,6 +8,7 @@ size of the model: (prefetch + 1) input buffers and two output buffers of at mos
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from hf_model_stock.methods.model_stock import (
 from hf_model_stock.plan import MergePlan, TensorTask
 
 CUDA_BLOCK = 1 << 24
-_ALIGN = 64
+UNIT_ALIGN = 64
 
 
 @dataclass
@@ -51,6 +52,7 @@ class TensorStats:
     t_min: Optional[float] = None
     t_max: Optional[float] = None
     rows_clamped: Optional[int] = None
+    nonfinite: Optional[list[str]] = None  # inputs holding NaN or Inf (on_nonfinite: warn)
 
 
 @dataclass
@@ -96,8 +98,9 @@ class _Unit:
     views: list[torch.Tensor]
 
 
-def _views(buf: torch.Tensor, task: TensorTask, start: int, stop: int, files: ShardFiles) -> list[torch.Tensor]:
-    """Read elements [start, stop) of each input of ``task`` into ``buf``; return typed views."""
+def read_unit(buf: torch.Tensor, task: TensorTask, start: int, stop: int, files: ShardFiles) -> list[torch.Tensor]:
+    """Read elements [start, stop) of each input of ``task`` (base first; only the base for copied
+    tensors) into ``buf`` at 64-byte aligned offsets; return typed views."""
     views, pos = [], 0
     for info in task.inputs if task.merge else task.inputs[:1]:
         size = itemsize(info.dtype)
@@ -105,7 +108,7 @@ def _views(buf: torch.Tensor, task: TensorTask, start: int, stop: int, files: Sh
         region = buf[pos : pos + nbytes]
         files.read_into(info, start * size, memoryview(region.numpy()))
         views.append(region.view(SAFETENSORS_TO_TORCH[info.dtype]))
-        pos += -(-nbytes // _ALIGN) * _ALIGN
+        pos += -(-nbytes // UNIT_ALIGN) * UNIT_ALIGN
     return views
 
 
@@ -130,7 +133,7 @@ def _read_units(
                 for k, (start, stop) in enumerate(units):
                     buf = pool.acquire(cancelled)
                     try:
-                        views = _views(buf, task, start, stop, files)
+                        views = read_unit(buf, task, start, stop, files)
                     except BaseException:
                         pool.release(buf)
                         raise
@@ -210,6 +213,20 @@ def _stats(task: TensorTask, ratio: Ratio, granularity: str) -> TensorStats:
     return stats
 
 
+def _check_finite(plan: MergePlan, task: TensorTask, stats: TensorStats) -> TensorStats:
+    """Name the inputs with NaN or Inf (their squared delta norm is not finite); stop unless told to warn."""
+    norms = stats.delta_norms or []
+    bad = [m.label for m, v in zip(plan.models, norms) if not math.isfinite(v)]
+    if not bad:
+        return stats
+    if len(bad) == len(plan.models):
+        bad = [f"{plan.base.label} (the base) or every fine-tune"]
+    if plan.options.on_nonfinite != "warn":
+        raise ModelStockError(f"tensor {task.name!r}: NaN or Inf in the weights of {', '.join(bad)}")
+    stats.nonfinite = bad
+    return stats
+
+
 def execute(plan: MergePlan, directory: Path, progress: bool = True) -> ExecutionResult:
     """Merge every tensor of ``plan`` into pre-sized shards in ``directory``."""
     opts = plan.options
@@ -220,7 +237,7 @@ def execute(plan: MergePlan, directory: Path, progress: bool = True) -> Executio
     torch.set_num_threads(1)  # parallelism comes from our workers; idle OpenMP threads would spin
     kernel = ParallelKernel(len(plan.models), workers, CUDA_BLOCK if on_gpu else DEFAULT_BLOCK, device)
     delta_sum = torch.empty(plan.max_single_unit_elems, dtype=torch.float32, device=device)
-    in_pool = _Pool(opts.prefetch + 1, plan.max_unit_in_bytes + _ALIGN * (len(plan.models) + 1), pin=on_gpu)
+    in_pool = _Pool(opts.prefetch + 1, plan.max_unit_in_bytes + UNIT_ALIGN * (len(plan.models) + 1), pin=on_gpu)
     out_pool = _Pool(2, plan.max_unit_out_bytes)
     writers = {t.name: w for s in plan.shards for w in [ShardWriter(directory, s)] for t in s.tensors}
     cancelled = threading.Event()
@@ -255,7 +272,7 @@ def execute(plan: MergePlan, directory: Path, progress: bool = True) -> Executio
                 in_pool.release(unit.buffer)
                 if unit.last:
                     ratio = ratio_from_gram(gram, opts.params)
-                    results.append(_stats(task, ratio, "layer"))
+                    results.append(_check_finite(plan, task, _stats(task, ratio, "layer")))
                 continue
             out_buf = out_pool.acquire(cancelled)
             n = unit.stop - unit.start
@@ -265,11 +282,11 @@ def execute(plan: MergePlan, directory: Path, progress: bool = True) -> Executio
                 part_ratio = kernel.merge_filter(src, task.cols, opts.params, out)
                 ratio = part_ratio if unit.start == 0 or ratio is None else concat_ratios([ratio, part_ratio])
                 if unit.last:
-                    results.append(_stats(task, ratio, "filter"))
+                    results.append(_check_finite(plan, task, _stats(task, ratio, "filter")))
             elif unit.phase == "full":
                 sums = delta_sum[:n]
                 ratio = ratio_from_gram(kernel.gram(src, sums), opts.params)
-                results.append(_stats(task, ratio, "layer"))
+                results.append(_check_finite(plan, task, _stats(task, ratio, "layer")))
                 kernel.merge_from_sum(src[0], sums, float(ratio.t), out)
             else:
                 assert ratio is not None

@@ -25,6 +25,9 @@ from hf_model_stock.io.writer import write_index
 from hf_model_stock.sources import ResolvedModel, resolve
 
 
+T_PLOT_NAME = "t_by_layer.png"
+
+
 @dataclass(frozen=True)
 class MergeOutcome:
     """Where the merged model was written, and its report."""
@@ -53,6 +56,7 @@ def options_from_recipe(recipe: Recipe, device: Optional[str] = None) -> MergeOp
         chunk_bytes=recipe.compute.chunk_size,
         prefetch=recipe.compute.prefetch,
         shard_bytes=recipe.output.shard_size,
+        on_nonfinite=recipe.on_nonfinite,
     )
 
 
@@ -94,12 +98,26 @@ def execute_plan(
             plan, result, seconds=time.perf_counter() - started, recipe=recipe, tokenizer_files=tokenizer_files
         )
         write_report(tmp, report)
-        build_card(report).save(tmp / "README.md")
+        plot = _t_plot(report, tmp)
+        build_card(report, t_plot=plot).save(tmp / "README.md")
         output.commit_dir(tmp, out_dir, overwrite)
     except BaseException:
         output.remove_dir(tmp)
         raise
     return MergeOutcome(path=out_dir, report=report)
+
+
+def _t_plot(report: dict[str, Any], directory: Path) -> Optional[str]:
+    """Draw t by layer for the model card; None when matplotlib is not installed."""
+    try:
+        from hf_model_stock.plots import t_plot_png
+    except ImportError:
+        return None
+    try:
+        t_plot_png(report["tensors"], directory / T_PLOT_NAME)
+    except ImportError:
+        return None
+    return T_PLOT_NAME
 
 
 def merge_models(

@@ -33,6 +33,7 @@ class MergeOptions:
     chunk_bytes: int = 128 * 2**20  # input bytes (all models together) per unit of work
     prefetch: int = 2
     shard_bytes: int = 5 * 10**9
+    on_nonfinite: str = "error"  # NaN/Inf in a merged tensor's inputs: "error" stops, "warn" merges and reports
 
 
 @dataclass(frozen=True)

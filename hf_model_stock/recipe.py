@@ -124,6 +124,7 @@ class Recipe(_Strict):
     output: Output = Output()
     tokenizer_source: str = "base"
     allow_pickle: bool = False
+    on_nonfinite: Literal["error", "warn"] = "error"
     evals: Optional[dict[str, Any]] = None
 
     @field_validator("dtype")

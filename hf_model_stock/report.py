@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import platform
-import re
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
+from hf_model_stock.analysis import layer_key, layer_sort_key
 from hf_model_stock.merge import ExecutionResult, TensorStats
 from hf_model_stock.plan import MergePlan
 from hf_model_stock.sources import ResolvedModel
 
 REPORT_NAME = "merge_report.json"
-_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 def versions() -> dict[str, str]:
@@ -51,10 +50,9 @@ def layer_summary(tensors: list[TensorStats]) -> list[LayerRow]:
     groups: dict[str, list[TensorStats]] = {}
     for s in tensors:
         if s.action == "merge" and s.t is not None:
-            m = _LAYER.search(s.name)
-            groups.setdefault(m.group(1) if m else "other", []).append(s)
+            groups.setdefault(layer_key(s.name), []).append(s)
     rows = []
-    for key in sorted(groups, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0)):
+    for key in sorted(groups, key=layer_sort_key):
         ts = [s.t for s in groups[key] if s.t is not None]
         cs = [s.cos for s in groups[key] if s.cos is not None]
         rows.append(LayerRow(key, len(ts), sum(ts) / len(ts), min(ts), max(ts), sum(cs) / max(len(cs), 1)))
@@ -85,6 +83,7 @@ def build_report(
             "merged": len(merged),
             "copied": len(result.tensors) - len(merged),
             "clamped": sum(s.clamped for s in merged),
+            "nonfinite": [s.name for s in merged if s.nonfinite],
             "t_mean": sum(t_values) / len(t_values) if t_values else None,
             "bytes_in": plan.bytes_in,
             "bytes_out": plan.bytes_out,

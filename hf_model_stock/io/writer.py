@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hf_model_stock.errors import ModelStockError
 from hf_model_stock.io.dtypes import itemsize
 from hf_model_stock.io.reader import INDEX_NAME, SINGLE_NAME
 
@@ -94,16 +95,27 @@ class ShardWriter:
     def __init__(self, directory: Path, layout: ShardLayout):
         self.layout = layout
         self.path = directory / layout.filename
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = -1
         self._hash = hashlib.sha256()
         self._hashed_upto = 0
         self._in_order = True
-        self._pwrite(self.layout.header, 0)
-        os.ftruncate(self._fd, layout.file_bytes)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._pwrite(self.layout.header, 0)
+            os.ftruncate(self._fd, layout.file_bytes)
+        except OSError as exc:
+            self.abort()
+            raise self._error(exc) from None
+
+    def _error(self, exc: OSError) -> ModelStockError:
+        return ModelStockError(f"{self.path}: cannot write output ({exc.strerror or exc})")
 
     def write(self, name: str, start: int, data: memoryview) -> None:
         """Write ``data`` at byte ``start`` within tensor ``name``."""
-        self._pwrite(data, self.layout.offsets[name] + start)
+        try:
+            self._pwrite(data, self.layout.offsets[name] + start)
+        except OSError as exc:
+            raise self._error(exc) from None
 
     def _pwrite(self, data: memoryview | bytes, pos: int) -> None:
         view = memoryview(data).cast("B")
@@ -118,9 +130,12 @@ class ShardWriter:
 
     def finish(self) -> str:
         """Flush to disk, close, and return the hex sha256 of the file."""
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise self._error(exc) from None
+        finally:
+            self.abort()
         if self._in_order and self._hashed_upto == self.layout.file_bytes:
             return self._hash.hexdigest()
         return sha256_file(self.path)

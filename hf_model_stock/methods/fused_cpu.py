@@ -35,7 +35,7 @@ if njit is not None:
             for t in range(k):
                 x[i, t] = src[i, s + t]
 
-    @njit(nogil=True, cache=True, fastmath=True)
+    @njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})  # vectorised sums; NaN and Inf kept
     def _accumulate(x: np.ndarray, d: np.ndarray, k: int, gram: np.ndarray) -> None:
         n = d.shape[0]
         for i in range(n):

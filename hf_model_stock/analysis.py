@@ -1,0 +1,358 @@
+"""``inspect``: how well a set of fine-tunes fits Model Stock's assumptions, per tensor and per layer.
+
+Streams every floating tensor like the merger (headers -> plan -> units ``pread`` into one reusable
+buffer) and keeps only the float64 Gram matrix G = D D^T of the deltas of each tensor: delta norms
+(sqrt diag G), pairwise cosines and t all follow from it. Grams of a tensor's chunks add up, and so do
+the Grams of a layer's tensors (the layer's deltas concatenated), so memory stays bounded by the
+chunk size whatever the model.
+
+>>> report = inspect_models("base-dir", ["ft-a", "ft-b", "ft-c"])  # doctest: +SKIP
+>>> write_inspect_outputs(report, Path("inspect-out"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
+
+from hf_model_stock.errors import ModelStockError, RecipeError
+
+if TYPE_CHECKING:  # torch and the merger load on first use: the command line starts fast
+    import torch
+
+    from hf_model_stock.methods.model_stock import ModelStockParams
+    from hf_model_stock.recipe import Recipe
+    from hf_model_stock.sources import ResolvedModel
+
+log = logging.getLogger(__name__)
+
+INSPECT_NAME = "inspect.json"
+_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")  # the layer index in a tensor name
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When ``inspect`` warns that the paper's assumptions break."""
+
+    cos_spread: float = 0.2  # max - min of the pairwise cosines within one tensor
+    min_norm_ratio: float = 0.05  # a delta norm below this fraction of the mean of the others'
+
+
+@dataclass(frozen=True)
+class InspectWarning:
+    """One broken assumption on one tensor (``model`` indexes ``InspectReport.models``)."""
+
+    kind: str  # "cos_spread" | "negative_cos" | "near_zero_delta"
+    tensor: str
+    message: str
+    model: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class PairStats:
+    """Delta norms and exact pairwise cosines / angles (degrees) from one Gram matrix; a pair with a
+    zero delta has no angle (None)."""
+
+    norms: list[float]
+    pair_cos: list[Optional[float]]
+    angles: list[Optional[float]]
+
+
+@dataclass(frozen=True)
+class TensorRow:
+    """One merged (floating) tensor: its pair statistics and the merge's t and mean cosine."""
+
+    name: str
+    layer: str
+    numel: int
+    t: float
+    cos: float  # mean pairwise cosine as the merge computes it (eps added, clamped to [-1, 1])
+    clamped: bool
+    stats: PairStats
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One layer: pair statistics of its concatenated deltas and the range of its tensors' t."""
+
+    layer: str
+    tensors: int
+    stats: PairStats
+    t_mean: float
+    t_min: float
+    t_max: float
+
+
+@dataclass
+class InspectReport:
+    """Everything ``inspect`` measured; ``pairs[k]`` names the models of ``pair_cos[k]`` / ``angles[k]``."""
+
+    base: str
+    models: list[str]
+    params: ModelStockParams
+    thresholds: Thresholds
+    pairs: list[tuple[int, int]]
+    tensors: list[TensorRow]
+    layers: list[LayerRow]
+    warnings: list[InspectWarning]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The content of inspect.json."""
+        return {"format": "hf-model-stock/inspect", "format_version": 1, **asdict(self)}
+
+
+def layer_key(name: str) -> str:
+    """The layer index of a tensor name, as in the merge report ("other" outside numbered layers)."""
+    m = _LAYER.search(name)
+    return m.group(1) if m else "other"
+
+
+def layer_sort_key(key: str) -> tuple[bool, int]:
+    """Numbered layers in order, then "other"."""
+    return (not key.isdigit(), int(key) if key.isdigit() else 0)
+
+
+def pair_stats(gram: torch.Tensor) -> PairStats:
+    """Norms and exact (eps 0) pairwise cosines and angles of the deltas behind a float64 Gram."""
+    n = gram.shape[0]
+    norms = [math.sqrt(max(float(gram[i, i]), 0.0)) for i in range(n)]
+    cos: list[Optional[float]] = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            denom = norms[i] * norms[j]
+            cos.append(max(-1.0, min(1.0, float(gram[i, j]) / denom)) if denom > 0 else None)
+    angles = [None if c is None else math.degrees(math.acos(c)) for c in cos]
+    return PairStats(norms=norms, pair_cos=cos, angles=angles)
+
+
+def check_tensor(row: TensorRow, pairs: list[tuple[int, int]], th: Thresholds) -> list[InspectWarning]:
+    """The paper assumes one shared angle between fine-tunes, positive and of comparable size deltas."""
+    out = []
+    defined = [(p, c) for p, c in zip(pairs, row.stats.pair_cos) if c is not None]
+    if len(defined) >= 2:
+        lo, hi = min(c for _, c in defined), max(c for _, c in defined)
+        if hi - lo > th.cos_spread:
+            out.append(InspectWarning("cos_spread", row.name,
+                                      f"{row.name}: pairwise cosines range from {lo:.3f} to {hi:.3f} (spread "
+                                      f"{hi - lo:.3f} > {th.cos_spread}): no single angle between the fine-tunes"))
+    negative = [(p, c) for p, c in defined if c < 0]
+    if negative:
+        listed = ", ".join(f"{a}-{b}: {c:.3f}" for (a, b), c in negative)
+        out.append(InspectWarning("negative_cos", row.name,
+                                  f"{row.name}: negative cosine between deltas ({listed}); t = {row.t:.3f}"))
+    norms = row.stats.norms
+    for i, norm in enumerate(norms):
+        others = (sum(norms) - norm) / (len(norms) - 1)
+        if others > 0 and norm < th.min_norm_ratio * others:
+            out.append(InspectWarning("near_zero_delta", row.name,
+                                      f"{row.name}: model {i} moved {norm:.3g}, {norm / others:.3g} of the others' "
+                                      f"mean {others:.3g}", model=i))
+    return out
+
+
+def _layer_rows(rows: list[TensorRow], grams: list[torch.Tensor]) -> list[LayerRow]:
+    groups: dict[str, list[int]] = {}
+    for k, row in enumerate(rows):
+        groups.setdefault(row.layer, []).append(k)
+    out = []
+    for key in sorted(groups, key=layer_sort_key):
+        ts = [rows[k].t for k in groups[key]]
+        gram = sum(grams[k] for k in groups[key])  # the Gram of the layer's concatenated deltas
+        out.append(LayerRow(key, len(ts), pair_stats(gram), sum(ts) / len(ts), min(ts), max(ts)))
+    return out
+
+
+def inspect_resolved(
+    base: ResolvedModel,
+    models: Sequence[ResolvedModel],
+    *,
+    params: Optional[ModelStockParams] = None,
+    chunk_bytes: int = 128 << 20,
+    thresholds: Thresholds = Thresholds(),
+    progress: bool = False,
+) -> InspectReport:
+    """Inspect local snapshots: one streaming pass over every floating tensor, Grams only
+    (``params``: the merge's eps and clamping, default the package's)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from hf_model_stock.io.reader import ShardFiles
+    from hf_model_stock.merge import UNIT_ALIGN, read_unit
+    from hf_model_stock.methods.model_stock import ModelStockParams, ParallelKernel, ratio_from_gram
+    from hf_model_stock.pipeline import plan_merge
+    from hf_model_stock.plan import MergeOptions
+
+    params = params or ModelStockParams()
+    plan = plan_merge(base, models, MergeOptions(params=params, chunk_bytes=chunk_bytes))
+    n = len(models)
+    tasks = [t for t in plan.tasks if t.merge]
+    threads = torch.get_num_threads()
+    kernel = ParallelKernel(n, threads)  # one worker per torch thread, as the merger
+    buf = torch.empty(plan.max_unit_in_bytes + UNIT_ALIGN * (n + 1), dtype=torch.uint8)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    rows: list[TensorRow] = []
+    grams: list[torch.Tensor] = []
+    bar = tqdm(total=sum(i.nbytes for t in tasks for i in t.inputs), unit="B", unit_scale=True,
+               desc="inspecting", disable=not progress)
+    torch.set_num_threads(1)  # parallelism comes from the kernel's workers
+    try:
+        with ShardFiles() as files:
+            for task in tasks:
+                gram = torch.zeros(n, n, dtype=torch.float64)
+                for start, stop in task.units():
+                    gram += kernel.gram(read_unit(buf, task, start, stop, files))
+                    bar.update((stop - start) * task.in_bytes_per_elem)
+                ratio = ratio_from_gram(gram, params)
+                rows.append(TensorRow(task.name, layer_key(task.name), task.numel, float(ratio.t), float(ratio.cos),
+                                      bool(ratio.clamped), pair_stats(gram)))
+                grams.append(gram)
+    finally:
+        torch.set_num_threads(threads)
+        kernel.close()
+        bar.close()
+    notes = list(plan.notes)
+    if params.granularity == "filter":
+        notes.append("the recipe merges filter-wise; inspect reports layer-wise (per tensor) t")
+    return InspectReport(
+        base=base.label,
+        models=[m.label for m in models],
+        params=params,
+        thresholds=thresholds,
+        pairs=pairs,
+        tensors=rows,
+        layers=_layer_rows(rows, grams),
+        warnings=[w for row in rows for w in check_tensor(row, pairs, thresholds)],
+        notes=notes,
+    )
+
+
+def inspect_models(
+    base: str | Path,
+    models: Sequence[str | Path],
+    *,
+    chunk_bytes: int = 128 << 20,
+    params: Optional[ModelStockParams] = None,
+    thresholds: Thresholds = Thresholds(),
+    progress: bool = False,
+) -> InspectReport:
+    """Inspect fine-tunes of ``base`` (local directories or Hub ids ``org/name[@rev]``)."""
+    from hf_model_stock.recipe import ModelEntry
+    from hf_model_stock.sources import resolve
+
+    return inspect_resolved(
+        resolve(ModelEntry.model_validate(str(base))),
+        [resolve(ModelEntry.model_validate(str(m))) for m in models],
+        params=params, chunk_bytes=chunk_bytes, thresholds=thresholds, progress=progress,
+    )
+
+
+def inspect_recipe(recipe: Recipe, *, thresholds: Thresholds = Thresholds(), progress: bool = False) -> InspectReport:
+    """Inspect the models of a recipe, with its parameters and chunk size."""
+    from hf_model_stock.methods.model_stock import ModelStockParams
+    from hf_model_stock.sources import resolve
+
+    return inspect_resolved(
+        resolve(recipe.base_model),
+        [resolve(m) for m in recipe.models],
+        params=ModelStockParams(**recipe.parameters.model_dump()),
+        chunk_bytes=recipe.compute.chunk_size,
+        thresholds=thresholds,
+        progress=progress,
+    )
+
+
+def write_inspect_outputs(report: InspectReport, out_dir: Path) -> list[Path]:
+    """Write inspect.json and, when matplotlib is installed, angle_t.png and delta_norms.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / INSPECT_NAME
+    path.write_text(json.dumps(report.to_dict(), indent=1) + "\n", encoding="utf-8")
+    written = [path]
+    try:
+        from hf_model_stock import plots
+    except ImportError:
+        log.warning("matplotlib is not installed: no plots (pip install 'hf-model-stock[plots]')")
+        return written
+    written.append(plots.angle_t_png(report, out_dir / "angle_t.png"))
+    written.append(plots.norms_png(report, out_dir / "delta_norms.png"))
+    return written
+
+
+def format_report(report: InspectReport, max_warnings: int = 20) -> str:
+    """Per-layer table and the warnings, as printed by the command."""
+    n = len(report.models)
+    lines = [f"base: {report.base}", *[f"model {i}: {m}" for i, m in enumerate(report.models)]]
+    head = " ".join(f"{'|d' + str(i) + '|':>10}" for i in range(n))
+    lines.append(f"{'layer':>6} {'tensors':>7} {head} {'min ang':>8} {'max ang':>8} {'mean t':>7} {'min t':>7} {'max t':>7}")
+    for r in report.layers:
+        angles = [a for a in r.stats.angles if a is not None]
+        lo, hi = (f"{min(angles):8.2f}", f"{max(angles):8.2f}") if angles else (f"{'-':>8}", f"{'-':>8}")
+        norms = " ".join(f"{x:10.4g}" for x in r.stats.norms)
+        lines.append(f"{r.layer:>6} {r.tensors:>7} {norms} {lo} {hi} {r.t_mean:7.4f} {r.t_min:7.4f} {r.t_max:7.4f}")
+    lines += [f"note: {x}" for x in report.notes]
+    counts: dict[str, int] = {}
+    for w in report.warnings:
+        counts[w.kind] = counts.get(w.kind, 0) + 1
+    if counts:
+        lines.append("warnings: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        lines += [f"  {w.message}" for w in report.warnings[:max_warnings]]
+        if len(report.warnings) > max_warnings:
+            lines.append(f"  ... and {len(report.warnings) - max_warnings} more (see {INSPECT_NAME})")
+    else:
+        lines.append("warnings: none")
+    return "\n".join(lines)
+
+
+def add_inspect_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``inspect RECIPE | --base B --model M ...`` to the command line."""
+    p = subparsers.add_parser("inspect", help="per-layer delta norms, pairwise angles and t; assumption checks")
+    p.add_argument("recipe", nargs="?", type=Path, help="a recipe (or give --base and --model)")
+    p.add_argument("--base", help="pre-trained model: local dir or org/name[@rev]")
+    p.add_argument("--model", action="append", dest="models", help="a fine-tune (repeat)")
+    p.add_argument("--out", type=Path, help="write inspect.json and PNG plots into this directory")
+    p.add_argument("--chunk-size", help="input bytes per read, e.g. 128MiB (default: recipe's, else 128MiB)")
+    p.add_argument("--max-warnings", type=int, default=20, help="warnings printed (all go to inspect.json)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_inspect)
+    return p
+
+
+def _chunk_size(text: str) -> int:
+    from hf_model_stock.recipe import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise RecipeError(f"--chunk-size: {exc}") from None
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    if (args.recipe is None) == (args.base is None):
+        raise ModelStockError("inspect: give either a recipe or --base with --model (at least two)")
+    if args.base is not None and len(args.models or []) < 2:
+        raise ModelStockError("inspect: Model Stock needs at least 2 fine-tuned models (repeat --model)")
+    if args.recipe is not None and args.models:
+        raise ModelStockError("inspect: --model goes with --base, not with a recipe")
+    from hf_model_stock.recipe import load_recipe
+
+    progress = not args.quiet
+    if args.recipe is not None:
+        recipe = load_recipe(args.recipe)
+        if args.chunk_size:
+            compute = recipe.compute.model_copy(update={"chunk_size": _chunk_size(args.chunk_size)})
+            recipe = recipe.model_copy(update={"compute": compute})
+        report = inspect_recipe(recipe, progress=progress)
+    else:
+        chunk = _chunk_size(args.chunk_size) if args.chunk_size else 128 << 20
+        report = inspect_models(args.base, args.models, chunk_bytes=chunk, progress=progress)
+    print(format_report(report, args.max_warnings))
+    if args.out is not None:
+        for path in write_inspect_outputs(report, args.out):
+            print(f"wrote {path}")
+    return 0
