@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--eps", type=float, help="added to the product of delta norms (default 1e-8)")
     merge.add_argument("--chunk-size", help="input bytes per unit of work, e.g. 128MiB")
     merge.add_argument("--shard-size", help="max output shard size, e.g. 5GB")
+    merge.add_argument("--fsync", action="store_true", help="flush shards to disk before renaming the output")
     merge.add_argument("--tokenizer-source", help="'base' (default), one of the models, or a directory")
     _add_merge_options(merge)
     merge.set_defaults(func=_cmd_merge)
@@ -107,6 +108,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         recipe["compute"] = {"chunk_size": args.chunk_size}
     if args.shard_size:
         recipe["output"]["shard_size"] = args.shard_size
+    if args.fsync:
+        recipe["output"]["fsync"] = True
     if args.tokenizer_source:
         recipe["tokenizer_source"] = args.tokenizer_source
     import yaml

@@ -32,7 +32,7 @@ from hf_model_stock.methods.model_stock import (
 from hf_model_stock.plan import MergePlan, TensorTask
 
 CUDA_BLOCK = 1 << 24
-UNIT_ALIGN = 64
+UNIT_ALIGN = 8  # inputs of one dtype pack tightly, so the fused kernels see one C-contiguous array
 
 
 @dataclass
@@ -100,7 +100,7 @@ class _Unit:
 
 def read_unit(buf: torch.Tensor, task: TensorTask, start: int, stop: int, files: ShardFiles) -> list[torch.Tensor]:
     """Read elements [start, stop) of each input of ``task`` (base first; only the base for copied
-    tensors) into ``buf`` at 64-byte aligned offsets; return typed views."""
+    tensors) into ``buf``, each at an offset aligned to its element size; return typed views."""
     views, pos = [], 0
     for info in task.inputs if task.merge else task.inputs[:1]:
         size = itemsize(info.dtype)
@@ -108,7 +108,8 @@ def read_unit(buf: torch.Tensor, task: TensorTask, start: int, stop: int, files:
         region = buf[pos : pos + nbytes]
         files.read_into(info, start * size, memoryview(region.numpy()))
         views.append(region.view(SAFETENSORS_TO_TORCH[info.dtype]))
-        pos += -(-nbytes // UNIT_ALIGN) * UNIT_ALIGN
+        pos += nbytes
+        pos += -pos % UNIT_ALIGN if any(i.dtype != info.dtype for i in task.inputs) else 0
     return views
 
 
@@ -239,7 +240,7 @@ def execute(plan: MergePlan, directory: Path, progress: bool = True) -> Executio
     delta_sum = torch.empty(plan.max_single_unit_elems, dtype=torch.float32, device=device)
     in_pool = _Pool(opts.prefetch + 1, plan.max_unit_in_bytes + UNIT_ALIGN * (len(plan.models) + 1), pin=on_gpu)
     out_pool = _Pool(2, plan.max_unit_out_bytes)
-    writers = {t.name: w for s in plan.shards for w in [ShardWriter(directory, s)] for t in s.tensors}
+    writers = {t.name: w for s in plan.shards for w in [ShardWriter(directory, s, opts.fsync)] for t in s.tensors}
     cancelled = threading.Event()
     units: queue.Queue = queue.Queue(maxsize=opts.prefetch)
     files = ShardFiles()

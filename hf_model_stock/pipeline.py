@@ -57,6 +57,7 @@ def options_from_recipe(recipe: Recipe, device: Optional[str] = None) -> MergeOp
         prefetch=recipe.compute.prefetch,
         shard_bytes=recipe.output.shard_size,
         on_nonfinite=recipe.on_nonfinite,
+        fsync=recipe.output.fsync,
     )
 
 

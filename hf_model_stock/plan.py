@@ -33,6 +33,7 @@ class MergeOptions:
     chunk_bytes: int = 128 * 2**20  # input bytes (all models together) per unit of work
     prefetch: int = 2
     shard_bytes: int = 5 * 10**9
+    fsync: bool = False  # flush each shard to disk before the output is renamed into place
     on_nonfinite: str = "error"  # NaN/Inf in a merged tensor's inputs: "error" stops, "warn" merges and reports
 
 

@@ -104,6 +104,7 @@ class Output(_Strict):
     path: Optional[str] = None
     shard_size: int = 5 * 10**9
     overwrite: bool = False
+    fsync: bool = False
     push_to_hub: Optional[PushToHub] = None
 
     @field_validator("shard_size", mode="before")
