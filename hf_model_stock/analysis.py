@@ -259,8 +259,8 @@ def inspect_recipe(recipe: Recipe, *, thresholds: Thresholds = Thresholds(), pro
     from hf_model_stock.sources import resolve
 
     return inspect_resolved(
-        resolve(recipe.base_model),
-        [resolve(m) for m in recipe.models],
+        resolve(recipe.base_model, allow_pickle=recipe.allow_pickle),
+        [resolve(m, allow_pickle=recipe.allow_pickle) for m in recipe.models],
         params=ModelStockParams(**recipe.parameters.model_dump()),
         chunk_bytes=recipe.compute.chunk_size,
         thresholds=thresholds,

@@ -3,6 +3,7 @@
     hf-model-stock run RECIPE [--dry-run] [--out DIR] [--device cpu|cuda] [--overwrite]
     hf-model-stock merge --base B --model M1 --model M2 [...] --out DIR [options]
     hf-model-stock validate RECIPE
+    hf-model-stock push DIR --repo org/name [--private] [--revision BRANCH] [--message ...]
     hf-model-stock inspect RECIPE | --base B --model M1 --model M2 [...] [--out DIR]
     hf-model-stock demo [--workdir DIR]
 """
@@ -18,6 +19,7 @@ from typing import Optional, Sequence
 
 from hf_model_stock import __version__
 from hf_model_stock.analysis import add_inspect_parser
+from hf_model_stock.hub import add_push_parser
 from hf_model_stock.errors import ModelStockError
 
 
@@ -57,12 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--eps", type=float, help="added to the product of delta norms (default 1e-8)")
     merge.add_argument("--chunk-size", help="input bytes per unit of work, e.g. 128MiB")
     merge.add_argument("--shard-size", help="max output shard size, e.g. 5GB")
+    merge.add_argument("--allow-pickle", action="store_true",
+                       help="convert pickle-only models with torch.load(weights_only=True)")
     merge.add_argument("--fsync", action="store_true", help="flush shards to disk before renaming the output")
     merge.add_argument("--tokenizer-source", help="'base' (default), one of the models, or a directory")
     _add_merge_options(merge)
     merge.set_defaults(func=_cmd_merge)
 
     add_inspect_parser(sub)
+    add_push_parser(sub)
 
     demo = sub.add_parser("demo", help="offline demo: build a model and fine-tunes, merge, load, generate")
     demo.add_argument("--workdir", type=Path, default=Path("hfms-demo"), help="where models are built and merged")
@@ -83,10 +88,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from hf_model_stock.preflight import preflight
     from hf_model_stock.recipe import load_recipe
-    from hf_model_stock.runner import run_recipe
 
-    run_recipe(load_recipe(args.recipe), dry_run=True, progress=False)
+    report = preflight(load_recipe(args.recipe), check=False)
+    print(report.describe())
+    report.raise_for_problems()
     return 0
 
 
@@ -108,6 +115,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         recipe["compute"] = {"chunk_size": args.chunk_size}
     if args.shard_size:
         recipe["output"]["shard_size"] = args.shard_size
+    if args.allow_pickle:
+        recipe["allow_pickle"] = True
     if args.fsync:
         recipe["output"]["fsync"] = True
     if args.tokenizer_source:

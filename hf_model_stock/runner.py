@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Optional
 
 from hf_model_stock.errors import RecipeError
+from hf_model_stock.hub import push_recipe_output
+from hf_model_stock.preflight import preflight
 from hf_model_stock.pipeline import MergeOutcome, execute_plan, options_from_recipe, plan_merge, tokenizer_dir_for
 from hf_model_stock.recipe import Recipe
 from hf_model_stock.report import layer_summary
@@ -22,12 +24,19 @@ def run_recipe(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Optional[MergeOutcome]:
-    """Merge as the recipe says; with ``dry_run`` print the plan (headers only) and stop."""
+    """Check every source from headers (nothing downloaded yet), then merge as the recipe says and
+    push when it asks; with ``dry_run`` print the checks and the plan and stop."""
     options = options_from_recipe(recipe, device)
-    base = resolve(recipe.base_model)
-    models = [resolve(m) for m in recipe.models]
-    plan = plan_merge(base, models, options)
     target = out_dir or (Path(recipe.output.path) if recipe.output.path else None)
+    checked = preflight(recipe, check=False, output=target)
+    if dry_run:
+        print(checked.describe())
+    checked.raise_for_problems()  # every mismatch, in one line, before any weight is downloaded
+    if dry_run and (checked.download_bytes or any(s.convert_bytes for s in checked.sources)):
+        return None  # the full plan needs the weights on disk; do not download them for a dry run
+    base = resolve(recipe.base_model, allow_pickle=recipe.allow_pickle)
+    models = [resolve(m, allow_pickle=recipe.allow_pickle) for m in recipe.models]
+    plan = plan_merge(base, models, options)
     if dry_run:
         print(plan.describe())
         if target is not None:
@@ -45,6 +54,9 @@ def run_recipe(
     )
     if progress:
         print_summary(outcome)
+    url = push_recipe_output(recipe, outcome.path)
+    if url and progress:
+        print(f"pushed -> {url}")
     return outcome
 
 

@@ -1,23 +1,36 @@
 """Model sources: a local directory or a Hub repo ``org/name[@revision]`` -> a local snapshot.
 
 Hub downloads go through ``huggingface_hub.snapshot_download`` (its cache, ``HF_HUB_OFFLINE``,
-``HF_TOKEN``/login and ``HF_ENDPOINT`` all apply) and fetch only what a merge needs.
+``HF_TOKEN``/login and ``HF_ENDPOINT`` all apply) and fetch only what a merge needs: configs,
+tokenizer files, the safetensors index and exactly the shards it names (not every ``*.safetensors``
+of the repo, which may hold a second copy of the weights such as ``consolidated.safetensors``).
+
+Pickle weights (``pytorch_model.bin``, ``*.pt``) are refused unless the recipe says
+``allow_pickle: true``; they are then loaded with ``torch.load(weights_only=True)`` (no code runs)
+and rewritten as safetensors in our own cache (``HF_MODEL_STOCK_CACHE``, default
+``~/.cache/hf-model-stock``), keyed by repo and commit, so a conversion happens once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
+import uuid
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Optional
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable, Optional
 
-from hf_model_stock.errors import SourceError
+from hf_model_stock.errors import CheckpointError, SourceError
 from hf_model_stock.recipe import ModelEntry
 
-# What a merge reads or carries over: weights, their index, configs and tokenizer files.
-MERGE_FILE_PATTERNS = [
-    "*.safetensors",
-    "model.safetensors.index.json",
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+# Small files a merge reads or carries over: configs, the index, tokenizer files.
+SMALL_FILE_PATTERNS = [
+    INDEX_NAME,
     "config.json",
     "generation_config.json",
     "tokenizer*",
@@ -29,6 +42,14 @@ MERGE_FILE_PATTERNS = [
     "chat_template.jinja",
     "chat_template.json",
 ]
+# Everything a merge may need (kept for callers that pass their own patterns).
+MERGE_FILE_PATTERNS = ["*.safetensors", *SMALL_FILE_PATTERNS]
+
+# Pickle checkpoints we know how to convert: an index naming shards, or one of these single files.
+PICKLE_INDEX_NAME = "pytorch_model.bin.index.json"
+PICKLE_SINGLE_NAMES = ("pytorch_model.bin", "model.bin", "pytorch_model.pt", "model.pt", "model.pth")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+CONVERTED_MARKER = "hfms-converted.json"
 
 
 @dataclass(frozen=True)
@@ -63,8 +84,69 @@ def is_local(entry: ModelEntry) -> bool:
     return Path(entry.model).expanduser().exists()
 
 
-def resolve(entry: ModelEntry, *, allow_patterns: Optional[list[str]] = None) -> ResolvedModel:
+def check_repo_id(entry: ModelEntry) -> None:
+    """Refuse a source that is neither an existing path nor a Hub id ``org/name``."""
+    if entry.model.count("/") != 1 or entry.model.startswith((".", "/", "~")):
+        raise SourceError(f"{entry.model}: no such local directory, and not a Hub repo id (org/name)")
+
+
+def cache_root() -> Path:
+    """Where converted pickle checkpoints go: ``$HF_MODEL_STOCK_CACHE`` or ``~/.cache/hf-model-stock``."""
+    env = os.environ.get("HF_MODEL_STOCK_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "hf-model-stock"
+
+
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions a Hub call raises when the network or server fails (httpx2 errors are not OSErrors)."""
+    errors: list[type[BaseException]] = [OSError]
+    try:
+        import httpx2
+
+        errors.append(httpx2.HTTPError)
+    except ImportError:  # older huggingface_hub versions use requests, whose errors are OSErrors
+        pass
+    return tuple(errors)
+
+
+def hub_error_message(entry: ModelEntry, exc: BaseException) -> str:
+    """A one-line message for an exception raised by a huggingface_hub download call."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(exc, GatedRepoError):
+        return f"{entry.label}: gated repository: accept its terms on the Hub, then log in (hf auth login or HF_TOKEN)"
+    if isinstance(exc, RepositoryNotFoundError):
+        return f"{entry.label}: repository not found on the Hub (or it is private: log in with hf auth login or HF_TOKEN)"
+    if isinstance(exc, RevisionNotFoundError):
+        return f"{entry.label}: revision {entry.revision or 'main'!r} not found in {entry.model}"
+    if isinstance(exc, IncompleteSnapshotError):
+        return (f"{entry.label}: the cached snapshot is incomplete (an interrupted download?) and the Hub cannot be "
+                "reached: reconnect (unset HF_HUB_OFFLINE) to finish the download")
+    if isinstance(exc, LocalEntryNotFoundError):
+        return f"{entry.label}: not in the local cache and the Hub cannot be reached (HF_HUB_OFFLINE or no network)"
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"{entry.label}: download failed ({type(exc).__name__}: {first}); run again to resume"
+
+
+def resolve(
+    entry: ModelEntry,
+    *,
+    allow_patterns: Optional[list[str]] = None,
+    allow_pickle: bool = False,
+) -> ResolvedModel:
     """Return a local snapshot of ``entry``, downloading from the Hub if it is not a local path.
+
+    Hub sources record the commit sha their revision resolved to (``ResolvedModel.commit``). Sources
+    with only pickle weights raise ``SourceError`` unless ``allow_pickle``, which converts them to
+    safetensors in our cache (``torch.load(weights_only=True)``: tensors only, no code is run).
 
     >>> resolve(ModelEntry(model="Qwen/Qwen2.5-0.5B", revision="main"))  # doctest: +SKIP
     """
@@ -72,24 +154,252 @@ def resolve(entry: ModelEntry, *, allow_patterns: Optional[list[str]] = None) ->
         path = Path(entry.model).expanduser().resolve()
         if entry.revision:
             raise SourceError(f"{entry.model}: a local path cannot take a revision ({entry.revision!r})")
+        if path.is_dir() and not _has_safetensors(path):
+            pickles = local_pickle_weights(path)
+            if pickles:
+                if not allow_pickle:
+                    raise SourceError(pickle_refusal(entry, pickles))
+                path = convert_local_pickle(path, pickles)
         return ResolvedModel(entry=entry, path=path)
-    if entry.model.count("/") != 1 or entry.model.startswith((".", "/", "~")):
-        raise SourceError(f"{entry.model}: no such local directory, and not a Hub repo id (org/name)")
+    check_repo_id(entry)
+    if allow_patterns is not None:
+        snapshot = _snapshot(entry, entry.revision, allow_patterns)
+        return ResolvedModel(entry=entry, path=snapshot, repo_id=entry.model, commit=snapshot.name)
+
+    small = _snapshot(entry, entry.revision, SMALL_FILE_PATTERNS)
+    commit = small.name  # snapshot folders are named by the commit sha
+    shards = safetensors_shards(small)
+    if shards is None:
+        names = repo_file_names(entry, commit)
+        if SINGLE_NAME in names:
+            shards = [SINGLE_NAME]
+        else:
+            return _resolve_pickle(entry, commit, small, names, allow_pickle)
+    try:
+        path = _snapshot(entry, commit, SMALL_FILE_PATTERNS + shards)
+    except SourceError:
+        missing = [s for s in shards if not (small / s).is_file()]
+        if missing and _offline():
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise SourceError(
+                f"{entry.label}: the cached snapshot {commit[:12]} is incomplete (no {shown}; an interrupted "
+                "download?) and the Hub cannot be reached: unset HF_HUB_OFFLINE to finish the download"
+            ) from None
+        raise
+    return ResolvedModel(entry=entry, path=path, repo_id=entry.model, commit=commit)
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode()
+
+
+def _snapshot(entry: ModelEntry, revision: Optional[str], patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        path = Path(
-            snapshot_download(
-                entry.model,
-                revision=entry.revision,
-                allow_patterns=allow_patterns or MERGE_FILE_PATTERNS,
-            )
+        return Path(snapshot_download(entry.model, revision=revision, allow_patterns=patterns))
+    except transport_errors() as exc:
+        raise SourceError(hub_error_message(entry, exc)) from None
+
+
+def _has_safetensors(directory: Path) -> bool:
+    return (directory / INDEX_NAME).is_file() or (directory / SINGLE_NAME).is_file()
+
+
+def safetensors_shards(directory: Path) -> Optional[list[str]]:
+    """The shard files named by ``directory``'s safetensors index, or None when it has no index."""
+    index_path = directory / INDEX_NAME
+    if not index_path.is_file():
+        return None
+    return sorted(set(_weight_map(index_path).values()))
+
+
+def _weight_map(index_path: Path) -> dict[str, str]:
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{index_path}: unreadable index ({exc})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: no weight_map")
+    for shard in weight_map.values():
+        rel = PurePosixPath(shard) if isinstance(shard, str) else None
+        if rel is None or not shard or rel.is_absolute() or ".." in rel.parts or "\\" in shard:
+            raise CheckpointError(f"{index_path}: shard {shard!r} is outside the model directory")
+    return weight_map
+
+
+def repo_file_names(entry: ModelEntry, commit: str) -> set[str]:
+    """The files of a Hub repo at ``commit``: from the tree listing snapshot_download cached, else the Hub."""
+    from huggingface_hub import HfApi, get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
+    try:
+        return {f.path for f in get_cached_repo_tree(entry.model, revision=commit)}
+    except (CachedRepoTreeNotFoundError, OSError, ValueError):
+        pass
+    try:
+        return set(HfApi().list_repo_files(entry.model, revision=commit))
+    except transport_errors() as exc:
+        raise SourceError(hub_error_message(entry, exc)) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Pickle checkpoints
+
+
+def pickle_weight_files(names: Iterable[str]) -> Optional[list[str]]:
+    """Which of ``names`` form a convertible pickle checkpoint: [index] or [single file]; None if none."""
+    names = set(names)
+    if PICKLE_INDEX_NAME in names:
+        return [PICKLE_INDEX_NAME]
+    for single in PICKLE_SINGLE_NAMES:
+        if single in names:
+            return [single]
+    return None
+
+
+def _pickle_listing(names: Iterable[str]) -> list[str]:
+    return sorted(n for n in names if "/" not in n and n.endswith(PICKLE_SUFFIXES))
+
+
+def pickle_refusal(entry: ModelEntry, files: list[str]) -> str:
+    shown = ", ".join(files[:4]) + (f" and {len(files) - 4} more" if len(files) > 4 else "")
+    return (f"{entry.label}: only pickle weights ({shown}); loading pickle can run code, so they are refused. "
+            "Set `allow_pickle: true` in the recipe (--allow-pickle on the command line) to convert them to "
+            "safetensors with torch.load(weights_only=True)")
+
+
+def local_pickle_weights(directory: Path) -> list[str]:
+    """Pickle weight files at the top of a local model directory (no safetensors there)."""
+    names = [p.name for p in directory.iterdir() if p.is_file()]
+    chosen = pickle_weight_files(names)
+    if chosen is None:
+        return []
+    if chosen == [PICKLE_INDEX_NAME]:
+        return [PICKLE_INDEX_NAME, *sorted(set(_pickle_index_map(directory / PICKLE_INDEX_NAME).values()))]
+    return chosen
+
+
+def _pickle_index_map(index_path: Path) -> dict[str, str]:
+    return _weight_map(index_path)
+
+
+def _resolve_pickle(
+    entry: ModelEntry, commit: str, small: Path, names: set[str], allow_pickle: bool
+) -> ResolvedModel:
+    chosen = pickle_weight_files(names)
+    if chosen is None:
+        found = _pickle_listing(names)
+        hint = f" (found {', '.join(found)}, none of them a known weights file)" if found else ""
+        raise SourceError(f"{entry.label}: no {SINGLE_NAME} or {INDEX_NAME} in the repo{hint}")
+    if not allow_pickle:
+        raise SourceError(pickle_refusal(entry, _pickle_listing(names) or chosen))
+    dest = cache_root() / "converted" / ("models--" + entry.model.replace("/", "--")) / commit
+    if (dest / CONVERTED_MARKER).is_file():
+        return ResolvedModel(entry=entry, path=dest, repo_id=entry.model, commit=commit)
+    path = _snapshot(entry, commit, chosen)
+    if chosen == [PICKLE_INDEX_NAME]:
+        shards = sorted(set(_pickle_index_map(path / PICKLE_INDEX_NAME).values()))
+        path = _snapshot(entry, commit, [PICKLE_INDEX_NAME, *shards])
+        files = [PICKLE_INDEX_NAME, *shards]
+    else:
+        files = chosen
+    convert_pickle(path, files, dest, small_files_from=small)
+    return ResolvedModel(entry=entry, path=dest, repo_id=entry.model, commit=commit)
+
+
+def convert_local_pickle(directory: Path, files: list[str]) -> Path:
+    """Convert a local pickle checkpoint into our cache (once per path, sizes and mtimes)."""
+    stamp = [str(directory)] + [
+        f"{name}:{(directory / name).stat().st_size}:{(directory / name).stat().st_mtime_ns}" for name in files
+    ]
+    key = hashlib.sha256("\n".join(stamp).encode()).hexdigest()[:16]
+    dest = cache_root() / "converted" / "local" / f"{directory.name}-{key}"
+    if not (dest / CONVERTED_MARKER).is_file():
+        convert_pickle(directory, files, dest, small_files_from=directory)
+    return dest
+
+
+def convert_pickle(src: Path, files: list[str], dest: Path, *, small_files_from: Path) -> Path:
+    """Rewrite pickle weights from ``src`` as safetensors in ``dest`` (atomically: temp dir + rename).
+
+    ``files`` is ``[PICKLE_INDEX_NAME, shard...]`` or ``[single_file]``. Shards are converted one at
+    a time (peak memory: one shard). Config and tokenizer files are copied from ``small_files_from``.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-{dest.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        if files[0] == PICKLE_INDEX_NAME:
+            weight_map = _pickle_index_map(src / PICKLE_INDEX_NAME)
+            shards = sorted(set(weight_map.values()))
+            out_name = {s: f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i, s in enumerate(shards)}
+            if len(shards) == 1:
+                out_name = {shards[0]: SINGLE_NAME}
+        else:
+            shards = files
+            out_name = {files[0]: SINGLE_NAME}
+        new_map: dict[str, str] = {}
+        total = 0
+        for shard in shards:
+            tensors = _load_pickle_tensors(src / shard, torch)
+            save_file(tensors, str(tmp / out_name[shard]), metadata={"format": "pt"})
+            new_map.update({name: out_name[shard] for name in tensors})
+            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            del tensors
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        for pattern in SMALL_FILE_PATTERNS:
+            for p in small_files_from.glob(pattern):
+                if p.is_file() and p.name != INDEX_NAME and not (tmp / p.name).exists():
+                    shutil.copyfile(p, tmp / p.name)
+        marker = {"source": str(src), "files": files, "converted_with": f"torch {torch.__version__} "
+                  "torch.load(weights_only=True) -> safetensors"}
+        (tmp / CONVERTED_MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not (dest / CONVERTED_MARKER).is_file():  # not a concurrent conversion that won the race
+                shutil.rmtree(dest, ignore_errors=True)
+                os.rename(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _load_pickle_tensors(path: Path, torch: Any) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` a state dict; shared or strided tensors are copied for safetensors."""
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as exc:  # an UnpicklingError names the forbidden global: say so in one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SourceError(f"{path}: cannot load as tensors with torch.load(weights_only=True) ({first})") from None
+    if not isinstance(obj, dict) or not obj or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise SourceError(f"{path}: not a state dict (a mapping of tensor names to tensors)")
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in obj.items():
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        whole = tensor.is_contiguous() and tensor.storage_offset() == 0 and (
+            tensor.numel() * tensor.element_size() == storage.nbytes()
         )
-    except RepositoryNotFoundError:
-        raise SourceError(f"{entry.label}: repository not found on the Hub (or it is private: log in)") from None
-    except LocalEntryNotFoundError:
-        raise SourceError(f"{entry.label}: not in the local cache and the Hub is offline (HF_HUB_OFFLINE)") from None
-    except (HfHubHTTPError, OSError) as exc:
-        raise SourceError(f"{entry.label}: download failed ({str(exc).splitlines()[0]})") from None
-    return ResolvedModel(entry=entry, path=path, repo_id=entry.model, commit=path.name)
+        if ptr in seen or not whole:
+            tensor = tensor.contiguous().clone()
+        seen.add(ptr)
+        out[name] = tensor
+    return out

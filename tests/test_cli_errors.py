@@ -113,5 +113,6 @@ def test_pickle_only_model_is_named(models, capsys):
     code, err = run(capsys, "merge", "--base", models / "base", "--model", models / "ft0", "--model",
                     models / "pk", "--out", models / "out")
     assert code == 2
-    assert err == (f"error: {models / 'pk'}: no model.safetensors or model.safetensors.index.json "
-                   "(found pickle weights pytorch_model.bin; they are not read)")
+    assert err == (f"error: {models / 'pk'}: only pickle weights (pytorch_model.bin); loading pickle can run "
+                   "code, so they are refused. Set `allow_pickle: true` in the recipe (--allow-pickle on the "
+                   "command line) to convert them to safetensors with torch.load(weights_only=True)")

@@ -1,0 +1,547 @@
+"""Pre-flight: check every model of a recipe against the base before any weight is downloaded.
+
+Reads only what is small: the repo listing (sizes, LFS sha256), ``config.json``, the safetensors
+index and each shard's header. Remote headers are read with two HTTP range requests per shard
+(the 8-byte length, then exactly the header), so no byte of tensor data is transferred;
+``huggingface_hub.get_safetensors_metadata`` would do the job in one request but always asks for the
+first 100,000 bytes of every shard, i.e. up to ~98 KB of weights per shard (all of a small model).
+Files already in the HF cache, and local sources, are read from disk. Then, like the merge plan, it
+compares names, shapes, dtypes, architecture and vocabulary, adds up the bytes to download (and to
+convert, and to write) per filesystem, and reports every problem at once.
+
+>>> report = preflight(load_recipe("recipes/math.yaml"), check=False)  # doctest: +SKIP
+>>> print(report.describe())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hf_model_stock.errors import CheckpointError, CompatibilityError, ModelStockError, SourceError
+from hf_model_stock.io.dtypes import is_floating, itemsize
+from hf_model_stock.io.reader import MAX_HEADER_BYTES, Checkpoint, _reject_duplicate_keys, _validate_entry, read_header
+from hf_model_stock.recipe import ModelEntry, Recipe
+from hf_model_stock import sources
+from hf_model_stock.sources import (
+    CONVERTED_MARKER,
+    INDEX_NAME,
+    PICKLE_INDEX_NAME,
+    SINGLE_NAME,
+    SMALL_FILE_PATTERNS,
+)
+
+TIED_OUTPUT_EMBEDDING = "lm_head.weight"
+MAX_PROBLEMS_IN_MESSAGE = 100
+HEADER_TIMEOUT_S = 30.0
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class SourceInfo:
+    """What pre-flight learned about one source, from headers only."""
+
+    role: str  # "base" or "model"
+    entry: ModelEntry
+    kind: str = "hub"  # "hub" or "local"
+    repo_id: Optional[str] = None
+    commit: Optional[str] = None
+    path: Optional[Path] = None  # local directory (local sources, converted pickle checkpoints)
+    config_data: dict[str, Any] = field(default_factory=dict)
+    tensors: Optional[dict[str, tuple[str, Shape]]] = None  # None: not known from headers (pickle)
+    weight_format: str = "safetensors"
+    weight_files: list[str] = field(default_factory=list)
+    weight_bytes: int = 0
+    download_bytes: int = 0  # not yet in the HF cache
+    convert_bytes: int = 0  # pickle weights to rewrite as safetensors in our cache
+    header_bytes_fetched: int = 0  # bytes read over HTTP to get the safetensors headers
+    error: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        return self.entry.label
+
+    def config(self) -> dict[str, Any]:
+        """The source's config.json (same interface as ``ResolvedModel.config`` for ``check_configs``)."""
+        return self.config_data
+
+
+@dataclass(frozen=True)
+class DiskCheck:
+    """Bytes one filesystem must take, against its free space."""
+
+    where: Path
+    needed: int
+    free: int
+    parts: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.needed <= self.free
+
+
+@dataclass
+class PreflightReport:
+    """The outcome of :func:`preflight`: sources, problems (all of them), notes, disk space."""
+
+    base: SourceInfo
+    models: list[SourceInfo]
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    disk: list[DiskCheck] = field(default_factory=list)
+    output_bytes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def sources(self) -> list[SourceInfo]:
+        return [self.base, *self.models]
+
+    @property
+    def header_bytes_fetched(self) -> int:
+        return sum(s.header_bytes_fetched for s in self.sources)
+
+    @property
+    def download_bytes(self) -> int:
+        return sum(s.download_bytes for s in self.sources)
+
+    def describe(self) -> str:
+        """Human-readable summary, as ``validate`` and ``run --dry-run`` print it."""
+        lines = []
+        for s in self.sources:
+            where = f"{s.repo_id} @ {s.commit}" if s.kind == "hub" else str(s.path)
+            if s.error:
+                lines.append(f"{s.role + ':':7} {s.label}  ({where if s.commit or s.path else 'unresolved'})  ERROR")
+                continue
+            count = "?" if s.tensors is None else str(len(s.tensors))
+            lines.append(
+                f"{s.role + ':':7} {s.label}  ({where})  {s.weight_format}, {len(s.weight_files)} file(s), "
+                f"{count} tensors, {_gib(s.weight_bytes)}"
+                + (f", {_gib(s.download_bytes)} to download" if s.kind == "hub" else "")
+            )
+        cfg = self.base.config_data
+        arch = ", ".join(cfg.get("architectures") or []) or "?"
+        lines.append(f"config:  model_type {cfg.get('model_type', '?')}, {arch}, vocab_size {cfg.get('vocab_size', '?')}")
+        lines.append(
+            f"fetched: {self.header_bytes_fetched} bytes of safetensors headers over HTTP; "
+            f"to download: {_gib(self.download_bytes)}; output: about {_gib(self.output_bytes)}"
+        )
+        for d in self.disk:
+            lines.append(f"disk:    {d.where}: {_gib(d.needed)} needed ({', '.join(d.parts)}), {_gib(d.free)} free"
+                         + ("" if d.ok else "  NOT ENOUGH"))
+        lines += [f"note:    {n}" for n in self.notes]
+        lines += [f"problem: {p}" for p in self.problems]
+        lines.append("pre-flight: OK" if self.ok else f"pre-flight: {len(self.problems)} problem(s)")
+        return "\n".join(lines)
+
+    def raise_for_problems(self) -> None:
+        """Raise one error listing every problem on one line, in the merge plan's words.
+
+        ``SourceError`` when a source could not be read (a single one: its message as is),
+        ``CompatibilityError`` (``N incompatibilities with base B: ...``) for mismatches, and
+        ``ModelStockError`` when only disk space is short.
+        """
+        if not self.problems:
+            return
+        failed = [s.error for s in self.sources if s.error]
+        disk = [p for p in self.problems if p.startswith("disk: ")]
+        compat = [p for p in self.problems if p not in failed and p not in disk]
+        if failed:
+            raise SourceError(_listed(failed + compat + disk))
+        if compat:
+            raise CompatibilityError(f"{len(compat)} incompatibilities with base {self.base.label}: "
+                                     + _listed(compat + disk))
+        raise ModelStockError(_listed(disk))
+
+
+def _listed(problems: list[str]) -> str:
+    shown = problems[:MAX_PROBLEMS_IN_MESSAGE]
+    more = len(problems) - len(shown)
+    return "; ".join(shown) + (f"; and {more} more (run `hf-model-stock validate` to list them)" if more else "")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3f} GiB"
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def preflight(recipe: Recipe, *, check: bool = True, output: Optional[Path] = None) -> PreflightReport:
+    """Check the recipe's models against its base from headers only, before any weight is downloaded.
+
+    Collects every problem (unreachable sources, pickle-only repos without ``allow_pickle``, tensor
+    names, shapes, dtypes, architecture, vocabulary size, disk space) and, with ``check``, raises
+    ``CompatibilityError`` (``SourceError`` if a source could not be read) listing them all.
+    ``output`` overrides ``output.path`` for the disk-space check (``run --out``).
+
+    >>> preflight(load_recipe("recipes/math.yaml"))  # doctest: +SKIP
+    """
+    infos = [inspect_source(recipe.base_model, "base", allow_pickle=recipe.allow_pickle)]
+    infos += [inspect_source(m, "model", allow_pickle=recipe.allow_pickle) for m in recipe.models]
+    base, models = infos[0], infos[1:]
+    report = PreflightReport(base=base, models=models)
+    report.problems += [s.error for s in infos if s.error]
+    if not base.error:
+        compare(report)
+        report.output_bytes = _output_bytes(base, recipe.dtype)
+    for s in infos:
+        if not s.error and s.tensors is None:
+            report.notes.append(f"{s.label}: pickle weights, converted to safetensors before the merge; their "
+                                "tensors are checked then, not now")
+    report.disk = disk_checks(report, output or (Path(recipe.output.path) if recipe.output.path else None))
+    report.problems += [
+        f"disk: {_gib(d.needed)} needed on the filesystem of {d.where} ({', '.join(d.parts)}) but only "
+        f"{_gib(d.free)} free"
+        for d in report.disk if not d.ok
+    ]
+    if check:
+        report.raise_for_problems()
+    return report
+
+
+def inspect_source(entry: ModelEntry, role: str, *, allow_pickle: bool = False) -> SourceInfo:
+    """Headers, config and sizes of one source; errors are recorded in ``SourceInfo.error``, not raised."""
+    info = SourceInfo(role=role, entry=entry)
+    try:
+        if sources.is_local(entry):
+            _inspect_local(info, allow_pickle)
+        else:
+            sources.check_repo_id(entry)
+            _inspect_hub(info, allow_pickle)
+    except ModelStockError as exc:
+        info.error = str(exc)
+    except sources.transport_errors() as exc:
+        info.error = sources.hub_error_message(entry, exc)
+    return info
+
+
+def _headers_of(ckpt: Checkpoint) -> dict[str, tuple[str, Shape]]:
+    return {name: (t.dtype, t.shape) for name, t in ckpt.tensors.items()}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{path}: unreadable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: not a JSON object")
+    return data
+
+
+def _inspect_local(info: SourceInfo, allow_pickle: bool) -> None:
+    info.kind = "local"
+    path = Path(info.entry.model).expanduser().resolve()
+    info.path = path
+    if info.entry.revision:
+        raise SourceError(f"{info.entry.model}: a local path cannot take a revision ({info.entry.revision!r})")
+    directory = path if path.is_dir() else path.parent
+    if (directory / "config.json").is_file():
+        info.config_data = _read_json(directory / "config.json")
+    if path.is_dir() and not ((path / INDEX_NAME).is_file() or (path / SINGLE_NAME).is_file()):
+        pickles = sources.local_pickle_weights(path)
+        if not pickles:
+            raise CheckpointError(f"{path}: no {SINGLE_NAME} or {INDEX_NAME}")
+        if not allow_pickle:
+            raise SourceError(sources.pickle_refusal(info.entry, pickles))
+        info.weight_format = "pickle"
+        info.weight_files = [p for p in pickles if p != PICKLE_INDEX_NAME]
+        info.weight_bytes = sum((path / p).stat().st_size for p in info.weight_files)
+        info.convert_bytes = info.weight_bytes
+        return
+    ckpt = Checkpoint.open(path)
+    info.tensors = _headers_of(ckpt)
+    info.weight_files = [p.name for p in ckpt.files]
+    info.weight_bytes = sum(p.stat().st_size for p in ckpt.files)
+
+
+def _repo_cache_dir(repo_id: str) -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+
+
+def _cached_commit(repo_id: str, revision: Optional[str]) -> Optional[str]:
+    import re
+
+    rev = revision or "main"
+    if re.fullmatch(r"[0-9a-f]{40}", rev):
+        return rev
+    ref = _repo_cache_dir(repo_id) / "refs" / rev
+    return ref.read_text().strip() if ref.is_file() else None
+
+
+def _inspect_hub(info: SourceInfo, allow_pickle: bool) -> None:
+    from huggingface_hub import HfApi, constants, get_cached_repo_tree, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+    from huggingface_hub.hf_api import RepoFile
+
+    entry = info.entry
+    repo_id = info.repo_id = entry.model
+    offline = constants.is_offline_mode()
+    if offline:
+        commit = _cached_commit(repo_id, entry.revision)
+        try:
+            listing = get_cached_repo_tree(repo_id, revision=commit or entry.revision or "main")
+        except CachedRepoTreeNotFoundError:
+            raise SourceError(f"{entry.label}: not in the local cache and the Hub is offline (HF_HUB_OFFLINE)") from None
+    else:
+        api = HfApi()
+        commit = api.repo_info(repo_id, revision=entry.revision).sha
+        listing = [f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True) if isinstance(f, RepoFile)]
+    if commit is None:
+        raise SourceError(f"{entry.label}: cannot tell which commit {entry.revision or 'main'!r} is")
+    info.commit = commit
+    files = {f.path: f for f in listing}
+
+    def fetch(name: str) -> Path:
+        return Path(hf_hub_download(repo_id, name, revision=commit))
+
+    def cached(name: str) -> Optional[Path]:
+        found = try_to_load_from_cache(repo_id, name, revision=commit)
+        if isinstance(found, str):
+            return Path(found)
+        f = files.get(name)
+        etag = (f.lfs.sha256 if getattr(f, "lfs", None) else getattr(f, "blob_id", None)) if f else None
+        blob = _repo_cache_dir(repo_id) / "blobs" / etag if etag else None
+        return blob if blob is not None and blob.is_file() else None
+
+    if "config.json" in files:
+        info.config_data = _read_json(fetch("config.json"))
+    if INDEX_NAME in files:
+        shards = sorted(set(sources._weight_map(fetch(INDEX_NAME)).values()))
+        missing = [s for s in shards if s not in files]
+        if missing:
+            raise CheckpointError(f"{entry.label}: {INDEX_NAME} names shard(s) not in the repo: {', '.join(missing)}")
+    elif SINGLE_NAME in files:
+        shards = [SINGLE_NAME]
+    else:
+        _inspect_hub_pickle(info, files, allow_pickle, fetch, cached)
+        return
+    info.weight_files = shards
+    info.weight_bytes = sum(files[s].size for s in shards)
+    tensors: dict[str, tuple[str, Shape]] = {}
+    for shard in shards:
+        local = cached(shard)
+        if local is not None:
+            found, _ = read_header(local)
+            header = {name: (t.dtype, t.shape) for name, t in found.items()}
+        elif offline:
+            raise SourceError(f"{entry.label}: {shard} is not in the local cache and the Hub is offline (HF_HUB_OFFLINE)")
+        else:
+            header, fetched = remote_header(repo_id, shard, commit, file_size=files[shard].size)
+            info.header_bytes_fetched += fetched
+        for name, value in header.items():
+            if name in tensors:
+                raise CheckpointError(f"{entry.label}: tensor {name!r} is stored in more than one shard")
+            tensors[name] = value
+    if INDEX_NAME in files:
+        index_names = set(sources._weight_map(fetch(INDEX_NAME)))
+        absent = sorted(index_names - set(tensors))
+        if absent:
+            raise CheckpointError(f"{entry.label}: {INDEX_NAME} names tensors its shards lack: {', '.join(absent[:5])}")
+        tensors = {k: v for k, v in tensors.items() if k in index_names}
+    info.tensors = tensors
+    info.download_bytes = _bytes_to_download(files, [*_small_files(files), *shards], cached)
+
+
+def _small_files(files: dict[str, Any]) -> list[str]:
+    from huggingface_hub.utils import filter_repo_objects
+
+    return list(filter_repo_objects(list(files), allow_patterns=SMALL_FILE_PATTERNS))
+
+
+def _bytes_to_download(files: dict[str, Any], names: list[str], cached: Any) -> int:
+    return sum(files[n].size or 0 for n in set(names) if n in files and cached(n) is None)
+
+
+def _inspect_hub_pickle(info: SourceInfo, files: dict[str, Any], allow_pickle: bool, fetch: Any, cached: Any) -> None:
+    entry = info.entry
+    chosen = sources.pickle_weight_files(files)
+    if chosen is None:
+        raise SourceError(f"{entry.label}: no {SINGLE_NAME} or {INDEX_NAME} in the repo")
+    listing = sources._pickle_listing(files) or chosen
+    if not allow_pickle:
+        raise SourceError(sources.pickle_refusal(entry, listing))
+    info.weight_format = "pickle"
+    if chosen == [PICKLE_INDEX_NAME]:
+        shards = sorted(set(sources._weight_map(fetch(PICKLE_INDEX_NAME)).values()))
+    else:
+        shards = chosen
+    info.weight_files = shards
+    info.weight_bytes = sum(files[s].size for s in shards if s in files)
+    converted = sources.cache_root() / "converted" / ("models--" + entry.model.replace("/", "--")) / str(info.commit)
+    if (converted / CONVERTED_MARKER).is_file():
+        info.path = converted
+        info.weight_format = "pickle (converted)"
+        info.tensors = _headers_of(Checkpoint.open(converted))
+        info.download_bytes = _bytes_to_download(files, _small_files(files), cached)
+        return
+    info.convert_bytes = info.weight_bytes
+    info.download_bytes = _bytes_to_download(files, [*_small_files(files), *chosen, *shards], cached)
+
+
+def remote_header(
+    repo_id: str, filename: str, revision: str, *, file_size: Optional[int] = None, timeout: float = HEADER_TIMEOUT_S
+) -> tuple[dict[str, tuple[str, Shape]], int]:
+    """The tensors (name -> (dtype, shape)) in a remote safetensors file's header, and the bytes fetched.
+
+    Two range requests: bytes 0-7 (the header length), then exactly the header. A server that ignores
+    ``Range`` is read only as far as the header. Fails closed on anything malformed.
+    """
+    from huggingface_hub import hf_hub_url
+
+    url = hf_hub_url(repo_id, filename, revision=revision)
+    where = f"{repo_id}@{revision[:12]}/{filename}"
+    prefix = _read_range(url, 0, 8, where, timeout)
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{where}: header claims {header_len} bytes, more than the {MAX_HEADER_BYTES} allowed")
+    if file_size is not None and 8 + header_len > file_size:
+        raise CheckpointError(f"{where}: header length {header_len} runs past the end of the file ({file_size} bytes)")
+    raw = _read_range(url, 8, header_len, where, timeout)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: malformed safetensors header JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{where}: safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_size = None if file_size is None else file_size - 8 - header_len
+    out: dict[str, tuple[str, Shape]] = {}
+    for name, entry in header.items():
+        _, end, dtype, shape = _validate_entry(Path(where), name, entry)
+        if data_size is not None and end > data_size:
+            raise CheckpointError(f"{where}: tensor {name!r} lies beyond the end of the file")
+        out[name] = (dtype, shape)
+    return out, 8 + header_len
+
+
+def _read_range(url: str, start: int, length: int, where: str, timeout: float) -> bytes:
+    """Bytes [start, start+length) of ``url`` through huggingface_hub's session (auth, endpoint, offline)."""
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    if length == 0:
+        return b""
+    headers = build_hf_headers()
+    headers.update({"Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "identity"})
+    buf = bytearray()
+    with get_session().stream("GET", url, headers=headers, timeout=timeout) as response:
+        if response.status_code >= 400:
+            response.read()
+            hf_raise_for_status(response)
+        skip = start if response.status_code == 200 else 0  # the server ignored Range: skip to start
+        for chunk in response.iter_bytes():
+            if skip:
+                cut = min(skip, len(chunk))
+                chunk, skip = chunk[cut:], skip - cut
+            buf += chunk[: length - len(buf)]
+            if len(buf) >= length:
+                break
+    if len(buf) < length:
+        raise CheckpointError(f"{where}: truncated: got {len(buf)} of {length} header bytes")
+    return bytes(buf)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _tied(config: dict[str, Any]) -> bool:
+    return bool(config.get("tie_word_embeddings", True))
+
+
+def compare(report: PreflightReport) -> None:
+    """Append to ``report`` every mismatch between a model and the base (configs, names, shapes, dtypes)."""
+    from hf_model_stock.plan import check_configs
+
+    base = report.base
+    ok_models = [m for m in report.models if not m.error]
+    report.problems += check_configs(base, ok_models)  # type: ignore[arg-type]  # duck-typed: label, config()
+    vocab = base.config_data.get("vocab_size")
+    for m in ok_models:
+        theirs = m.config_data.get("vocab_size")
+        if vocab is not None and theirs is not None and theirs != vocab:
+            report.problems.append(f"config vocab_size: {theirs} in {m.label} vs {vocab} in base (a resized "
+                                   "vocabulary: embedding and output shapes differ)")
+    if base.tensors is None:
+        return
+    known = [m for m in ok_models if m.tensors is not None]
+    names = set(base.tensors)
+    if _tied(base.config_data):
+        holders = [s for s in [base, *known] if TIED_OUTPUT_EMBEDDING in (s.tensors or {})]
+        if holders and len(holders) < len(known) + 1:
+            names.discard(TIED_OUTPUT_EMBEDDING)
+            report.notes.append(f"{TIED_OUTPUT_EMBEDDING} is tied to the input embeddings and stored by only some "
+                                "models: it is left out, transformers ties it on load")
+    for m in known:
+        assert m.tensors is not None
+        theirs = set(m.tensors) - ({TIED_OUTPUT_EMBEDDING} if TIED_OUTPUT_EMBEDDING not in names else set())
+        for name in sorted(names - theirs):
+            report.problems.append(f"tensor {name!r}: missing in {m.label}")
+        for name in sorted(theirs - names):
+            report.problems.append(f"tensor {name!r}: in {m.label} but not in the base")
+        float_dtypes: set[str] = set()
+        for name in sorted(names & theirs):
+            b_dtype, b_shape = base.tensors[name]
+            dtype, shape = m.tensors[name]
+            if shape != b_shape:
+                report.problems.append(f"tensor {name!r}: shape {list(shape)} in {m.label} vs {list(b_shape)} in base")
+            elif is_floating(dtype) != is_floating(b_dtype):
+                report.problems.append(f"tensor {name!r}: dtype {dtype} in {m.label} vs {b_dtype} in base")
+            elif dtype != b_dtype:
+                float_dtypes.add(f"{dtype} vs {b_dtype}")
+        if float_dtypes:
+            report.notes.append(f"{m.label}: floating dtypes differ from the base ({', '.join(sorted(float_dtypes))}); "
+                                "merged in float32")
+
+
+def _output_bytes(base: SourceInfo, out_dtype: Optional[str]) -> int:
+    if base.tensors is None:
+        return base.weight_bytes
+    total = 0
+    for dtype, shape in base.tensors.values():
+        code = (out_dtype or dtype) if is_floating(dtype) else dtype
+        total += math.prod(shape) * itemsize(code)
+    return total
+
+
+def _existing(path: Path) -> Path:
+    path = path.expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def disk_checks(report: PreflightReport, output: Optional[Path]) -> list[DiskCheck]:
+    """Bytes each filesystem must take (HF cache downloads, pickle conversions, the output) vs free space."""
+    from huggingface_hub import constants
+
+    needs: list[tuple[Path, int, str]] = []
+    download = sum(s.download_bytes for s in report.sources if not s.error)
+    if download:
+        needs.append((Path(constants.HF_HUB_CACHE), download, f"HF cache {_gib(download)}"))
+    convert = sum(s.convert_bytes for s in report.sources if not s.error)
+    if convert:
+        needs.append((sources.cache_root(), convert, f"pickle conversion {_gib(convert)}"))
+    if output is not None and report.output_bytes:
+        needs.append((output, report.output_bytes, f"output {_gib(report.output_bytes)}"))
+    by_device: dict[int, tuple[Path, int, list[str]]] = {}
+    for path, n, what in needs:
+        anchor = _existing(path)
+        dev = os.stat(anchor).st_dev
+        where, total, parts = by_device.get(dev, (anchor, 0, []))
+        by_device[dev] = (where, total + n, parts + [what])
+    return [
+        DiskCheck(where=where, needed=total, free=shutil.disk_usage(where).free, parts=tuple(parts))
+        for where, total, parts in by_device.values()
+    ]

@@ -1,0 +1,158 @@
+"""Push over real HTTP to the fake Hub: repo creation, model card, resumable and idempotent uploads."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from hf_model_stock.card import card_with_evals
+from hf_model_stock.hub import PushError, add_push_parser, push_model, push_recipe_output
+from hf_model_stock.recipe import parse_recipe
+from hf_model_stock.runner import run_recipe
+from tests.hub.conftest import set_hub_env
+from tests.hub.fake_hub import FakeHub
+
+# huggingface_hub passes upload bodies as data=, which httpx2 deprecates: not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:Use .content=<...>. to upload raw bytes:DeprecationWarning")
+
+
+@pytest.fixture
+def merged(hub, models, tmp_path) -> tuple[Path, dict[str, str]]:
+    """A Model Stock merge of Hub sources (one pinned to an older commit), in several output shards."""
+    shas = {name: hub.add_commit(f"org/{name}", path) for name, path in models.items()}
+    pinned = shas["ft1"]
+    hub.add_commit("org/ft1", models["ft2"])  # a newer commit the pin must not pick up
+    out = tmp_path / "merged"
+    recipe = parse_recipe(f"base_model: org/base\nmodels: [org/ft0, org/ft1@{pinned}, org/ft2]\n"
+                          f"output: {{path: {out}, shard_size: 8KB}}\n")
+    run_recipe(recipe, progress=False)
+    return out, shas
+
+
+def shard_paths(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors"))
+
+
+def test_merge_report_records_source_commits(merged):
+    out, shas = merged
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["sources"]["base"]["commit"] == shas["base"]
+    assert [m["commit"] for m in report["sources"]["models"]] == [shas["ft0"], shas["ft1"], shas["ft2"]]
+    assert report["sources"]["models"][1]["revision"] == shas["ft1"]
+
+
+def test_push_creates_repo_uploads_card_and_repush_sends_no_shard_again(hub, merged):
+    out, shas = merged
+    shards = shard_paths(out)
+    assert len(shards) >= 3
+    hub.reset_stats()
+    url = push_model(out, "me/merged")
+    sha = url.rsplit("/", 1)[1]
+    assert url.endswith(f"/me/merged/commit/{sha}") and hub.repos["me/merged"].branches["main"] == sha
+    remote = hub.files("me/merged")
+    for p in out.iterdir():
+        assert remote[p.name] == p.read_bytes()
+    binary = [p for p in out.iterdir() if b"\0" in p.read_bytes()[:512]]  # shards, and the t plot if drawn
+    assert set(shards) <= set(binary)
+    assert hub.lfs_bytes_received == sum(p.stat().st_size for p in binary)
+
+    card = ModelCard.load("me/merged")  # downloaded from the fake Hub and parsed
+    assert card.data.base_model == ["org/base", "org/ft0", "org/ft1", "org/ft2"]
+    assert card.data.base_model_relation == "merge"
+    assert {"merge", "model-stock"} <= set(card.data.tags)
+    assert (card.data.library_name, card.data.pipeline_tag) == ("transformers", "text-generation")
+    assert card.text.lstrip().startswith("# me/merged\n")
+    for needle in ["Model Stock", "| layer | tensors | mean t |", "## Recipe", "## Reproducibility", "torch",
+                   *shas.values(), *(hashlib.sha256(p.read_bytes()).hexdigest() for p in shards)]:
+        assert needle in card.text, needle
+
+    hub.reset_stats()
+    again = push_model(out, "me/merged")
+    assert again == url  # nothing changed: no new commit
+    assert hub.lfs_bytes_received == 0 and not hub.requests("PUT")
+    shard_oids = {hashlib.sha256(p.read_bytes()).hexdigest() for p in shards}
+    assert not shard_oids & set(hub.lfs_offered)  # matched by sha256 with the report: not even offered
+
+
+def test_interrupted_push_resumes_without_resending(hub, merged):
+    out, _ = merged
+    shards = shard_paths(out)
+    victim = shards[1]
+    oid = hashlib.sha256(victim.read_bytes()).hexdigest()
+    hub.fail("PUT", f"/lfs-upload/{oid}", mode="status", status=403, times=1)
+    with pytest.raises(PushError, match="me/merged: push failed .*run the same push again"):
+        push_model(out, "me/merged")
+    assert hub.repos["me/merged"].commits[hub.repos["me/merged"].branches["main"]].keys() == {".gitattributes"}
+    sent_before = hub.lfs_bytes_received
+
+    hub.reset_stats()
+    push_model(out, "me/merged")
+    assert hub.lfs_bytes_received == victim.stat().st_size  # only the shard that failed
+    assert sent_before >= sum(p.stat().st_size for p in shards if p != victim)
+    assert hub.files("me/merged")[victim.name] == victim.read_bytes()
+
+
+def test_evaluation_results_go_into_the_card(hub, merged):
+    out, _ = merged
+    push_model(out, "me/merged")
+    card = card_with_evals(ModelCard.load(out / "README.md"),
+                           [("gsm8k", "exact_match,strict-match", 0.25), ("mbpp", "pass@1", 0.125)])
+    card.save(out / "README.md")
+    push_model(out, "me/merged")
+    remote = ModelCard.load("me/merged")
+    assert remote.data.model_name == "me/merged"
+    assert {(e.dataset_type, e.metric_type, e.metric_value) for e in remote.data.eval_results} == {
+        ("gsm8k", "exact_match,strict-match", 0.25), ("mbpp", "pass@1", 0.125)}
+    assert "| gsm8k | exact_match,strict-match | 0.2500 |" in remote.text
+    assert remote.data.base_model_relation == "merge"
+
+    updated = card_with_evals(remote, [("gsm8k", "exact_match,strict-match", 0.5)])
+    assert sorted((e.dataset_type, e.metric_value) for e in updated.data.eval_results) == [("gsm8k", 0.5), ("mbpp", 0.125)]
+    assert updated.text.count("## Evaluation") == 1 and "0.5000" in updated.text and "0.2500" not in updated.text
+
+
+def test_push_command_to_a_private_repo_and_branch(hub, merged, capsys):
+    out, _ = merged
+    parser = argparse.ArgumentParser()
+    add_push_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["push", str(out), "--repo", "me/dev", "--private", "--revision", "dev",
+                              "--message", "first try"])
+    assert args.func(args) == 0
+    assert "pushed" in capsys.readouterr().out
+    repo = hub.repos["me/dev"]
+    assert repo.private and set(hub.files("me/dev", "main")) == {".gitattributes"}
+    assert set(hub.files("me/dev", "dev")) >= {p.name for p in out.iterdir()}
+
+
+def test_recipe_push_to_hub(hub, merged):
+    out, _ = merged
+    recipe = parse_recipe("base_model: org/base\nmodels: [org/ft0, org/ft2]\n"
+                          "output: {push_to_hub: {repo_id: me/from-recipe, commit_message: hello}}\n")
+    url = push_recipe_output(recipe, out)
+    assert url is not None and "me/from-recipe/commit/" in url
+    assert push_recipe_output(parse_recipe("base_model: org/base\nmodels: [org/ft0, org/ft2]\n"), out) is None
+
+
+def test_push_without_write_token_says_how_to_log_in(tmp_path, monkeypatch, merged):
+    out, _ = merged
+    with FakeHub(token="hf_write") as fake:
+        set_hub_env(monkeypatch, fake.url, tmp_path / "other")
+        with pytest.raises(PushError, match=r"me/merged: the Hub refused the push \(401\): log in"):
+            push_model(out, "me/merged")
+        monkeypatch.setenv("HF_TOKEN", "hf_write")
+        assert "/me/merged/commit/" in push_model(out, "me/merged")
+
+
+def test_a_merge_of_local_models_pushes_a_valid_card(hub, models, tmp_path):
+    out = tmp_path / "local-merge"
+    recipe = parse_recipe(f"base_model: {models['base']}\nmodels: [{models['ft0']}, {models['ft1']}]\n"
+                          f"output: {{path: {out}}}\n")
+    run_recipe(recipe, progress=False)
+    push_model(out, "me/local")  # the fake Hub, like the Hub, rejects base_model entries that are not repo ids
+    card = ModelCard.load("me/local")
+    assert card.data.base_model is None and str(models["ft0"]) in card.text
