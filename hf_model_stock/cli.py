@@ -5,6 +5,7 @@
     hf-model-stock validate RECIPE
     hf-model-stock push DIR --repo org/name [--private] [--revision BRANCH] [--message ...]
     hf-model-stock inspect RECIPE | --base B --model M1 --model M2 [...] [--out DIR]
+    hf-model-stock eval MODEL [--tasks gsm8k,math,mmlu_pro,mbpp,harmbench | --suite NAME] [--limit N] [...]
     hf-model-stock demo [--workdir DIR]
 """
 
@@ -19,6 +20,7 @@ from typing import Optional, Sequence
 
 from hf_model_stock import __version__
 from hf_model_stock.analysis import add_inspect_parser
+from hf_model_stock.evaluation.cli import add_eval_parser
 from hf_model_stock.hub import add_push_parser
 from hf_model_stock.errors import ModelStockError
 
@@ -68,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_inspect_parser(sub)
     add_push_parser(sub)
+    add_eval_parser(sub)
 
     demo = sub.add_parser("demo", help="offline demo: build a model and fine-tunes, merge, load, generate")
     demo.add_argument("--workdir", type=Path, default=Path("hfms-demo"), help="where models are built and merged")

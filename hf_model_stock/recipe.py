@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hf_model_stock.errors import RecipeError
+from hf_model_stock.evaluation.spec import EvalSpec
 from hf_model_stock.io.dtypes import parse_dtype_name
 from hf_model_stock.methods.model_stock import DEFAULT_EPS
 
@@ -126,7 +127,7 @@ class Recipe(_Strict):
     tokenizer_source: str = "base"
     allow_pickle: bool = False
     on_nonfinite: Literal["error", "warn"] = "error"
-    evals: Optional[dict[str, Any]] = None
+    evals: Optional[EvalSpec] = None
 
     @field_validator("dtype")
     @classmethod

@@ -57,6 +57,10 @@ def run_recipe(
     url = push_recipe_output(recipe, outcome.path)
     if url and progress:
         print(f"pushed -> {url}")
+    if recipe.evals is not None:
+        from hf_model_stock.evaluation.runner import evaluate_model
+
+        evaluate_model(str(outcome.path), recipe.evals)
     return outcome
 
 

@@ -1,0 +1,213 @@
+"""Evaluate one model: check the request, write the task configs, run lm-eval, judge HarmBench, summarise.
+
+Everything that can be checked without the weights is checked first (options, data files, task
+configs), so a mistake surfaces in seconds rather than after a download.
+
+Files under ``<output>/<model>/`` (``<output>`` defaults to ``./eval-results``):
+  summary.json                      our summary (also returned as ``EvalSummary``)
+  lm_eval/results.json              lm-eval's results dict, unmodified (samples split out below)
+  lm_eval/samples_<task>.jsonl      lm-eval's per-sample records
+  harmbench/results.json, samples_hfms_harmbench.jsonl, judgements.jsonl
+  task_configs/*.yaml               the exact lm-eval task configs that ran
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from hf_model_stock.evaluation.data import TaskData, resolve_data
+from hf_model_stock.evaluation.errors import EvalError
+from hf_model_stock.evaluation.lm_tasks import run_task_manager, subsets, write_task_config
+from hf_model_stock.evaluation.spec import EvalSpec
+from hf_model_stock.evaluation.summary import EvalSummary, Score, lm_eval_scores, normalised
+from hf_model_stock.evaluation.tasks import BENCHMARKS, GSM8K_FEWSHOT_POOL, Benchmark
+
+if TYPE_CHECKING:
+    from lm_eval.api.model import LM
+
+    from hf_model_stock.evaluation.harmbench import Judge
+
+DEFAULT_OUTPUT = Path("eval-results")
+HARMBENCH = BENCHMARKS["harmbench"]
+
+
+@dataclass
+class PreparedRun:
+    """A checked request with its task configs written; ``execute`` runs it on a model."""
+
+    model: str
+    spec: EvalSpec
+    run_dir: Path
+    benchmarks: list[Benchmark]
+    data: dict[str, TaskData]
+    notes: list[str] = field(default_factory=list)
+
+    def execute(self, make_lm: Callable[[], "LM"], *, revision: Optional[str] = None, sha: Optional[str] = None,
+                path: str = "", judge: Optional["Judge"] = None) -> EvalSummary:
+        """Run the evaluations on ``make_lm()``; HarmBench is judged by ``judge``, else by the
+        classifier named in the spec (loaded after the evaluated model is released)."""
+        summary = EvalSummary(model=self.model, revision=revision, sha=sha, path=path,
+                              created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                              versions=_versions(), spec=self.spec.model_dump(mode="json"), notes=list(self.notes))
+        manager = run_task_manager(self.run_dir / "task_configs")
+        lm = make_lm()
+        capability = [b for b in self.benchmarks if b is not HARMBENCH]
+        if capability:
+            results = self._lm_eval(lm, [b.lm_eval_task for b in capability], manager, self.spec.apply_chat_template)
+            summary.files.update(_write_lm_eval(results, self.run_dir, "lm_eval"))
+            for benchmark in capability:
+                summary.scores += lm_eval_scores(benchmark, results, self.data[benchmark.name].describe())
+        if HARMBENCH in self.benchmarks:
+            chat = bool(getattr(getattr(lm, "tokenizer", None), "chat_template", None))
+            summary.notes.append("harmbench: completions " + ("with the model's chat template" if chat else
+                                 "without a chat template (the tokenizer has none)"))
+            results = self._lm_eval(lm, [HARMBENCH.lm_eval_task], manager, chat)
+            summary.files.update(_write_lm_eval(results, self.run_dir, "harmbench"))
+            del lm
+            _release_memory()
+            summary.scores.append(self._judge(results["samples"][HARMBENCH.lm_eval_task], judge, summary))
+        summary.write(self.run_dir / "summary.json")
+        return summary
+
+    def _lm_eval(self, lm: "LM", tasks: list[str], manager: Any, chat_template: bool) -> dict[str, Any]:
+        import lm_eval
+
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=tasks, task_manager=manager, limit=self.spec.limit, log_samples=True,
+            apply_chat_template=chat_template, confirm_run_unsafe_code=self.spec.allow_code_execution,
+            gen_kwargs={"max_gen_toks": self.spec.max_gen_toks} if self.spec.max_gen_toks else None,
+        )
+        if results is None:
+            raise EvalError(f"lm-eval returned no results for {', '.join(tasks)} (not the main process?)")
+        return results
+
+    def _judge(self, samples: list[dict[str, Any]], judge: Optional["Judge"], summary: EvalSummary) -> Score:
+        from hf_model_stock.evaluation.harmbench import attack_success_rate, judge_samples, write_judgements
+
+        if judge is None:
+            judge = _classifier(self.spec)
+        judgements = judge_samples(samples, judge)
+        write_judgements(judgements, self.run_dir / "harmbench" / "judgements.jsonl")
+        summary.files["harmbench_judgements"] = "harmbench/judgements.jsonl"
+        asr = attack_success_rate([j.label for j in judgements])
+        if asr.unparsed:
+            summary.notes.append(f"harmbench: {asr.unparsed} of {asr.n} verdicts were neither yes nor no "
+                                 "(counted as not harmful, as HarmBench does)")
+        return Score(task="harmbench", lm_eval_task=HARMBENCH.lm_eval_task, metric=HARMBENCH.metrics[0],
+                     value=asr.rate, stderr=asr.stderr, n=asr.n,
+                     normalised=normalised(asr.rate, HARMBENCH.random_baseline),
+                     higher_is_better=False, data=self.data["harmbench"].describe())
+
+
+def prepare_run(model: str, spec: EvalSpec, output_dir: Optional[Path] = None) -> PreparedRun:
+    """Check ``spec`` for ``model`` and write the task configs; touches no weights."""
+    benchmarks = [BENCHMARKS[name] for name in spec.task_names()]
+    if BENCHMARKS["mbpp"] in benchmarks and not spec.allow_code_execution:
+        raise EvalError("mbpp: scoring runs the generated code; allow it with --allow-code-execution "
+                        "(allow_code_execution: true in a recipe's evals)")
+    for benchmark in benchmarks:
+        for module, requirement in benchmark.requires:
+            if importlib.util.find_spec(module) is None:
+                raise EvalError(f"{benchmark.name}: needs {requirement} (pip install '{requirement}')")
+    run_dir = (output_dir or spec.output or DEFAULT_OUTPUT) / _slug(model)
+    config_dir = run_dir / "task_configs"
+    shutil.rmtree(config_dir, ignore_errors=True)
+    data: dict[str, TaskData] = {}
+    for benchmark in benchmarks:
+        data[benchmark.name] = resolve_data(benchmark, spec.data_dir, [name for _, name in subsets(benchmark)])
+        write_task_config(benchmark, data[benchmark.name], config_dir)
+    return PreparedRun(model, spec, run_dir, benchmarks, data, _notes(spec, data))
+
+
+def evaluate_model(model: str, spec: EvalSpec, *, output_dir: Optional[Path] = None) -> EvalSummary:
+    """Evaluate ``model`` (a local directory or a Hub repo ``org/name[@revision]``) as ``spec`` says;
+    write lm-eval's JSON and ``summary.json`` under ``<output>/<model>/`` and return the summary.
+    ``<output>`` is ``output_dir``, else ``spec.output``, else ``./eval-results``.
+
+    >>> evaluate_model("HuggingFaceTB/SmolLM2-135M-Instruct", EvalSpec(tasks=["gsm8k"], limit=20))  # doctest: +SKIP
+    """
+    from hf_model_stock.evaluation.loading import build_lm, resolve_model
+
+    run = prepare_run(model, spec, output_dir)
+    resolved = resolve_model(model)
+    return run.execute(lambda: build_lm(resolved.path, spec), revision=resolved.entry.revision,
+                       sha=resolved.commit, path=str(resolved.path))
+
+
+def _classifier(spec: EvalSpec) -> "Judge":
+    from hf_model_stock.evaluation.harmbench import ClassifierJudge
+    from hf_model_stock.evaluation.loading import default_device, resolve_model
+
+    judge = spec.judge
+    return ClassifierJudge(resolve_model(judge.model).path, device=default_device(judge.device or spec.device),
+                           dtype=judge.dtype, batch_size=judge.batch_size,
+                           max_completion_tokens=judge.max_completion_tokens)
+
+
+def _notes(spec: EvalSpec, data: dict[str, TaskData]) -> list[str]:
+    notes = []
+    if spec.limit:
+        notes.append(f"limit {spec.limit} items per task: a smoke test, not comparable with full runs")
+    if spec.max_gen_toks:
+        notes.append(f"generations capped at {spec.max_gen_toks} tokens: not the standard setting")
+    gsm8k = data.get("gsm8k")
+    if gsm8k and gsm8k.files and gsm8k.files[""]["train"] == GSM8K_FEWSHOT_POOL:
+        notes.append("gsm8k: few-shot exemplars drawn from evals/data/gsm8k_fewshot.jsonl (our own), "
+                     "not the official train split")
+    if "mbpp" in data:
+        from hf_model_stock.evaluation.sandbox import run_program
+
+        notes.append("mbpp: sandbox layers " + ", ".join(run_program("pass").layers))
+    return notes
+
+
+def _write_lm_eval(results: dict[str, Any], run_dir: Path, name: str) -> dict[str, str]:
+    """lm-eval's results as ``<name>/results.json`` and its samples as ``<name>/samples_<task>.jsonl``."""
+    from lm_eval.utils import handle_non_serializable
+
+    directory = run_dir / name
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    samples = results.get("samples", {})
+    body = {key: value for key, value in results.items() if key != "samples"}
+    (directory / "results.json").write_text(json.dumps(body, indent=2, default=handle_non_serializable,
+                                                       ensure_ascii=False) + "\n", encoding="utf-8")
+    for task, records in samples.items():
+        with (directory / f"samples_{task}.jsonl").open("w", encoding="utf-8") as fh:
+            for record in records:
+                fh.write(json.dumps(record, default=handle_non_serializable, ensure_ascii=False) + "\n")
+    return {f"{name}_results": f"{name}/results.json"}
+
+
+def _slug(model: str) -> str:
+    """A directory name for ``model``: a local directory's name, or ``org__name[@rev]``."""
+    path = Path(model).expanduser()
+    name = path.resolve().name if path.exists() else model.replace("/", "__")
+    return re.sub(r"[^\w.@-]+", "_", name) or "model"
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for package in ("hf-model-stock", "lm_eval", "transformers", "torch"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def _release_memory() -> None:
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

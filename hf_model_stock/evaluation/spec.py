@@ -1,0 +1,90 @@
+"""``EvalSpec``: what to evaluate and how (a recipe's ``evals:`` block, or the ``eval`` command's options).
+
+Imports nothing heavy (no lm_eval, torch or transformers), so recipes validate in milliseconds.
+
+>>> EvalSpec(tasks="gsm8k,math", limit=20).task_names()
+['gsm8k', 'math']
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+
+from hf_model_stock.evaluation.tasks import DEFAULT_SUITE, TaskName, load_suite
+
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+HARMBENCH_CLASSIFIER = "cais/HarmBench-Llama-2-13b-cls"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JudgeSpec(_Strict):
+    """The HarmBench classifier that labels each completion (local dir or Hub repo[@rev])."""
+
+    model: str = Field(default=HARMBENCH_CLASSIFIER, min_length=1)
+    device: Optional[str] = None  # default: the evaluated model's device
+    dtype: DType = "auto"
+    batch_size: PositiveInt = 8
+    max_completion_tokens: PositiveInt = 512  # HarmBench cuts completions to 512 classifier tokens
+
+
+class EvalSpec(_Strict):
+    """Evaluations to run on one model. ``tasks`` and ``suite`` are exclusive; neither means the
+    ``core`` suite. Every field has the lm-eval default unless noted."""
+
+    tasks: Optional[list[TaskName]] = None
+    suite: Optional[str] = None
+    limit: Optional[PositiveInt] = None  # items per task (per subtask for MATH): for smoke tests only
+    batch_size: Union[Literal["auto"], PositiveInt] = 1
+    device: Optional[str] = None  # default: cuda if available, else cpu
+    dtype: DType = "auto"
+    backend: Literal["hf", "vllm"] = "hf"
+    data_dir: Optional[Path] = None
+    allow_code_execution: bool = False
+    output: Optional[Path] = None
+    apply_chat_template: bool = False  # for the lm-eval tasks; HarmBench always uses the model's template
+    trust_remote_code: bool = False
+    max_gen_toks: Optional[PositiveInt] = None  # caps every generation: smoke tests only, changes scores
+    judge: JudgeSpec = JudgeSpec()
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _split_tasks(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_unique(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+        if value is not None:
+            if not value:
+                raise ValueError(f"give at least one of {', '.join(get_args(TaskName))}")
+            duplicates = sorted({name for name in value if value.count(name) > 1})
+            if duplicates:
+                raise ValueError(f"listed more than once: {', '.join(duplicates)}")
+        return value
+
+    @field_validator("suite")
+    @classmethod
+    def _known_suite(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            load_suite(value)  # raises with the known names
+        return value
+
+    @model_validator(mode="after")
+    def _tasks_or_suite(self) -> "EvalSpec":
+        if self.tasks is not None and self.suite is not None:
+            raise ValueError("give either tasks or suite, not both")
+        return self
+
+    def task_names(self) -> list[str]:
+        """The tasks to run, in order: ``tasks``, else the suite's, else the default suite's."""
+        if self.tasks is not None:
+            return list(self.tasks)
+        return load_suite(self.suite or DEFAULT_SUITE)

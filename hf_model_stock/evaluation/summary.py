@@ -1,0 +1,93 @@
+"""Our summary of a run: one row per (task, metric) with the Open LLM Leaderboard v2 normalisation,
+written as ``summary.json`` beside lm-eval's own JSON, and printed as a table."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hf_model_stock.evaluation.errors import EvalError
+from hf_model_stock.evaluation.tasks import Benchmark
+
+
+def normalised(raw: float, random_baseline: float) -> float:
+    """Open LLM Leaderboard v2: ``max(raw - random, 0) / (1 - random) * 100`` (raw in [0, 1])."""
+    return max(raw - random_baseline, 0.0) / (1.0 - random_baseline) * 100.0
+
+
+@dataclass(frozen=True)
+class Score:
+    """One number: ``value`` in [0, 1] as lm-eval reports it, ``normalised`` in [0, 100]."""
+
+    task: str
+    lm_eval_task: str
+    metric: str
+    value: float
+    stderr: Optional[float]
+    n: int
+    normalised: float
+    higher_is_better: bool
+    data: str  # the test file(s), or "hub"
+
+
+@dataclass
+class EvalSummary:
+    """Everything a leaderboard or model card needs about one model's run."""
+
+    model: str
+    revision: Optional[str]
+    sha: Optional[str]  # the commit a Hub revision resolved to; None for a local directory
+    path: str
+    created: str
+    versions: dict[str, str]
+    spec: dict[str, Any]
+    scores: list[Score] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)  # what else the run wrote, relative to summary.json
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def lm_eval_scores(benchmark: Benchmark, results: dict[str, Any], data: str) -> list[Score]:
+    """``benchmark``'s rows from lm-eval's results dict (a task's or a group's aggregate entry)."""
+    entry = results["results"].get(benchmark.lm_eval_task)
+    if entry is None:
+        raise EvalError(f"{benchmark.name}: lm-eval returned no results for {benchmark.lm_eval_task}")
+    scores = []
+    for metric in benchmark.metrics:
+        if metric not in entry:
+            raise EvalError(f"{benchmark.name}: lm-eval's results for {benchmark.lm_eval_task} lack {metric!r}")
+        name, _, filter_name = metric.partition(",")
+        value = float(entry[metric])
+        stderr = entry.get(f"{name}_stderr,{filter_name}")
+        scores.append(Score(
+            task=benchmark.name, lm_eval_task=benchmark.lm_eval_task, metric=metric, value=value,
+            stderr=float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None,
+            n=int(entry["sample_len"]), normalised=normalised(value, benchmark.random_baseline),
+            higher_is_better=benchmark.higher_is_better, data=data,
+        ))
+    return scores
+
+
+def format_table(summary: EvalSummary) -> str:
+    """A plain-text table of the scores (lower-is-better metrics are marked)."""
+    where = f" @ {summary.sha[:12]}" if summary.sha else ""
+    header = ("task", "metric", "value", "stderr", "n", "normalised")
+    rows = [(s.task, s.metric + ("" if s.higher_is_better else " (lower is better)"), f"{s.value:.4f}",
+             "-" if s.stderr is None else f"{s.stderr:.4f}", str(s.n), f"{s.normalised:.2f}")
+            for s in summary.scores]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [f"{summary.model}{where}"]
+    for row in [header, *rows]:
+        cells = [cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    lines += [f"note: {note}" for note in summary.notes]
+    return "\n".join(lines)
