@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 from hf_model_stock.errors import CheckpointError, CompatibilityError, ModelStockError, SourceError
 from hf_model_stock.io.dtypes import is_floating, itemsize
-from hf_model_stock.io.reader import MAX_HEADER_BYTES, Checkpoint, _reject_duplicate_keys, _validate_entry, read_header
+from hf_model_stock.io.reader import Checkpoint, check_header_length, parse_header, read_header
 from hf_model_stock.recipe import ModelEntry, Recipe
 from hf_model_stock import sources
 from hf_model_stock.sources import (
@@ -405,26 +405,10 @@ def remote_header(
     where = f"{repo_id}@{revision[:12]}/{filename}"
     prefix = _read_range(url, 0, 8, where, timeout)
     (header_len,) = struct.unpack("<Q", prefix)
-    if header_len > MAX_HEADER_BYTES:
-        raise CheckpointError(f"{where}: header claims {header_len} bytes, more than the {MAX_HEADER_BYTES} allowed")
-    if file_size is not None and 8 + header_len > file_size:
-        raise CheckpointError(f"{where}: header length {header_len} runs past the end of the file ({file_size} bytes)")
+    check_header_length(where, header_len, file_size)
     raw = _read_range(url, 8, header_len, where, timeout)
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: malformed safetensors header JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{where}: safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_size = None if file_size is None else file_size - 8 - header_len
-    out: dict[str, tuple[str, Shape]] = {}
-    for name, entry in header.items():
-        _, end, dtype, shape = _validate_entry(Path(where), name, entry)
-        if data_size is not None and end > data_size:
-            raise CheckpointError(f"{where}: tensor {name!r} lies beyond the end of the file")
-        out[name] = (dtype, shape)
-    return out, 8 + header_len
+    entries, _ = parse_header(where, raw, None if file_size is None else file_size - 8 - header_len)
+    return {name: (dtype, shape) for name, (_, _, dtype, shape) in entries.items()}, 8 + header_len
 
 
 def _read_range(url: str, start: int, length: int, where: str, timeout: float) -> bytes:

@@ -15,7 +15,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Optional
 
 from hf_model_stock.errors import CheckpointError
 from hf_model_stock.io.dtypes import SAFETENSORS_TO_TORCH, itemsize
@@ -50,6 +50,47 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def check_header_length(where: str, header_len: int, file_size: Optional[int]) -> None:
+    """Refuse a header length over the limit or past the end of the file (when its size is known)."""
+    if header_len > MAX_HEADER_BYTES:
+        raise CheckpointError(f"{where}: header claims {header_len} bytes, more than the {MAX_HEADER_BYTES} allowed")
+    if file_size is not None and 8 + header_len > file_size:
+        raise CheckpointError(f"{where}: header length {header_len} runs past the end of the file ({file_size} bytes)")
+
+
+def parse_header(
+    where: str, raw: bytes, data_size: Optional[int]
+) -> tuple[dict[str, tuple[int, int, str, tuple[int, ...]]], dict[str, str]]:
+    """Validate a safetensors header (the JSON after the length prefix): every tensor's
+    (begin, end, dtype, shape) relative to the data section, and ``__metadata__``. Offsets must lie
+    within ``data_size`` (when known) and must not overlap."""
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: malformed safetensors header JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{where}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise CheckpointError(f"{where}: __metadata__ must map strings to strings")
+    entries = {}
+    for name, entry in header.items():
+        begin, end, dtype, shape = _validate_entry(where, name, entry)
+        if data_size is not None and end > data_size:
+            raise CheckpointError(
+                f"{where}: tensor {name!r} data_offsets [{begin}, {end}] lie beyond the data section "
+                f"({data_size} bytes)"
+            )
+        entries[name] = (begin, end, dtype, shape)
+    spans = sorted((b, e, n) for n, (b, e, _, _) in entries.items() if e > b)
+    for (_, prev_end, prev_name), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < prev_end:
+            raise CheckpointError(f"{where}: tensors {prev_name!r} and {name!r} overlap")
+    return entries, metadata
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate the header of one ``.safetensors`` file.
 
@@ -64,48 +105,21 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             if len(prefix) < 8:
                 raise CheckpointError(f"{path}: truncated safetensors file ({file_size} bytes, no header)")
             (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES:
-                raise CheckpointError(
-                    f"{path}: header claims {header_len} bytes, more than the {MAX_HEADER_BYTES} allowed"
-                )
-            if 8 + header_len > file_size:
-                raise CheckpointError(
-                    f"{path}: header length {header_len} runs past the end of the file ({file_size} bytes)"
-                )
+            check_header_length(str(path), header_len, file_size)
             raw = fh.read(header_len)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: malformed safetensors header JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     data_start = 8 + header_len
-    data_size = file_size - data_start
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        begin, end, dtype, shape = _validate_entry(path, name, entry)
-        if end > data_size:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} data_offsets [{begin}, {end}] lie beyond the data section "
-                f"({data_size} bytes)"
-            )
-        tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
-    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
-    for (_, prev_end, prev_name), (begin, _, name) in zip(spans, spans[1:]):
-        if begin < prev_end:
-            raise CheckpointError(f"{path}: tensors {prev_name!r} and {name!r} overlap")
+    entries, metadata = parse_header(str(path), raw, file_size - data_start)
+    tensors = {
+        name: TensorInfo(name, dtype, shape, path, data_start + begin, end - begin)
+        for name, (begin, end, dtype, shape) in entries.items()
+    }
     return tensors, metadata
 
 
-def _validate_entry(path: Path, name: str, entry: Any) -> tuple[int, int, str, tuple[int, ...]]:
-    where = f"{path}: tensor {name!r}"
+def _validate_entry(where: str, name: str, entry: Any) -> tuple[int, int, str, tuple[int, ...]]:
+    where = f"{where}: tensor {name!r}"
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise CheckpointError(f"{where}: header entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]

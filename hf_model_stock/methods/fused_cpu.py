@@ -58,27 +58,14 @@ if njit is not None:
             out[s + t] = acc
 
     @njit(nogil=True, cache=True)
-    def _gram_bf16(src: np.ndarray, start: int, stop: int, gram: np.ndarray, delta_sum: np.ndarray,
-                   want_sum: bool) -> None:
+    def _gram(src: np.ndarray, start: int, stop: int, gram: np.ndarray, delta_sum: np.ndarray, want_sum: bool,
+              decode) -> None:  # decode: _decode_bf16 or _decode_f32 (numba compiles one kernel per decoder)
         m = src.shape[0]
         x = np.empty((m, BLOCK), np.float32)
         d = np.empty((m - 1, BLOCK), np.float32)
         for s in range(start, stop, BLOCK):
             k = min(stop, s + BLOCK) - s
-            _decode_bf16(src, s, k, x)
-            _accumulate(x, d, k, gram)
-            if want_sum:
-                _store_sum(d, k, delta_sum, s)
-
-    @njit(nogil=True, cache=True)
-    def _gram_f32(src: np.ndarray, start: int, stop: int, gram: np.ndarray, delta_sum: np.ndarray,
-                  want_sum: bool) -> None:
-        m = src.shape[0]
-        x = np.empty((m, BLOCK), np.float32)
-        d = np.empty((m - 1, BLOCK), np.float32)
-        for s in range(start, stop, BLOCK):
-            k = min(stop, s + BLOCK) - s
-            _decode_f32(src, s, k, x)
+            decode(src, s, k, x)
             _accumulate(x, d, k, gram)
             if want_sum:
                 _store_sum(d, k, delta_sum, s)
@@ -119,8 +106,8 @@ def gram(sources: np.ndarray, start: int, stop: int, delta_sum: np.ndarray | Non
     n = sources.shape[0] - 1
     g = np.zeros((n, n), np.float64)
     store = delta_sum if delta_sum is not None else np.empty(0, np.float32)
-    kernel = _gram_bf16 if sources.dtype == np.uint16 else _gram_f32
-    kernel(sources, start, stop, g, store, delta_sum is not None)
+    decode = _decode_bf16 if sources.dtype == np.uint16 else _decode_f32
+    _gram(sources, start, stop, g, store, delta_sum is not None, decode)
     return g + np.tril(g, -1).T
 
 
