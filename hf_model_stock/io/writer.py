@@ -103,7 +103,8 @@ class ShardWriter:
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self._pwrite(self.layout.header, 0)
-            os.ftruncate(self._fd, layout.file_bytes)
+            # allocate every block now: a full disk fails here, before any merging, not mid-way
+            os.posix_fallocate(self._fd, 0, layout.file_bytes)
         except OSError as exc:
             self.abort()
             raise self._error(exc) from None

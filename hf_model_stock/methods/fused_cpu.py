@@ -50,12 +50,12 @@ if njit is not None:
 
     @njit(nogil=True, cache=True)
     def _store_sum(d: np.ndarray, k: int, out: np.ndarray, s: int) -> None:
-        n = d.shape[0]
+        # model by model along the block (vectorises), adding in the same order as torch's sum over dim 0
         for t in range(k):
-            acc = d[0, t]
-            for i in range(1, n):
-                acc += d[i, t]
-            out[s + t] = acc
+            out[s + t] = d[0, t]
+        for i in range(1, d.shape[0]):
+            for t in range(k):
+                out[s + t] += d[i, t]
 
     @njit(nogil=True, cache=True)
     def _gram(src: np.ndarray, start: int, stop: int, gram: np.ndarray, delta_sum: np.ndarray, want_sum: bool,
