@@ -60,7 +60,13 @@ def log(msg: str) -> None:
 
 
 class PageCache:
-    """Drop or warm the page cache for a set of files, with the best method available."""
+    """Drop or warm the page cache for a set of files, with the best method available.
+
+    ``drop_caches`` alone is not always enough: under concurrent load some pages survive it
+    (folios held in per-CPU LRU batches), so every drop also calls ``posix_fadvise(DONTNEED)``
+    on each input (which drains those batches and retries), then checks with ``fincore`` and
+    repeats a few times if inputs are still resident.
+    """
 
     def __init__(self) -> None:
         self.method = self._detect()
@@ -71,23 +77,32 @@ class PageCache:
             os.sync()
             with open("/proc/sys/vm/drop_caches", "w") as f:
                 f.write("3\n")
-            return "proc_drop_caches"
+            return "proc_drop_caches+posix_fadvise_dontneed"
         except OSError:
             return "posix_fadvise_dontneed"
 
-    def drop(self, files: list[Path]) -> None:
-        """Evict ``files`` (and with drop_caches: everything clean) from the page cache."""
+    def _drop_once(self, files: list[Path]) -> None:
         os.sync()
-        if self.method == "proc_drop_caches":
+        if self.method.startswith("proc_drop_caches"):
             with open("/proc/sys/vm/drop_caches", "w") as f:
                 f.write("3\n")
-            return
         for path in files:
             fd = os.open(path, os.O_RDONLY)
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
+
+    def drop(self, files: list[Path], tries: int = 5) -> int:
+        """Evict ``files`` (with drop_caches: everything clean) from the page cache; returns
+        the number of attempts used."""
+        for attempt in range(1, tries + 1):
+            self._drop_once(files)
+            resident = self.resident_bytes(files)
+            if resident is None or resident < 2**20:
+                return attempt
+            time.sleep(0.5)
+        return tries
 
     @staticmethod
     def warm(files: list[Path]) -> None:
@@ -354,11 +369,11 @@ def run_one(tool: Tool, mode: str, rep: int, files: list[Path], cache: PageCache
     """Prepare the cache for ``mode`` ('warm'/'cold'), run ``tool`` once and describe it."""
     if tool.out_dir is not None and tool.out_dir.exists():
         shutil.rmtree(tool.out_dir)
-    resident = None
+    resident, drop_attempts = None, 0
     if mode == "warm":
         cache.warm(files)
     else:
-        cache.drop(files)
+        drop_attempts = cache.drop(files)
         if tool.prewarm:
             subprocess.run(tool.prewarm, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            env=tool.env)
@@ -374,6 +389,7 @@ def run_one(tool: Tool, mode: str, rep: int, files: list[Path], cache: PageCache
         sync_after_s=time.perf_counter() - t0,
         idle_wait_s=waited, busy_cores_before=busy_before,
         input_resident_before_mb=None if resident is None else resident / MB,
+        drop_attempts=drop_attempts,
         input_mb_per_s=input_bytes / MB / res["wall_s"],
     )
     if res["rc"] != 0:
@@ -408,6 +424,9 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
             "ru_maxrss_mb_max": max(r["ru_maxrss_mb"] for r in ok),
             "cpu_s_median": statistics.median(r["user_s"] + r["sys_s"] for r in ok),
             "other_cpu_cores_max": max(r["other_cpu_cores"] for r in ok),
+            # cold runs only: input bytes still cached when the run started (should be ~0)
+            "input_resident_before_mb_max": max(
+                (r["input_resident_before_mb"] or 0.0 for r in ok), default=0.0),
         }
     return summary
 
@@ -503,6 +522,10 @@ def markdown(summary: dict[str, dict], rat: dict[str, dict[str, float]], accurac
             f"| {s['peak_anon_rss_tree_mb_max']:.0f} | {s['ru_maxrss_mb_max']:.0f} "
             f"| {s['cpu_s_median']:.1f} | {s['other_cpu_cores_max']:.2f} "
             f"| {s['ok']}/{s['failed']} |")
+    leaky = [f"{s['tool']}: {s['input_resident_before_mb_max']:.0f} MB" for s in summary.values()
+             if s["mode"] == "cold" and s.get("input_resident_before_mb_max", 0) > 1]
+    if leaky:
+        lines += ["", "WARNING: inputs still cached at the start of a cold run: " + ", ".join(leaky)]
     if rat:
         lines += ["", "| ratio of wall times | of medians | of minima |", "|---|---:|---:|"]
         lines += [f"| {k} | {v['median']:.2f} | {v['min']:.2f} |" for k, v in rat.items()]
