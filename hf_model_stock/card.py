@@ -59,7 +59,7 @@ def build_card(report: dict[str, Any], repo_id: Optional[str] = None, t_plot: Op
         "",
         "## Merge",
         "",
-        f"granularity `{params['granularity']}`, clamp_t `{params['clamp_t']}`, eps `{params['eps']:g}`, "
+        f"method `{report['method']}`, granularity `{params['granularity']}`, clamp_t `{params['clamp_t']}`, eps `{params['eps']:g}`, "
         f"output dtype `{report.get('dtype') or 'as base'}`; {summary['merged']} tensors merged, "
         f"{summary['copied']} copied from the base, {summary['clamped']} with t clamped to [0, 1].",
         "",

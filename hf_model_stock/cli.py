@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--model", action="append", required=True, dest="models", help="a fine-tune (repeat)")
     merge.add_argument("--out", type=Path, required=True, help="output directory")
     merge.add_argument("--dtype", help="output dtype (default: the base's)")
+    merge.add_argument("--method", choices=["model_stock", "linear"], default="model_stock",
+                       help="linear: the uniform average of the fine-tunes (Model Soup), for comparison")
     merge.add_argument("--granularity", choices=["layer", "filter"], default="layer")
     merge.add_argument("--no-clamp-t", action="store_true", help="do not clamp t to [0, 1] (reference behaviour)")
     merge.add_argument("--eps", type=float, help="added to the product of delta norms (default 1e-8)")
@@ -107,6 +109,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     recipe: dict = {
         "base_model": args.base,
         "models": args.models,
+        "method": args.method,
         "parameters": {"granularity": args.granularity, "clamp_t": not args.no_clamp_t},
         "output": {"path": str(args.out)},
     }
@@ -126,7 +129,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         recipe["tokenizer_source"] = args.tokenizer_source
     import yaml
 
-    parsed = parse_recipe(yaml.safe_dump(recipe), "command line")
+    parsed = parse_recipe(yaml.safe_dump(recipe), "command line", with_lines=False)
     run_recipe(parsed, device=args.device, dry_run=args.dry_run, overwrite=args.overwrite, progress=not args.quiet)
     return 0
 

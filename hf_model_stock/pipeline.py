@@ -51,6 +51,7 @@ def options_from_recipe(recipe: Recipe, device: Optional[str] = None) -> MergeOp
     """Merge options from a recipe, with an optional device override."""
     return MergeOptions(
         params=ModelStockParams(**recipe.parameters.model_dump()),
+        method=recipe.method,
         dtype=recipe.dtype,
         device=resolve_device(device or recipe.compute.device),
         chunk_bytes=recipe.compute.chunk_size,

@@ -27,6 +27,7 @@ class MergeOptions:
     """How to merge: method parameters, output dtype, device and memory budget."""
 
     params: ModelStockParams = ModelStockParams()
+    method: str = "model_stock"  # a key of methods.registry.METHODS
     dtype: Optional[str] = None  # safetensors code of the output dtype; None keeps the base's
     device: str = "cpu"
     workers: int = 0  # compute threads on the CPU; 0: one per core
@@ -130,7 +131,7 @@ class MergePlan:
         lines = [
             f"base:   {self.base.label}  ({self.base.path})",
             *[f"model:  {m.label}  ({m.path})" for m in self.models],
-            f"method: model_stock  granularity={self.options.params.granularity} "
+            f"method: {self.options.method}  granularity={self.options.params.granularity} "
             f"clamp_t={self.options.params.clamp_t} eps={self.options.params.eps:g}  device={self.options.device}",
             f"tensors: {len(self.tasks)} ({merged} merged, {len(self.tasks) - merged} copied from the base, "
             f"{sum(t.two_pass for t in self.tasks)} in two passes)",

@@ -119,7 +119,7 @@ class Recipe(_Strict):
 
     base_model: ModelEntry
     models: list[ModelEntry]
-    method: Literal["model_stock"] = "model_stock"
+    method: Literal["model_stock", "linear"] = "model_stock"  # linear: uniform average (Model Soup)
     parameters: Parameters = Parameters()
     dtype: Optional[str] = None
     compute: Compute = Compute()
@@ -226,8 +226,11 @@ def _loc_from_message(msg: str) -> tuple[Any, ...]:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"[.\[\]]+", m.group(1)) if p)
 
 
-def parse_recipe(text: str, source: str = "<recipe>", base_dir: Optional[Path] = None) -> Recipe:
-    """Validate recipe YAML text. Relative local paths resolve against ``base_dir`` (default: cwd)."""
+def parse_recipe(
+    text: str, source: str = "<recipe>", base_dir: Optional[Path] = None, with_lines: bool = True
+) -> Recipe:
+    """Validate recipe YAML text. Relative local paths resolve against ``base_dir`` (default: cwd).
+    Errors cite the line of the key unless ``with_lines`` is False (text we generated ourselves)."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -251,7 +254,7 @@ def parse_recipe(text: str, source: str = "<recipe>", base_dir: Optional[Path] =
             msg = "unknown key"
         elif err["type"] == "missing":
             msg = "required key is missing"
-        line = _line_of(lines, loc or _loc_from_message(msg))
+        line = _line_of(lines, loc or _loc_from_message(msg)) if with_lines else None
         where = f"{source}:{line}" if line else source
         more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
         prefix = f"{key}: " if key and not msg.startswith(key.split("[")[0]) else ""

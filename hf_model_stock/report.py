@@ -73,7 +73,7 @@ def build_report(
     return {
         "format": "hf-model-stock/merge-report",
         "format_version": 1,
-        "method": "model_stock",
+        "method": plan.options.method,
         "parameters": asdict(plan.options.params),
         "dtype": plan.options.dtype,
         "device": plan.options.device,

@@ -32,7 +32,7 @@ def leftovers(path: Path) -> list[str]:
 def test_one_finetune_is_refused(models, capsys):
     code, err = run(capsys, "merge", "--base", models / "base", "--model", models / "ft0", "--out", models / "out")
     assert code == 2
-    assert err == "error: command line:3: models: Model Stock needs at least 2 fine-tuned models, got 1"
+    assert err == "error: command line: models: Model Stock needs at least 2 fine-tuned models, got 1"
     assert leftovers(models) == []
 
 

@@ -218,3 +218,26 @@ def test_tied_lm_head_stored_by_only_some_models_is_left_out(tmp_path):
     out = merge_models(tmp_path / "base", [tmp_path / "ft0", tmp_path / "ft1"], tmp_path / "out")
     assert "lm_head.weight" not in load_dir(out.path)
     assert any("lm_head.weight" in n for n in out.report["notes"])
+
+
+@pytest.mark.parametrize("granularity", ["layer", "filter"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_method_is_the_uniform_average(tmp_path, granularity, dtype):
+    base = base_tensors(dtype)
+    fts = finetunes(base, 3)
+    write_checkpoint(tmp_path / "base", base)
+    for i, ft in enumerate(fts):
+        write_checkpoint(tmp_path / f"ft{i}", ft)
+    out = merge_models(tmp_path / "base", [tmp_path / f"ft{i}" for i in range(3)], tmp_path / "out",
+                       MergeOptions(method="linear", params=ModelStockParams(granularity=granularity)))
+    merged = load_dir(out.path)
+    for name, b in base.items():
+        if not b.is_floating_point():
+            assert torch.equal(merged[name], b)
+            continue
+        mean = torch.stack([f[name].double() for f in fts]).mean(0).to(dtype)
+        diff = (merged[name].double() - mean.double()).abs()
+        assert bool((diff <= ulp(mean)).all()), name
+        assert (diff > 0).float().mean().item() < 0.01, name
+    assert out.report["method"] == "linear"
+    assert all(t["t"] == 1.0 and not t["clamped"] for t in out.report["tensors"] if t["action"] == "merge")

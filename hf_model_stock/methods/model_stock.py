@@ -158,7 +158,7 @@ class BlockKernel:
 
     def merge_filter(
         self, sources: Sequence[torch.Tensor], cols: int, params: ModelStockParams, out: torch.Tensor,
-        row_start: int, row_stop: int,
+        row_start: int, row_stop: int, ratio_fn: Callable[[torch.Tensor, ModelStockParams], Ratio] = ratio_from_gram,
     ) -> Ratio:
         """Filter-wise merge of rows [row_start, row_stop) of flat (rows x cols) sources into flat
         ``out``; returns one ratio per row."""
@@ -170,7 +170,7 @@ class BlockKernel:
             g = torch.empty(r1 - r0, self.n, self.n, dtype=torch.float64, device=self.device)
             for a, b in self._pairs:
                 g[:, a, b] = g[:, b, a] = (d[a] * d[b]).sum(-1, dtype=torch.float64)
-            ratio = ratio_from_gram(g, params)
+            ratio = ratio_fn(g, params)
             scale = (ratio.t / self.n).to(torch.float32).unsqueeze(-1)
             acc = d.sum(0).mul_(scale).add_(self._x[0, : (r1 - r0) * cols].view(r1 - r0, cols))
             out[r0 * cols : r1 * cols].copy_(acc.reshape(-1))
@@ -280,12 +280,14 @@ class ParallelKernel:
                   self._slices(out.numel(), self.kernels[0].block))
 
     def merge_filter(
-        self, sources: Sequence[torch.Tensor], cols: int, params: ModelStockParams, out: torch.Tensor
+        self, sources: Sequence[torch.Tensor], cols: int, params: ModelStockParams, out: torch.Tensor,
+        ratio_fn: Callable[[torch.Tensor, ModelStockParams], Ratio] = ratio_from_gram,
     ) -> Ratio:
         """Filter-wise merge of whole flat (rows x cols) sources; one ratio per row."""
         rows = out.numel() // max(cols, 1)
         step = max(1, self.kernels[0].block // max(cols, 1))
-        ratios = self._map(lambda k, s, e: k.merge_filter(sources, cols, params, out, s, e), self._slices(rows, step))
+        ratios = self._map(lambda k, s, e: k.merge_filter(sources, cols, params, out, s, e, ratio_fn),
+                           self._slices(rows, step))
         return concat_ratios(ratios)
 
     def close(self) -> None:
