@@ -236,7 +236,7 @@ def execute(plan: MergePlan, directory: Path, progress: bool = True) -> Executio
     threads = torch.get_num_threads()
     workers = 1 if on_gpu else (opts.workers or threads)
     torch.set_num_threads(1)  # parallelism comes from our workers; idle OpenMP threads would spin
-    ratio_from_gram = METHODS[opts.method]
+    ratio_fn = METHODS[opts.method]
     kernel = ParallelKernel(len(plan.models), workers, CUDA_BLOCK if on_gpu else DEFAULT_BLOCK, device)
     delta_sum = torch.empty(plan.max_single_unit_elems, dtype=torch.float32, device=device)
     in_pool = _Pool(opts.prefetch + 1, plan.max_unit_in_bytes + UNIT_ALIGN * (len(plan.models) + 1), pin=on_gpu)
@@ -273,7 +273,7 @@ def execute(plan: MergePlan, directory: Path, progress: bool = True) -> Executio
                 gram = part if unit.start == 0 or gram is None else gram + part
                 in_pool.release(unit.buffer)
                 if unit.last:
-                    ratio = ratio_from_gram(gram, opts.params)
+                    ratio = ratio_fn(gram, opts.params)
                     results.append(_check_finite(plan, task, _stats(task, ratio, "layer")))
                 continue
             out_buf = out_pool.acquire(cancelled)
@@ -281,13 +281,13 @@ def execute(plan: MergePlan, directory: Path, progress: bool = True) -> Executio
             out_host = out_buf[: n * itemsize(task.out_dtype)].view(SAFETENSORS_TO_TORCH[task.out_dtype])
             out = torch.empty(n, dtype=out_host.dtype, device=device) if on_gpu else out_host
             if task.filter_wise:
-                part_ratio = kernel.merge_filter(src, task.cols, opts.params, out, ratio_from_gram)
+                part_ratio = kernel.merge_filter(src, task.cols, opts.params, out, ratio_fn)
                 ratio = part_ratio if unit.start == 0 or ratio is None else concat_ratios([ratio, part_ratio])
                 if unit.last:
                     results.append(_check_finite(plan, task, _stats(task, ratio, "filter")))
             elif unit.phase == "full":
                 sums = delta_sum[:n]
-                ratio = ratio_from_gram(kernel.gram(src, sums), opts.params)
+                ratio = ratio_fn(kernel.gram(src, sums), opts.params)
                 results.append(_check_finite(plan, task, _stats(task, ratio, "layer")))
                 kernel.merge_from_sum(src[0], sums, float(ratio.t), out)
             else:

@@ -145,7 +145,8 @@ class MergePlan:
         return "\n".join(lines)
 
 
-def _tied(config: dict) -> bool:
+def is_tied(config: dict) -> bool:
+    """Whether a config ties the output embeddings to the input ones."""
     # PretrainedConfig defaults tie_word_embeddings to True; most configs state it explicitly.
     return bool(config.get("tie_word_embeddings", True))
 
@@ -175,7 +176,7 @@ def build_plan(base: ResolvedModel, models: list[ResolvedModel], options: MergeO
     notes: list[str] = []
 
     names = set(base_ckpt.tensors)
-    if _tied(base.config()):
+    if is_tied(base.config()):
         holders = [c for c in [base_ckpt, *ckpts] if TIED_OUTPUT_EMBEDDING in c.tensors]
         if holders and len(holders) < len(ckpts) + 1:
             names.discard(TIED_OUTPUT_EMBEDDING)

@@ -15,7 +15,6 @@ convert, and to write) per filesystem, and reports every problem at once.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -29,15 +28,16 @@ from hf_model_stock.io.dtypes import is_floating, itemsize
 from hf_model_stock.io.reader import Checkpoint, check_header_length, parse_header, read_header
 from hf_model_stock.recipe import ModelEntry, Recipe
 from hf_model_stock import sources
+from hf_model_stock.plan import TIED_OUTPUT_EMBEDDING, is_tied
 from hf_model_stock.sources import (
     CONVERTED_MARKER,
     INDEX_NAME,
     PICKLE_INDEX_NAME,
     SINGLE_NAME,
     SMALL_FILE_PATTERNS,
+    read_json_object,
 )
 
-TIED_OUTPUT_EMBEDDING = "lm_head.weight"
 MAX_PROBLEMS_IN_MESSAGE = 100
 HEADER_TIMEOUT_S = 30.0
 
@@ -229,16 +229,6 @@ def _headers_of(ckpt: Checkpoint) -> dict[str, tuple[str, Shape]]:
     return {name: (t.dtype, t.shape) for name, t in ckpt.tensors.items()}
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"{path}: unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise SourceError(f"{path}: not a JSON object")
-    return data
-
-
 def _inspect_local(info: SourceInfo, allow_pickle: bool) -> None:
     info.kind = "local"
     path = Path(info.entry.model).expanduser().resolve()
@@ -247,7 +237,7 @@ def _inspect_local(info: SourceInfo, allow_pickle: bool) -> None:
         raise SourceError(f"{info.entry.model}: a local path cannot take a revision ({info.entry.revision!r})")
     directory = path if path.is_dir() else path.parent
     if (directory / "config.json").is_file():
-        info.config_data = _read_json(directory / "config.json")
+        info.config_data = read_json_object(directory / "config.json")
     if path.is_dir() and not ((path / INDEX_NAME).is_file() or (path / SINGLE_NAME).is_file()):
         pickles = sources.local_pickle_weights(path)
         if not pickles:
@@ -317,7 +307,7 @@ def _inspect_hub(info: SourceInfo, allow_pickle: bool) -> None:
         return blob if blob is not None and blob.is_file() else None
 
     if "config.json" in files:
-        info.config_data = _read_json(fetch("config.json"))
+        info.config_data = read_json_object(fetch("config.json"))
     if INDEX_NAME in files:
         shards = sorted(set(sources._weight_map(fetch(INDEX_NAME)).values()))
         missing = [s for s in shards if s not in files]
@@ -440,10 +430,6 @@ def _read_range(url: str, start: int, length: int, where: str, timeout: float) -
 # ----------------------------------------------------------------------------------------------
 
 
-def _tied(config: dict[str, Any]) -> bool:
-    return bool(config.get("tie_word_embeddings", True))
-
-
 def compare(report: PreflightReport) -> None:
     """Append to ``report`` every mismatch between a model and the base (configs, names, shapes, dtypes)."""
     from hf_model_stock.plan import check_configs
@@ -461,7 +447,7 @@ def compare(report: PreflightReport) -> None:
         return
     known = [m for m in ok_models if m.tensors is not None]
     names = set(base.tensors)
-    if _tied(base.config_data):
+    if is_tied(base.config_data):
         holders = [s for s in [base, *known] if TIED_OUTPUT_EMBEDDING in (s.tensors or {})]
         if holders and len(holders) < len(known) + 1:
             names.discard(TIED_OUTPUT_EMBEDDING)

@@ -68,15 +68,18 @@ class ResolvedModel:
     def config(self) -> dict[str, Any]:
         """The model's ``config.json`` as a dict ({} if it has none)."""
         path = self.path / "config.json"
-        if not path.is_file():
-            return {}
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise SourceError(f"{path}: unreadable config.json ({exc})") from None
-        if not isinstance(data, dict):
-            raise SourceError(f"{path}: config.json is not a JSON object")
-        return data
+        return read_json_object(path) if path.is_file() else {}
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (config.json and the like); ``SourceError`` otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{path}: unreadable JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: not a JSON object")
+    return data
 
 
 def is_local(entry: ModelEntry) -> bool:
