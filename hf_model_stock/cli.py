@@ -6,6 +6,7 @@
     hf-model-stock push DIR --repo org/name [--private] [--revision BRANCH] [--message ...]
     hf-model-stock inspect RECIPE | --base B --model M1 --model M2 [...] [--out DIR]
     hf-model-stock eval MODEL [--tasks gsm8k,math,mmlu_pro,mbpp,harmbench | --suite NAME] [--limit N] [...]
+    hf-model-stock leaderboard SPEC [--executor local|ray] [--gpus-per-model N] [--resume] [--output DIR]
     hf-model-stock demo [--workdir DIR]
 """
 
@@ -22,6 +23,7 @@ from hf_model_stock import __version__
 from hf_model_stock.analysis import add_inspect_parser
 from hf_model_stock.evaluation.cli import add_eval_parser
 from hf_model_stock.hub import add_push_parser
+from hf_model_stock.leaderboard.cli import add_leaderboard_parser
 from hf_model_stock.errors import ModelStockError
 
 
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inspect_parser(sub)
     add_push_parser(sub)
     add_eval_parser(sub)
+    add_leaderboard_parser(sub)
 
     demo = sub.add_parser("demo", help="offline demo: build a model and fine-tunes, merge, load, generate")
     demo.add_argument("--workdir", type=Path, default=Path("hfms-demo"), help="where models are built and merged")

@@ -19,3 +19,7 @@ class CompatibilityError(ModelStockError):
 
 class SourceError(ModelStockError):
     """A model source cannot be resolved or downloaded (names the source)."""
+
+
+class LeaderboardError(ModelStockError):
+    """A leaderboard spec is malformed, or a batch cannot start (names the key or the model)."""

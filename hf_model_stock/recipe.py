@@ -10,13 +10,13 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hf_model_stock.errors import RecipeError
 from hf_model_stock.evaluation.spec import EvalSpec
 from hf_model_stock.io.dtypes import parse_dtype_name
 from hf_model_stock.methods.model_stock import DEFAULT_EPS
+from hf_model_stock.yaml_schema import validate_yaml
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -171,28 +171,6 @@ def _identity(entry: ModelEntry) -> tuple[str, Optional[str]]:
     return (entry.model, entry.revision)
 
 
-def _line_map(node: yaml.Node, path: tuple[Any, ...] = (), out: Optional[dict] = None) -> dict:
-    """Map each key path in the YAML document to the (1-based) line it starts on."""
-    out = {} if out is None else out
-    out[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key, value in node.value:
-            out[path + (key.value,)] = key.start_mark.line + 1
-            _line_map(value, path + (key.value,), out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _line_map(item, path + (i,), out)
-    return out
-
-
-def _line_of(lines: dict, loc: tuple[Any, ...]) -> Optional[int]:
-    while loc:
-        if loc in lines:
-            return lines[loc]
-        loc = loc[:-1]
-    return None
-
-
 def _relative_to(base: Path, data: dict[str, Any]) -> dict[str, Any]:
     """Resolve local paths written in a recipe relative to the recipe's folder."""
 
@@ -218,47 +196,17 @@ def _relative_to(base: Path, data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _loc_from_message(msg: str) -> tuple[Any, ...]:
-    """Key path named at the start of a cross-field error such as ``models[1]: ...``."""
-    m = re.match(r"^([A-Za-z_][\w.\[\]]*):", msg)
-    if not m:
-        return ()
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"[.\[\]]+", m.group(1)) if p)
-
-
 def parse_recipe(
     text: str, source: str = "<recipe>", base_dir: Optional[Path] = None, with_lines: bool = True
 ) -> Recipe:
     """Validate recipe YAML text. Relative local paths resolve against ``base_dir`` (default: cwd).
     Errors cite the line of the key unless ``with_lines`` is False (text we generated ourselves)."""
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        raise RecipeError(f"{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: a recipe must be a YAML mapping with base_model and models")
-    lines = _line_map(root) if root is not None else {}
-    if base_dir is not None:
-        data = _relative_to(base_dir, data)
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
-        line = _line_of(lines, loc or _loc_from_message(msg)) if with_lines else None
-        where = f"{source}:{line}" if line else source
-        more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
-        prefix = f"{key}: " if key and not msg.startswith(key.split("[")[0]) else ""
-        raise RecipeError(f"{where}: {prefix}{msg}{more}") from None
+    return validate_yaml(
+        text, Recipe, source, error=RecipeError,
+        not_a_mapping="a recipe must be a YAML mapping with base_model and models",
+        prepare=None if base_dir is None else (lambda data: _relative_to(base_dir, data)),
+        with_lines=with_lines,
+    )
 
 
 def load_recipe(path: Path | str) -> Recipe:

@@ -108,8 +108,8 @@ class PreparedRun:
                      higher_is_better=False, data=self.data["harmbench"].describe())
 
 
-def prepare_run(model: str, spec: EvalSpec, output_dir: Optional[Path] = None) -> PreparedRun:
-    """Check ``spec`` for ``model`` and write the task configs; touches no weights."""
+def check_request(spec: EvalSpec) -> list[Benchmark]:
+    """The benchmarks ``spec`` runs, once the options and the libraries they need are checked."""
     benchmarks = [BENCHMARKS[name] for name in spec.task_names()]
     if BENCHMARKS["mbpp"] in benchmarks and not spec.allow_code_execution:
         raise EvalError("mbpp: scoring runs the generated code; allow it with --allow-code-execution "
@@ -118,6 +118,12 @@ def prepare_run(model: str, spec: EvalSpec, output_dir: Optional[Path] = None) -
         for module, requirement in benchmark.requires:
             if importlib.util.find_spec(module) is None:
                 raise EvalError(f"{benchmark.name}: needs {requirement} (pip install '{requirement}')")
+    return benchmarks
+
+
+def prepare_run(model: str, spec: EvalSpec, output_dir: Optional[Path] = None) -> PreparedRun:
+    """Check ``spec`` for ``model`` and write the task configs; touches no weights."""
+    benchmarks = check_request(spec)
     run_dir = (output_dir or spec.output or DEFAULT_OUTPUT) / _slug(model)
     config_dir = run_dir / "task_configs"
     shutil.rmtree(config_dir, ignore_errors=True)

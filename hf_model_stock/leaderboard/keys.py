@@ -1,0 +1,135 @@
+"""Cache keys: what a model is (a Hub commit, or the content of a local directory) and what a task
+run is (its settings, data and library versions), so a result is reused exactly when it would be the
+same result.
+
+- Hub model: ``org/name@<commit sha>`` (a revision such as ``main`` is resolved; only config.json is
+  fetched).
+- Local directory: ``sha256:<digest>`` over the relative path and content of every file except the
+  model card (README.md) and hidden files. File digests are remembered by (path, size, mtime), so a
+  resumed batch does not read the weights again.
+- Task: sha256 of the benchmark, the score-relevant settings (limit, dtype, backend, batch size, chat
+  template, generation cap; the judge for HarmBench), a digest of its data files and the versions of
+  lm-eval and hf-model-stock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Optional
+
+from hf_model_stock.evaluation.data import packaged_file
+from hf_model_stock.evaluation.spec import EvalSpec
+from hf_model_stock.evaluation.tasks import BENCHMARKS, EVALS_DIR, Benchmark
+from hf_model_stock.recipe import ModelEntry
+from hf_model_stock.sources import is_local
+
+UNHASHED_FILES = {"README.md"}  # the model card: the leaderboard may write scores into it
+SCORE_SETTINGS = ("limit", "dtype", "backend", "batch_size", "apply_chat_template", "max_gen_toks")
+BLOCK = 16 << 20
+
+
+class DigestMemo:
+    """File digests remembered in a JSON file by (path, size, mtime_ns)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._known: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self._known = {}
+
+    def digest(self, file: Path) -> str:
+        stat = file.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        known = self._known.get(str(file))
+        if known and known[:2] == stamp:
+            return known[2]
+        digest = file_sha256(file)
+        self._known[str(file)] = [*stamp, digest]
+        return digest
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self._known, indent=0, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in large blocks."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def directory_digest(directory: Path, memo: DigestMemo) -> str:
+    """``sha256:<hex>`` of a local model directory's files (names and contents)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in UNHASHED_FILES
+                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+    for path in files:
+        h.update(f"{path.relative_to(directory).as_posix()}\0{memo.digest(path)}\n".encode())
+    return f"sha256:{h.hexdigest()}"
+
+
+def model_identity(ref: str, memo: DigestMemo) -> str:
+    """What ``ref`` is, as a cache key: ``org/name@<commit>`` or ``sha256:<content digest>``."""
+    entry = ModelEntry.model_validate(ref)
+    if is_local(entry):
+        return directory_digest(Path(entry.model).expanduser().resolve(), memo)
+    from hf_model_stock.sources import resolve
+
+    commit = resolve(entry, allow_patterns=["config.json"]).commit
+    return f"{entry.model}@{commit}"
+
+
+def task_keys(spec: EvalSpec) -> dict[str, str]:
+    """The cache key of each task ``spec`` runs."""
+    common = {name: getattr(spec, name) for name in SCORE_SETTINGS}
+    common["versions"] = {package: _version(package) for package in ("lm_eval", "hf-model-stock")}
+    keys = {}
+    for name in spec.task_names():
+        benchmark = BENCHMARKS[name]
+        settings: dict[str, Any] = {"task": name, "lm_eval_task": benchmark.lm_eval_task, **common,
+                                    "data": data_digest(benchmark, spec.data_dir)}
+        if name == "harmbench":
+            settings["judge"] = spec.judge.model_dump(include={"model", "dtype", "max_completion_tokens"})
+        task_yaml = EVALS_DIR / "tasks" / f"{benchmark.lm_eval_task}.yaml"
+        if task_yaml.is_file():
+            settings["task_config"] = hashlib.sha256(task_yaml.read_bytes()).hexdigest()
+        text = json.dumps(settings, sort_keys=True, default=str)
+        keys[name] = hashlib.sha256(text.encode()).hexdigest()[:20]
+    return keys
+
+
+def data_digest(benchmark: Benchmark, data_dir: Optional[Path]) -> str:
+    """Digest of the files ``benchmark`` would read (``hub`` for lm-eval's own Hub data set)."""
+    files: list[Path] = []
+    root = data_dir / benchmark.name if data_dir is not None else None
+    if root is not None and root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+    else:
+        packaged = [packaged_file(split) for split in benchmark.splits]
+        if all(packaged):
+            files = [p for p in packaged if p is not None]
+    files += [split.fallback for split in benchmark.splits if split.fallback is not None and split.fallback.is_file()]
+    if not files:
+        return "hub"
+    h = hashlib.sha256()
+    for path in files:
+        name = path.relative_to(root).as_posix() if root is not None and path.is_relative_to(root) else path.name
+        h.update(f"{name}\0{file_sha256(path)}\n".encode())
+    return h.hexdigest()
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
