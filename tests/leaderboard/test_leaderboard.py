@@ -26,8 +26,8 @@ def spec_for(models: list[str], output: Path, tasks: list[str] = TASKS, extra: s
                                   f"output: {output}\n{extra}", "spec.yaml")
 
 
-def run(spec, **kw):
-    return run_leaderboard(spec, evaluate=scripted_evaluate, stream=io.StringIO(), live=False, **kw)
+def run(spec, stream=None, live=False, **kw):
+    return run_leaderboard(spec, evaluate=scripted_evaluate, stream=stream or io.StringIO(), live=live, **kw)
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -86,8 +86,13 @@ def test_local_batch_ranks_models_and_writes_every_file(board_models: Path, tmp_
 def test_a_failing_model_is_isolated(board_models: Path, tmp_path: Path, fail: str, message: str) -> None:
     make_model(board_models, "broken", {}, fail=fail, seed=9)
     spec = spec_for([str(board_models / n) for n in ("alpha", "broken", "beta")], tmp_path / "lb")
-    result = run(spec)
+    log = io.StringIO()
+    result = run(spec, stream=log)
     assert [r.name for r in result.failed] == ["broken"]
+    events = [line for line in log.getvalue().splitlines() if "| running" in line]
+    assert events[-1].endswith("done 2 (0 cached) | running 0 | failed 1 | queued 0")
+    assert any(e.startswith("leaderboard: FAILED broken: ") and e.endswith("| running 0 | failed 1 | queued 1")
+               for e in events)
     assert message in (result.failed[0].error or "") and "\n" not in (result.failed[0].error or "")
     assert {r.name for r in result.board.rows if r.results} == {"alpha", "beta"}
     md = (tmp_path / "lb" / "leaderboard.md").read_text(encoding="utf-8")
@@ -267,3 +272,13 @@ def test_shipped_leaderboard_compares_both_merge_methods() -> None:
         ("TIGER-Lab/Qwen2.5-Math-7B-CFT", ["fine-tune"]), ("qnguyen3/Quan-Mathy-7B", ["fine-tune"]),
         ("qwen2.5-math-7b-model-stock", ["merge:model_stock"]), ("qwen2.5-math-7b-soup", ["merge:linear"])]
     assert contenders[4].ref == str(repo / "recipes" / "merged" / "qwen2.5-math-7b-model-stock")
+
+
+def test_live_view_on_a_terminal_shows_every_state(board_models: Path, tmp_path: Path) -> None:
+    make_model(board_models, "broken", {}, fail="raise", seed=9)
+    screen = io.StringIO()
+    run(spec_for([str(board_models / n) for n in ("alpha", "broken")], tmp_path / "lb", tasks=["gsm8k"]),
+        stream=screen, live=True)
+    final = screen.getvalue()
+    assert "done 1 (0 cached) | running 0 | failed 1 | queued 0" in final
+    assert "alpha" in final and "RuntimeError: scripted failure of broken" in final
