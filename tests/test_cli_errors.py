@@ -26,7 +26,7 @@ def run(capsys, *args) -> tuple[int, str]:
 
 
 def leftovers(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if "hfms-tmp" in p.name or p.name == "out")
+    return sorted(p.name for p in path.iterdir() if ".hfms-" in p.name or p.name == "out")
 
 
 def test_one_finetune_is_refused(models, capsys):
@@ -73,7 +73,7 @@ def test_existing_output_needs_overwrite(models, capsys):
     assert (models / "out" / "keep.txt").read_text() == "old"
     assert run(capsys, *args, "--overwrite")[0] == 0
     assert not (models / "out" / "keep.txt").exists() and (models / "out" / "model.safetensors").is_file()
-    assert [p.name for p in models.iterdir() if "hfms-tmp" in p.name] == []
+    assert [p.name for p in models.iterdir() if ".hfms-" in p.name] == []
 
 
 def test_output_equal_to_an_input_is_refused(models, capsys):

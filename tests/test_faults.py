@@ -30,7 +30,8 @@ def build(tmp_path: Path, rows: int = 64, cols: int = 64, n: int = 2, poison: st
 
 
 def outputs(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if p.name == "out" or "hfms-tmp" in p.name)
+    """The output and anything the tool writes beside it (partial and temporary directories)."""
+    return sorted(p.name for p in path.iterdir() if p.name == "out" or ".hfms-" in p.name)
 
 
 def test_nan_in_a_finetune_is_named(tmp_path, capsys):
@@ -84,16 +85,19 @@ def test_read_only_location(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_mid_merge_cleans_up(tmp_path, sig, code):
+def test_signal_mid_merge_keeps_only_the_partial_output(tmp_path, sig, code):
     args = build(tmp_path, rows=4096, cols=4096, n=3)  # 32 MiB per model
     proc = subprocess.Popen([sys.executable, "-m", "hf_model_stock.cli", *args, "--out", str(tmp_path / "out"),
                              "--chunk-size", "64KiB", "-q"], stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / ".hfms-partial-out"
     deadline = time.time() + 60
-    while time.time() < deadline and not any("hfms-tmp" in p.name for p in tmp_path.iterdir()):
+    while time.time() < deadline and not (partial / ".hfms-journal.jsonl").is_file():
         time.sleep(0.02)
-    assert any("hfms-tmp" in p.name for p in tmp_path.iterdir()), "merge never started"
+    assert (partial / ".hfms-journal.jsonl").is_file(), "merge never started"
     time.sleep(0.3)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
-    assert outputs(tmp_path) == []
+    assert f"partial output kept in {partial}: run the same command with --resume to continue" in err
+    assert outputs(tmp_path) == [".hfms-partial-out"]  # no `out`, no temporary directory
+    assert not (partial / "config.json").exists() and not (partial / "merge_report.json").exists()
