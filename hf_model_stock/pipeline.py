@@ -9,21 +9,23 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
 from hf_model_stock import output
 from hf_model_stock.card import build_card
 from hf_model_stock.errors import ModelStockError
-from hf_model_stock.merge import TensorStats, execute
+from hf_model_stock.merge import ExecutionResult, TensorStats, execute
 from hf_model_stock.methods.model_stock import ModelStockParams
 from hf_model_stock.plan import MergeOptions, MergePlan, build_plan
 from hf_model_stock.recipe import ModelEntry, Recipe
-from hf_model_stock.report import build_report, write_report
+from hf_model_stock.report import REPORT_NAME, build_report, write_report
 from hf_model_stock.resume import JOURNAL_NAME, Journal, plan_fingerprint, verified_tensors
+from hf_model_stock.io.reader import INDEX_NAME
 from hf_model_stock.io.writer import write_index
 from hf_model_stock.sources import ResolvedModel, resolve
 
@@ -107,21 +109,17 @@ def execute_plan(
     try:
         started = time.perf_counter()
         result = execute(plan, tmp, progress=progress, journal=journal, done=done)
-        journal.close()
+        with _writing(journal.path):
+            journal.close()
         journal.path.unlink()
-        write_index(tmp, plan.shards)
-        output.write_config(plan.base.path, tmp, plan.options.dtype)
-        tokenizer_files = output.copy_tokenizer(tokenizer_dir or plan.base.path, tmp)
-        report = build_report(
-            plan, result, seconds=time.perf_counter() - started, recipe=recipe, tokenizer_files=tokenizer_files
-        )
-        write_report(tmp, report)
-        plot = _t_plot(report, tmp)
-        build_card(report, t_plot=plot).save(tmp / "README.md")
+        report = _write_metadata(plan, result, tmp, tokenizer_dir or plan.base.path, recipe, started)
         output.commit_dir(tmp, out_dir, overwrite)
     except ModelStockError:
         output.remove_dir(tmp)  # the inputs or the destination are at fault: nothing worth resuming
         raise
+    except OSError as exc:  # an input that vanished mid-merge, a failed rename
+        output.remove_dir(tmp)
+        raise ModelStockError(f"{exc.filename or tmp}: {exc.strerror or exc}") from None
     except BaseException:
         if journal.path.is_file():
             logger.warning("partial output kept in %s: run the same command with --resume to continue", tmp)
@@ -130,6 +128,36 @@ def execute_plan(
         journal.close()
         os.close(lock)
     return MergeOutcome(path=out_dir, report=report)
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Report an OSError while ``path`` is written (a full disk, say) as one line naming the file."""
+    try:
+        yield
+    except OSError as exc:
+        raise ModelStockError(f"{exc.filename or path}: cannot write output ({exc.strerror or exc})") from None
+
+
+def _write_metadata(plan: MergePlan, result: ExecutionResult, tmp: Path, tokenizer_dir: Path,
+                    recipe: Optional[dict[str, Any]], started: float) -> dict[str, Any]:
+    """Index, config, tokenizer, merge_report.json, t plot and model card beside the merged shards."""
+    with _writing(tmp / INDEX_NAME):
+        write_index(tmp, plan.shards)
+    with _writing(tmp / "config.json"):
+        output.write_config(plan.base.path, tmp, plan.options.dtype)
+    with _writing(tmp):
+        tokenizer_files = output.copy_tokenizer(tokenizer_dir, tmp)
+    report = build_report(
+        plan, result, seconds=time.perf_counter() - started, recipe=recipe, tokenizer_files=tokenizer_files
+    )
+    with _writing(tmp / REPORT_NAME):
+        write_report(tmp, report)
+    with _writing(tmp / T_PLOT_NAME):
+        plot = _t_plot(report, tmp)
+    with _writing(tmp / "README.md"):
+        build_card(report, t_plot=plot).save(tmp / "README.md")
+    return report
 
 
 def _resumable(plan: MergePlan, partial: Path) -> dict[str, TensorStats]:

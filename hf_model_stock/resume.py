@@ -104,8 +104,10 @@ class Journal:
         """Flush and fsync what is recorded, and close."""
         with self._lock:
             if not self._fh.closed:
-                self._sync()
-                self._fh.close()
+                try:
+                    self._sync()
+                finally:
+                    self._fh.close()
 
 
 def read_journal(path: Path) -> tuple[Optional[str], list[dict[str, Any]]]:
