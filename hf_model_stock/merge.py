@@ -162,9 +162,8 @@ class _Writer:
                  done: frozenset[str] = frozenset()):
         self._writers = writers
         self._journal = journal
-        sizes = {t.name: t.nbytes for w in set(writers.values()) for t in w.layout.tensors}
-        self._sizes = sizes
-        self._tensor_left = {name: n for name, n in sizes.items() if name not in done}
+        self._sizes = {t.name: t.nbytes for w in set(writers.values()) for t in w.layout.tensors}
+        self._tensor_left = {name: n for name, n in self._sizes.items() if name not in done}
         self._crc = dict.fromkeys(self._tensor_left, 0)
         self._remaining = {w.layout.filename: sum(self._tensor_left.get(t.name, 0) for t in w.layout.tensors)
                            for w in set(writers.values())}
@@ -253,10 +252,11 @@ def _check_finite(plan: MergePlan, task: TensorTask, stats: TensorStats) -> Tens
 
 
 def execute(plan: MergePlan, directory: Path, progress: bool = True, *, journal: Optional["Journal"] = None,
-            done: Mapping[str, TensorStats] = {}) -> ExecutionResult:
+            done: Optional[Mapping[str, TensorStats]] = None) -> ExecutionResult:
     """Merge every tensor of ``plan`` into pre-sized shards in ``directory``. Tensors in ``done`` are
     already there (a resumed merge) and keep their statistics; each tensor finished now is recorded in
     ``journal``."""
+    done = done or {}
     order = [t.name for t in plan.tasks]
     plan = dataclasses.replace(plan, tasks=[t for t in plan.tasks if t.name not in done])
     opts = plan.options
@@ -299,8 +299,7 @@ def execute(plan: MergePlan, directory: Path, progress: bool = True, *, journal:
                 raw = unit.buffer[: unit.views[0].numel() * unit.views[0].element_size()]
                 writer.submit(task.name, unit.start * itemsize(task.out_dtype), raw,
                               lambda b=unit.buffer: in_pool.release(b))
-                record(TensorStats(task.name, list(task.shape), [task.inputs[0].dtype],
-                                           task.out_dtype, "copy"))
+                record(TensorStats(task.name, list(task.shape), [task.inputs[0].dtype], task.out_dtype, "copy"))
                 continue
             src = [v.to(device, non_blocking=True) for v in unit.views] if on_gpu else unit.views
             if unit.phase == "stats":

@@ -97,7 +97,7 @@ def test_read_only_location(tmp_path):
     args = build(tmp_path)
     mnt = tmp_path / "ro"
     proc = in_private_tmpfs(mnt, "size=1m", cli(*args, "--out", str(mnt / "out"), "--overwrite", "-q"),
-                            before=f'mkdir "$0/out" && echo old > "$0/out/keep.txt" && mount -o remount,ro "$0" &&',
+                            before='mkdir "$0/out" && echo old > "$0/out/keep.txt" && mount -o remount,ro "$0" &&',
                             after='cat "$0/out/keep.txt";')
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == f"error: {mnt}: output location is not writable"
