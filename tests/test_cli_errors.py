@@ -41,6 +41,7 @@ def test_base_among_finetunes_is_refused(models, capsys):
                     models / "base", "--out", models / "out")
     assert code == 2 and err.startswith("error: command line:")
     assert f"models[1]: {models / 'base'} is the base model; list only fine-tunes" in err
+    assert leftovers(models) == []
 
 
 def test_shape_and_name_mismatches_are_all_listed_before_reading_weights(models, capsys):
@@ -61,6 +62,7 @@ def test_architecture_mismatch(models, capsys):
     code, err = run(capsys, "merge", "--base", models / "base", "--model", models / "ft0", "--model",
                     models / "ft1", "--out", models / "out")
     assert code == 2 and "config model_type: 'qwen2' in" in err and "vs 'llama' in base" in err
+    assert leftovers(models) == []
 
 
 def test_existing_output_needs_overwrite(models, capsys):
@@ -80,6 +82,8 @@ def test_output_equal_to_an_input_is_refused(models, capsys):
     code, err = run(capsys, "merge", "--base", models / "base", "--model", models / "ft0", "--model",
                     models / "ft1", "--out", models / "ft1", "--overwrite")
     assert code == 2 and "output.path" in err and "is also an input model" in err
+    assert leftovers(models) == [] and sorted(p.name for p in (models / "ft1").iterdir()) == [
+        "config.json", "model.safetensors"]
 
 
 def test_missing_model_directory(models, capsys):
@@ -87,6 +91,7 @@ def test_missing_model_directory(models, capsys):
                     models / "nope", "--out", models / "out")
     assert code == 2
     assert err == f"error: {models / 'nope'}: no such local directory, and not a Hub repo id (org/name)"
+    assert leftovers(models) == []
 
 
 def test_cuda_requested_without_gpu(models, capsys):
@@ -95,6 +100,7 @@ def test_cuda_requested_without_gpu(models, capsys):
     code, err = run(capsys, "merge", "--base", models / "base", "--model", models / "ft0", "--model",
                     models / "ft1", "--out", models / "out", "--device", "cuda")
     assert code == 2 and err == "error: device 'cuda' requested but no CUDA GPU is available (use --device cpu)"
+    assert leftovers(models) == []
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(models, capsys):
@@ -116,3 +122,4 @@ def test_pickle_only_model_is_named(models, capsys):
     assert err == (f"error: {models / 'pk'}: only pickle weights (pytorch_model.bin); loading pickle can run "
                    "code, so they are refused. Set `allow_pickle: true` in the recipe (--allow-pickle on the "
                    "command line) to convert them to safetensors with torch.load(weights_only=True)")
+    assert leftovers(models) == []

@@ -104,9 +104,11 @@ def mutated_header(draw: st.DrawFn) -> tuple[dict[str, Any], int]:
     for _ in range(draw(st.integers(0, 3))):
         kind = draw(st.sampled_from(["offset", "shape", "dtype", "entry", "key", "extra", "metadata", "size"]))
         target = header[draw(st.sampled_from(names))] if names else None
-        if kind == "offset" and target:
-            i = draw(st.integers(0, 1))
-            target["data_offsets"][i] = draw(st.one_of(st.integers(-16, size + 16), st.just(2**64), junk))
+        target = target if isinstance(target, dict) else None  # an entry already replaced by junk
+        if kind == "offset" and target and isinstance(target.get("data_offsets"), list) and target["data_offsets"]:
+            offsets = target["data_offsets"]
+            offsets[draw(st.integers(0, len(offsets) - 1))] = draw(
+                st.one_of(st.integers(-16, size + 16), st.just(2**64), junk))
         elif kind == "shape" and target:
             target["shape"] = draw(st.one_of(st.lists(st.integers(-2, 2**40), max_size=4), junk))
         elif kind == "dtype" and target:

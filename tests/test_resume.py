@@ -5,6 +5,7 @@ of a different plan is refused."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -178,8 +179,10 @@ def test_a_torn_journal_line_is_ignored(setup, monkeypatch, caplog, reads):
     assert shard_bytes(root / "out") == shard_bytes(root / "ref")
 
 
-def test_sigterm_then_resume_in_a_subprocess(tmp_path):
-    """A real interruption: SIGTERM once the journal holds finished tensors, then --resume."""
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGKILL, -signal.SIGKILL)])
+def test_killed_then_resumed_in_a_subprocess(tmp_path, sig, code):
+    """A real interruption once the journal holds finished tensors: SIGTERM (cleanup runs) or SIGKILL
+    (nothing runs: only the journal lines already fsync'd count), then --resume."""
     args = build(tmp_path, tensors=48, rows=128, cols=128)
     assert main([*args, "--out", str(tmp_path / "ref")]) == 0
     proc = subprocess.Popen([sys.executable, "-m", "hf_model_stock.cli", *args, "--out", str(tmp_path / "out")],
@@ -188,11 +191,25 @@ def test_sigterm_then_resume_in_a_subprocess(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and len(read_journal(journal)[1] if journal.is_file() else []) < 1:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, f"the merge was not interrupted mid-way: {err}"
+    assert proc.returncode == code, f"the merge was not interrupted mid-way: {err}"
     done = len(read_journal(journal)[1])
-    assert 0 < done < 49
+    assert 0 < done < 49 and not (tmp_path / "out").exists()
     assert main([*args, "--out", str(tmp_path / "out"), "--resume"]) == 0
     assert shard_bytes(tmp_path / "out") == shard_bytes(tmp_path / "ref")
     assert tensor_stats(tmp_path / "out") == tensor_stats(tmp_path / "ref")
+
+
+def test_a_second_merge_into_the_same_output_is_refused_while_the_first_runs(setup, capsys):
+    from hf_model_stock.output import claim_partial
+
+    args, root = setup
+    _, lock, _ = claim_partial(root / "out", resume=False)  # a merge in progress holds the lock
+    try:
+        for extra in ([], ["--resume"]):
+            assert main([*args, "--out", str(root / "out"), *extra]) == 2
+            assert capsys.readouterr().err == f"error: {root / PARTIAL}: another merge is writing this output\n"
+            assert (root / PARTIAL).is_dir() and not (root / "out").exists()
+    finally:
+        os.close(lock)
