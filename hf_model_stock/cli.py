@@ -1,6 +1,6 @@
 """Command line: a thin layer over the library API.
 
-    hf-model-stock run RECIPE [--dry-run] [--out DIR] [--device cpu|cuda] [--overwrite]
+    hf-model-stock run RECIPE [--dry-run] [--out DIR] [--device cpu|cuda] [--overwrite] [--resume]
     hf-model-stock merge --base B --model M1 --model M2 [...] --out DIR [options]
     hf-model-stock validate RECIPE
     hf-model-stock push DIR --repo org/name [--private] [--revision BRANCH] [--message ...]
@@ -28,12 +28,14 @@ from hf_model_stock.errors import ModelStockError
 
 
 def _sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C, so temporary output is removed
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the partial output is left for --resume
 
 
 def _add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute (default: recipe's, else auto)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted merge into the same output (its finished tensors are verified, not redone)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (from headers only) and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -91,7 +93,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     run_recipe(recipe, out_dir=args.out, device=args.device, dry_run=args.dry_run,
-               overwrite=args.overwrite, progress=not args.quiet)
+               overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
     return 0
 
 
@@ -133,7 +135,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     import yaml
 
     parsed = parse_recipe(yaml.safe_dump(recipe), "command line", with_lines=False)
-    run_recipe(parsed, device=args.device, dry_run=args.dry_run, overwrite=args.overwrite, progress=not args.quiet)
+    run_recipe(parsed, device=args.device, dry_run=args.dry_run, overwrite=args.overwrite, resume=args.resume,
+               progress=not args.quiet)
     return 0
 
 
@@ -156,7 +159,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: temporary output removed", file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -8,12 +8,14 @@ size of the model: (prefetch + 1) input buffers and two output buffers of at mos
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import queue
 import threading
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -30,6 +32,9 @@ from hf_model_stock.methods.model_stock import (
 )
 from hf_model_stock.methods.registry import METHODS
 from hf_model_stock.plan import MergePlan, TensorTask
+
+if TYPE_CHECKING:
+    from hf_model_stock.resume import Journal
 
 CUDA_BLOCK = 1 << 24
 UNIT_ALIGN = 8  # inputs of one dtype pack tightly, so the fused kernels see one C-contiguous array
@@ -150,18 +155,25 @@ def _read_units(
 
 
 class _Writer:
-    """Writer thread: writes results in place and finishes each shard once it is complete."""
+    """Writer thread: writes results in place and finishes each shard once it is complete. Tensors in
+    ``done`` are already in place (a resumed merge); each tensor completed here goes to ``journal``."""
 
-    def __init__(self, writers: dict[str, ShardWriter]):
+    def __init__(self, writers: dict[str, ShardWriter], journal: Optional["Journal"] = None,
+                 done: frozenset[str] = frozenset()):
         self._writers = writers
-        self._remaining = {w.layout.filename: w.layout.data_bytes for w in set(writers.values())}
+        self._journal = journal
+        self._sizes = {t.name: t.nbytes for w in set(writers.values()) for t in w.layout.tensors}
+        self._tensor_left = {name: n for name, n in self._sizes.items() if name not in done}
+        self._crc = dict.fromkeys(self._tensor_left, 0)
+        self._remaining = {w.layout.filename: sum(self._tensor_left.get(t.name, 0) for t in w.layout.tensors)
+                           for w in set(writers.values())}
         self.sha256: dict[str, str] = {}
         self._jobs: queue.Queue = queue.Queue()
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name="hfms-writer", daemon=True)
         self._thread.start()
         for w in set(writers.values()):
-            if w.layout.data_bytes == 0:
+            if self._remaining[w.layout.filename] == 0:
                 self.sha256[w.layout.filename] = w.finish()
 
     def submit(self, name: str, start_byte: int, data: torch.Tensor, done: Callable[[], None]) -> None:
@@ -175,7 +187,9 @@ class _Writer:
             try:
                 if self._error is None:
                     writer = self._writers[name]
-                    writer.write(name, start_byte, memoryview(data.numpy()))
+                    view = memoryview(data.numpy())
+                    writer.write(name, start_byte, view)
+                    self._tensor_written(writer, name, view)
                     key = writer.layout.filename
                     self._remaining[key] -= data.numel()
                     if self._remaining[key] == 0:
@@ -184,6 +198,15 @@ class _Writer:
                 self._error = exc
             finally:
                 done()
+
+    def _tensor_written(self, writer: ShardWriter, name: str, view: memoryview) -> None:
+        if self._journal is None:
+            return
+        self._crc[name] = zlib.crc32(view, self._crc[name])
+        self._tensor_left[name] -= view.nbytes
+        if self._tensor_left[name] == 0:
+            layout = writer.layout
+            self._journal.written(name, layout.filename, layout.offsets[name], self._sizes[name], self._crc[name])
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -228,8 +251,14 @@ def _check_finite(plan: MergePlan, task: TensorTask, stats: TensorStats) -> Tens
     return stats
 
 
-def execute(plan: MergePlan, directory: Path, progress: bool = True) -> ExecutionResult:
-    """Merge every tensor of ``plan`` into pre-sized shards in ``directory``."""
+def execute(plan: MergePlan, directory: Path, progress: bool = True, *, journal: Optional["Journal"] = None,
+            done: Optional[Mapping[str, TensorStats]] = None) -> ExecutionResult:
+    """Merge every tensor of ``plan`` into pre-sized shards in ``directory``. Tensors in ``done`` are
+    already there (a resumed merge) and keep their statistics; each tensor finished now is recorded in
+    ``journal``."""
+    done = done or {}
+    order = [t.name for t in plan.tasks]
+    plan = dataclasses.replace(plan, tasks=[t for t in plan.tasks if t.name not in done])
     opts = plan.options
     device = torch.device(opts.device)
     on_gpu = device.type != "cpu"
@@ -248,8 +277,14 @@ def execute(plan: MergePlan, directory: Path, progress: bool = True) -> Executio
     reader = threading.Thread(
         target=_read_units, args=(plan, in_pool, files, units, cancelled), name="hfms-reader", daemon=True
     )
-    writer = _Writer(writers)
+    writer = _Writer(writers, journal, frozenset(done))
     results: list[TensorStats] = []
+
+    def record(stats: TensorStats) -> None:
+        results.append(stats)
+        if journal is not None:
+            journal.stats(stats)
+
     gram: Optional[torch.Tensor] = None
     ratio: Optional[Ratio] = None
     bar = tqdm(total=plan.bytes_read, unit="B", unit_scale=True, desc="merging", disable=not progress)
@@ -264,8 +299,7 @@ def execute(plan: MergePlan, directory: Path, progress: bool = True) -> Executio
                 raw = unit.buffer[: unit.views[0].numel() * unit.views[0].element_size()]
                 writer.submit(task.name, unit.start * itemsize(task.out_dtype), raw,
                               lambda b=unit.buffer: in_pool.release(b))
-                results.append(TensorStats(task.name, list(task.shape), [task.inputs[0].dtype],
-                                           task.out_dtype, "copy"))
+                record(TensorStats(task.name, list(task.shape), [task.inputs[0].dtype], task.out_dtype, "copy"))
                 continue
             src = [v.to(device, non_blocking=True) for v in unit.views] if on_gpu else unit.views
             if unit.phase == "stats":
@@ -274,7 +308,7 @@ def execute(plan: MergePlan, directory: Path, progress: bool = True) -> Executio
                 in_pool.release(unit.buffer)
                 if unit.last:
                     ratio = ratio_fn(gram, opts.params)
-                    results.append(_check_finite(plan, task, _stats(task, ratio, "layer")))
+                    record(_check_finite(plan, task, _stats(task, ratio, "layer")))
                 continue
             out_buf = out_pool.acquire(cancelled)
             n = unit.stop - unit.start
@@ -284,11 +318,11 @@ def execute(plan: MergePlan, directory: Path, progress: bool = True) -> Executio
                 part_ratio = kernel.merge_filter(src, task.cols, opts.params, out, ratio_fn)
                 ratio = part_ratio if unit.start == 0 or ratio is None else concat_ratios([ratio, part_ratio])
                 if unit.last:
-                    results.append(_check_finite(plan, task, _stats(task, ratio, "filter")))
+                    record(_check_finite(plan, task, _stats(task, ratio, "filter")))
             elif unit.phase == "full":
                 sums = delta_sum[:n]
                 ratio = ratio_fn(kernel.gram(src, sums), opts.params)
-                results.append(_check_finite(plan, task, _stats(task, ratio, "layer")))
+                record(_check_finite(plan, task, _stats(task, ratio, "layer")))
                 kernel.merge_from_sum(src[0], sums, float(ratio.t), out)
             else:
                 assert ratio is not None
@@ -316,4 +350,5 @@ def execute(plan: MergePlan, directory: Path, progress: bool = True) -> Executio
     missing = [s.filename for s in plan.shards if s.filename not in writer.sha256]
     if missing:
         raise ModelStockError(f"internal error: shards not completely written: {', '.join(missing)}")
-    return ExecutionResult(tensors=results, shard_sha256=writer.sha256)
+    by_name = {**done, **{s.name: s for s in results}}
+    return ExecutionResult(tensors=[by_name[name] for name in order], shard_sha256=writer.sha256)

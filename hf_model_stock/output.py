@@ -1,9 +1,11 @@
-"""The output directory: written under a temporary name beside its destination and renamed into
+"""The output directory: written under a partial name beside its destination and renamed into
 place only once complete, so a half-written merge never looks like a valid model."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -25,6 +27,9 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 TEMP_MARKER = ".hfms-tmp-"
+PARTIAL_MARKER = ".hfms-partial-"
+
+logger = logging.getLogger(__name__)
 
 
 def check_destination(out_dir: Path, overwrite: bool) -> None:
@@ -43,14 +48,43 @@ def check_destination(out_dir: Path, overwrite: bool) -> None:
         raise ModelStockError(f"{parent}: output location is not writable")
 
 
-def make_temp_dir(out_dir: Path) -> Path:
-    """A fresh directory beside ``out_dir`` (same filesystem, so the final rename is atomic)."""
-    tmp = out_dir.parent / f"{TEMP_MARKER}{out_dir.name}-{uuid.uuid4().hex[:8]}"
+def partial_dir(out_dir: Path) -> Path:
+    """Where the output is written before the final rename: beside ``out_dir`` (same filesystem, so
+    the rename is atomic), under a fixed name so that ``--resume`` finds it after an interruption."""
+    return out_dir.parent / f"{PARTIAL_MARKER}{out_dir.name}"
+
+
+def _lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        tmp.mkdir()
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ModelStockError(f"{path}: another merge is writing this output") from None
+    return fd
+
+
+def claim_partial(out_dir: Path, resume: bool) -> tuple[Path, int, bool]:
+    """The partial output directory of ``out_dir``, locked by this process while it lives: returns
+    its path, the lock's file descriptor (close it to release) and whether it holds an interrupted
+    merge to resume. Without ``resume`` a leftover partial output is removed, and said so."""
+    path = partial_dir(out_dir)
+    if path.is_dir():
+        fd = _lock(path)
+        if resume:
+            return path, fd, True
+        logger.warning("removed the partial output of an interrupted merge, %s (--resume would continue it)", path)
+        shutil.rmtree(path, ignore_errors=True)
+        os.close(fd)
+    elif resume:
+        logger.warning("--resume: no partial output at %s; merging from the start", path)
+    try:
+        path.mkdir()
+    except FileExistsError:
+        raise ModelStockError(f"{path}: another merge is writing this output") from None
     except OSError as exc:
         raise ModelStockError(f"{out_dir.parent}: cannot create output ({exc.strerror or exc})") from None
-    return tmp
+    return path, _lock(path), False
 
 
 def commit_dir(tmp: Path, out_dir: Path, overwrite: bool) -> None:

@@ -6,26 +6,31 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
 from hf_model_stock import output
 from hf_model_stock.card import build_card
 from hf_model_stock.errors import ModelStockError
-from hf_model_stock.merge import execute
+from hf_model_stock.merge import ExecutionResult, TensorStats, execute
 from hf_model_stock.methods.model_stock import ModelStockParams
 from hf_model_stock.plan import MergeOptions, MergePlan, build_plan
 from hf_model_stock.recipe import ModelEntry, Recipe
-from hf_model_stock.report import build_report, write_report
+from hf_model_stock.report import REPORT_NAME, build_report, write_report
+from hf_model_stock.resume import JOURNAL_NAME, Journal, plan_fingerprint, verified_tensors
+from hf_model_stock.io.reader import INDEX_NAME
 from hf_model_stock.io.writer import write_index
 from hf_model_stock.sources import ResolvedModel, resolve
 
-
 T_PLOT_NAME = "t_by_layer.png"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,34 +84,89 @@ def execute_plan(
     out_dir: Path,
     *,
     overwrite: bool = False,
+    resume: bool = False,
     tokenizer_dir: Optional[Path] = None,
     recipe: Optional[dict[str, Any]] = None,
     progress: bool = True,
 ) -> MergeOutcome:
-    """Run a plan into ``out_dir`` atomically: nothing appears there unless the merge completes."""
+    """Run a plan into ``out_dir`` atomically: nothing appears there unless the merge completes.
+
+    An interrupted merge (Ctrl-C, SIGTERM, a crash) leaves its partial output and journal beside
+    ``out_dir``; with ``resume`` the journalled tensors whose bytes still check out are kept and only
+    the others are merged. A merge stopped by an error removes its partial output."""
     out_dir = Path(out_dir).expanduser().absolute()
     for m in [plan.base, *plan.models]:
         if m.path.resolve() == out_dir.resolve():
             raise ModelStockError(f"{out_dir}: output directory is also an input model ({m.label})")
     output.check_destination(out_dir, overwrite)
-    tmp = output.make_temp_dir(out_dir)
+    tmp, lock, resuming = output.claim_partial(out_dir, resume)
+    try:
+        done = _resumable(plan, tmp) if resuming else {}
+        journal = Journal(tmp / JOURNAL_NAME, plan_fingerprint(plan))
+    except BaseException:
+        os.close(lock)
+        raise
     try:
         started = time.perf_counter()
-        result = execute(plan, tmp, progress=progress)
-        write_index(tmp, plan.shards)
-        output.write_config(plan.base.path, tmp, plan.options.dtype)
-        tokenizer_files = output.copy_tokenizer(tokenizer_dir or plan.base.path, tmp)
-        report = build_report(
-            plan, result, seconds=time.perf_counter() - started, recipe=recipe, tokenizer_files=tokenizer_files
-        )
-        write_report(tmp, report)
-        plot = _t_plot(report, tmp)
-        build_card(report, t_plot=plot).save(tmp / "README.md")
+        result = execute(plan, tmp, progress=progress, journal=journal, done=done)
+        with _writing(journal.path):
+            journal.close()
+        journal.path.unlink()
+        report = _write_metadata(plan, result, tmp, tokenizer_dir or plan.base.path, recipe, started)
         output.commit_dir(tmp, out_dir, overwrite)
-    except BaseException:
-        output.remove_dir(tmp)
+    except ModelStockError:
+        output.remove_dir(tmp)  # the inputs or the destination are at fault: nothing worth resuming
         raise
+    except OSError as exc:  # an input that vanished mid-merge, a failed rename
+        output.remove_dir(tmp)
+        raise ModelStockError(f"{exc.filename or tmp}: {exc.strerror or exc}") from None
+    except BaseException:
+        if journal.path.is_file():
+            logger.warning("partial output kept in %s: run the same command with --resume to continue", tmp)
+        raise
+    finally:
+        journal.close()
+        os.close(lock)
     return MergeOutcome(path=out_dir, report=report)
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Report an OSError while ``path`` is written (a full disk, say) as one line naming the file."""
+    try:
+        yield
+    except OSError as exc:
+        raise ModelStockError(f"{exc.filename or path}: cannot write output ({exc.strerror or exc})") from None
+
+
+def _write_metadata(plan: MergePlan, result: ExecutionResult, tmp: Path, tokenizer_dir: Path,
+                    recipe: Optional[dict[str, Any]], started: float) -> dict[str, Any]:
+    """Index, config, tokenizer, merge_report.json, t plot and model card beside the merged shards."""
+    with _writing(tmp / INDEX_NAME):
+        write_index(tmp, plan.shards)
+    with _writing(tmp / "config.json"):
+        output.write_config(plan.base.path, tmp, plan.options.dtype)
+    with _writing(tmp):
+        tokenizer_files = output.copy_tokenizer(tokenizer_dir, tmp)
+    report = build_report(
+        plan, result, seconds=time.perf_counter() - started, recipe=recipe, tokenizer_files=tokenizer_files
+    )
+    with _writing(tmp / REPORT_NAME):
+        write_report(tmp, report)
+    with _writing(tmp / T_PLOT_NAME):
+        plot = _t_plot(report, tmp)
+    with _writing(tmp / "README.md"):
+        build_card(report, t_plot=plot).save(tmp / "README.md")
+    return report
+
+
+def _resumable(plan: MergePlan, partial: Path) -> dict[str, TensorStats]:
+    """The tensors of an interrupted merge that need not be merged again (their bytes are verified)."""
+    if not (partial / JOURNAL_NAME).is_file():
+        return {}
+    done = verified_tensors(plan, partial)
+    logger.warning("resuming %s: %d of %d tensors already written and verified", partial, len(done), len(plan.tasks))
+    return done
 
 
 def _t_plot(report: dict[str, Any], directory: Path) -> Optional[str]:

@@ -125,18 +125,18 @@ class PreflightReport:
             count = "?" if s.tensors is None else str(len(s.tensors))
             lines.append(
                 f"{s.role + ':':7} {s.label}  ({where})  {s.weight_format}, {len(s.weight_files)} file(s), "
-                f"{count} tensors, {_gib(s.weight_bytes)}"
-                + (f", {_gib(s.download_bytes)} to download" if s.kind == "hub" else "")
+                f"{count} tensors, {_size(s.weight_bytes)}"
+                + (f", {_size(s.download_bytes)} to download" if s.kind == "hub" else "")
             )
         cfg = self.base.config_data
         arch = ", ".join(cfg.get("architectures") or []) or "?"
         lines.append(f"config:  model_type {cfg.get('model_type', '?')}, {arch}, vocab_size {cfg.get('vocab_size', '?')}")
         lines.append(
             f"fetched: {self.header_bytes_fetched} bytes of safetensors headers over HTTP; "
-            f"to download: {_gib(self.download_bytes)}; output: about {_gib(self.output_bytes)}"
+            f"to download: {_size(self.download_bytes)}; output: about {_size(self.output_bytes)}"
         )
         for d in self.disk:
-            lines.append(f"disk:    {d.where}: {_gib(d.needed)} needed ({', '.join(d.parts)}), {_gib(d.free)} free"
+            lines.append(f"disk:    {d.where}: {_size(d.needed)} needed ({', '.join(d.parts)}), {_size(d.free)} free"
                          + ("" if d.ok else "  NOT ENOUGH"))
         lines += [f"note:    {n}" for n in self.notes]
         lines += [f"problem: {p}" for p in self.problems]
@@ -169,8 +169,13 @@ def _listed(problems: list[str]) -> str:
     return "; ".join(shown) + (f"; and {more} more (run `hf-model-stock validate` to list them)" if more else "")
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.3f} GiB"
+def _size(n: int) -> str:
+    """Bytes in the largest binary unit that keeps them at or above 1 (GiB with 3 decimals)."""
+    if n >= 2**30:
+        return f"{n / 2**30:.3f} GiB"
+    if n >= 2**20:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} B"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,8 +205,8 @@ def preflight(recipe: Recipe, *, check: bool = True, output: Optional[Path] = No
                                 "tensors are checked then, not now")
     report.disk = disk_checks(report, output or (Path(recipe.output.path) if recipe.output.path else None))
     report.problems += [
-        f"disk: {_gib(d.needed)} needed on the filesystem of {d.where} ({', '.join(d.parts)}) but only "
-        f"{_gib(d.free)} free"
+        f"disk: {_size(d.needed)} needed on the filesystem of {d.where} ({', '.join(d.parts)}) but only "
+        f"{_size(d.free)} free"
         for d in report.disk if not d.ok
     ]
     if check:
@@ -499,12 +504,12 @@ def disk_checks(report: PreflightReport, output: Optional[Path]) -> list[DiskChe
     needs: list[tuple[Path, int, str]] = []
     download = sum(s.download_bytes for s in report.sources if not s.error)
     if download:
-        needs.append((Path(constants.HF_HUB_CACHE), download, f"HF cache {_gib(download)}"))
+        needs.append((Path(constants.HF_HUB_CACHE), download, f"HF cache {_size(download)}"))
     convert = sum(s.convert_bytes for s in report.sources if not s.error)
     if convert:
-        needs.append((sources.cache_root(), convert, f"pickle conversion {_gib(convert)}"))
+        needs.append((sources.cache_root(), convert, f"pickle conversion {_size(convert)}"))
     if output is not None and report.output_bytes:
-        needs.append((output, report.output_bytes, f"output {_gib(report.output_bytes)}"))
+        needs.append((output, report.output_bytes, f"output {_size(report.output_bytes)}"))
     by_device: dict[int, tuple[Path, int, list[str]]] = {}
     for path, n, what in needs:
         anchor = _existing(path)

@@ -22,10 +22,12 @@ def run_recipe(
     device: Optional[str] = None,
     dry_run: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
 ) -> Optional[MergeOutcome]:
     """Check every source from headers (nothing downloaded yet), then merge as the recipe says and
-    push when it asks; with ``dry_run`` print the checks and the plan and stop."""
+    push when it asks; with ``dry_run`` print the checks and the plan and stop. ``resume`` continues an
+    interrupted merge into the same output."""
     options = options_from_recipe(recipe, device)
     target = out_dir or (Path(recipe.output.path) if recipe.output.path else None)
     checked = preflight(recipe, check=False, output=target)
@@ -48,6 +50,7 @@ def run_recipe(
         plan,
         target,
         overwrite=overwrite or recipe.output.overwrite,
+        resume=resume,
         tokenizer_dir=tokenizer_dir_for(recipe, base, models),
         recipe=recipe.model_dump(mode="json", exclude_none=True),
         progress=progress,

@@ -26,7 +26,7 @@ def run(capsys, *args) -> tuple[int, str]:
 
 
 def leftovers(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if "hfms-tmp" in p.name or p.name == "out")
+    return sorted(p.name for p in path.iterdir() if ".hfms-" in p.name or p.name == "out")
 
 
 def test_one_finetune_is_refused(models, capsys):
@@ -41,6 +41,7 @@ def test_base_among_finetunes_is_refused(models, capsys):
                     models / "base", "--out", models / "out")
     assert code == 2 and err.startswith("error: command line:")
     assert f"models[1]: {models / 'base'} is the base model; list only fine-tunes" in err
+    assert leftovers(models) == []
 
 
 def test_shape_and_name_mismatches_are_all_listed_before_reading_weights(models, capsys):
@@ -61,6 +62,7 @@ def test_architecture_mismatch(models, capsys):
     code, err = run(capsys, "merge", "--base", models / "base", "--model", models / "ft0", "--model",
                     models / "ft1", "--out", models / "out")
     assert code == 2 and "config model_type: 'qwen2' in" in err and "vs 'llama' in base" in err
+    assert leftovers(models) == []
 
 
 def test_existing_output_needs_overwrite(models, capsys):
@@ -73,13 +75,15 @@ def test_existing_output_needs_overwrite(models, capsys):
     assert (models / "out" / "keep.txt").read_text() == "old"
     assert run(capsys, *args, "--overwrite")[0] == 0
     assert not (models / "out" / "keep.txt").exists() and (models / "out" / "model.safetensors").is_file()
-    assert [p.name for p in models.iterdir() if "hfms-tmp" in p.name] == []
+    assert [p.name for p in models.iterdir() if ".hfms-" in p.name] == []
 
 
 def test_output_equal_to_an_input_is_refused(models, capsys):
     code, err = run(capsys, "merge", "--base", models / "base", "--model", models / "ft0", "--model",
                     models / "ft1", "--out", models / "ft1", "--overwrite")
     assert code == 2 and "output.path" in err and "is also an input model" in err
+    assert leftovers(models) == [] and sorted(p.name for p in (models / "ft1").iterdir()) == [
+        "config.json", "model.safetensors"]
 
 
 def test_missing_model_directory(models, capsys):
@@ -87,6 +91,7 @@ def test_missing_model_directory(models, capsys):
                     models / "nope", "--out", models / "out")
     assert code == 2
     assert err == f"error: {models / 'nope'}: no such local directory, and not a Hub repo id (org/name)"
+    assert leftovers(models) == []
 
 
 def test_cuda_requested_without_gpu(models, capsys):
@@ -95,6 +100,7 @@ def test_cuda_requested_without_gpu(models, capsys):
     code, err = run(capsys, "merge", "--base", models / "base", "--model", models / "ft0", "--model",
                     models / "ft1", "--out", models / "out", "--device", "cuda")
     assert code == 2 and err == "error: device 'cuda' requested but no CUDA GPU is available (use --device cpu)"
+    assert leftovers(models) == []
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(models, capsys):
@@ -116,3 +122,4 @@ def test_pickle_only_model_is_named(models, capsys):
     assert err == (f"error: {models / 'pk'}: only pickle weights (pytorch_model.bin); loading pickle can run "
                    "code, so they are refused. Set `allow_pickle: true` in the recipe (--allow-pickle on the "
                    "command line) to convert them to safetensors with torch.load(weights_only=True)")
+    assert leftovers(models) == []

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +32,8 @@ def build(tmp_path: Path, rows: int = 64, cols: int = 64, n: int = 2, poison: st
 
 
 def outputs(path: Path) -> list[str]:
-    return sorted(p.name for p in path.iterdir() if p.name == "out" or "hfms-tmp" in p.name)
+    """The output and anything the tool writes beside it (partial and temporary directories)."""
+    return sorted(p.name for p in path.iterdir() if p.name == "out" or ".hfms-" in p.name)
 
 
 def test_nan_in_a_finetune_is_named(tmp_path, capsys):
@@ -69,31 +72,90 @@ def test_disk_full_mid_write(tmp_path):
     assert outputs(tmp_path) == []
 
 
-def test_read_only_location(tmp_path, capsys):
+def in_private_tmpfs(mount: Path, options: str, argv: list[str], before: str = "", after: str = "") -> subprocess.CompletedProcess:
+    """Run ``argv`` with a tmpfs mounted at ``mount`` in a private mount namespace (root needs no
+    chmod tricks: the kernel refuses writes to a read-only or full filesystem even for root), then list
+    what is left on it; the mount disappears with the namespace."""
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) to mount a private tmpfs")
+    script = (f'mount -t tmpfs -o {options} tmpfs "$0" || exit 99; {before} "$@"; rc=$?; {after} '
+              'echo "left: $(ls -A "$0" | tr "\\n" " ")"; exit $rc')
+    mount.mkdir(exist_ok=True)
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script, str(mount), *argv], capture_output=True, text=True,
+                          timeout=120)
+    if proc.returncode == 99:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    return proc
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hf_model_stock.cli", *args]
+
+
+def test_read_only_location(tmp_path):
+    """The previous output lies on a read-only filesystem: refused up front, and left as it was."""
     args = build(tmp_path)
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        if os.access(ro, os.W_OK):
-            pytest.skip("running as a user who can write anywhere (root without restrictions)")
-        assert main([*args, "--out", str(ro / "out"), "-q"]) == 2
-        assert capsys.readouterr().err.strip() == f"error: {ro}: output location is not writable"
-    finally:
-        ro.chmod(0o755)
+    mnt = tmp_path / "ro"
+    proc = in_private_tmpfs(mnt, "size=1m", cli(*args, "--out", str(mnt / "out"), "--overwrite", "-q"),
+                            before='mkdir "$0/out" && echo old > "$0/out/keep.txt" && mount -o remount,ro "$0" &&',
+                            after='cat "$0/out/keep.txt";')
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == f"error: {mnt}: output location is not writable"
+    assert proc.stdout.splitlines() == ["old", "left: out "]
+
+
+FILL_SWEEP = """
+import contextlib, io, json, os, subprocess, sys
+from hf_model_stock.cli import main
+mnt, args = sys.argv[1], json.loads(sys.argv[2])
+for pages in range(64, 80):
+    subprocess.run(["mount", "-o", f"remount,size={pages * 4096}", mnt], check=True)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main([*args, "--out", os.path.join(mnt, "out")])
+    print(json.dumps({"code": code, "err": err.getvalue(), "left": sorted(os.listdir(mnt))}), flush=True)
+    if code == 0:
+        break
+"""
+
+
+def test_disk_full_on_a_small_tmpfs(tmp_path):
+    """Filesystems one page larger each time: the merge fails at a later file (the shard, the report,
+    the t plot, the card; or the pre-flight check refuses it) until it fits; every failure is one line
+    naming that file and leaves nothing behind."""
+    args = build(tmp_path, rows=512, cols=256)  # a 257 KiB output shard
+    mnt = tmp_path / "small"
+    proc = in_private_tmpfs(mnt, "size=1m", [sys.executable, "-c", FILL_SWEEP, str(mnt), json.dumps([*args, "-q"])])
+    assert proc.returncode == 0, proc.stderr
+    runs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert runs[-1]["code"] == 0 and runs[-1]["left"] == ["out"], runs[-1]
+    named = []
+    for run in runs[:-1]:
+        line = run["err"].strip()
+        assert run["code"] == 2 and run["left"] == [] and "\n" not in line, run
+        if line.startswith("error: disk: "):  # the pre-flight check saw it coming: nothing was written
+            assert f"needed on the filesystem of {mnt} " in line, line
+            continue
+        assert line.startswith(f"error: {mnt / '.hfms-partial-out'}/"), line
+        assert line.endswith(": cannot write output (No space left on device)"), line
+        named.append(Path(line.split(": ")[1]).name)
+    assert {"model.safetensors", "README.md"} <= set(named) and len(set(named)) >= 3, named
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_mid_merge_cleans_up(tmp_path, sig, code):
+def test_signal_mid_merge_keeps_only_the_partial_output(tmp_path, sig, code):
     args = build(tmp_path, rows=4096, cols=4096, n=3)  # 32 MiB per model
     proc = subprocess.Popen([sys.executable, "-m", "hf_model_stock.cli", *args, "--out", str(tmp_path / "out"),
                              "--chunk-size", "64KiB", "-q"], stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / ".hfms-partial-out"
     deadline = time.time() + 60
-    while time.time() < deadline and not any("hfms-tmp" in p.name for p in tmp_path.iterdir()):
+    while time.time() < deadline and not (partial / ".hfms-journal.jsonl").is_file():
         time.sleep(0.02)
-    assert any("hfms-tmp" in p.name for p in tmp_path.iterdir()), "merge never started"
+    assert (partial / ".hfms-journal.jsonl").is_file(), "merge never started"
     time.sleep(0.3)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err
-    assert outputs(tmp_path) == []
+    assert f"partial output kept in {partial}: run the same command with --resume to continue" in err
+    assert outputs(tmp_path) == [".hfms-partial-out"]  # no `out`, no temporary directory
+    assert not (partial / "config.json").exists() and not (partial / "merge_report.json").exists()

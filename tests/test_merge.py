@@ -204,7 +204,7 @@ def test_report_checksums_and_layout(tmp_path):
         assert report["shards"][name] == hashlib.sha256((out.path / name).read_bytes()).hexdigest()
     assert report["summary"]["merged"] == 6 and report["summary"]["copied"] == 2
     assert report["sources"]["models"][1]["path"] == str((tmp_path / "ft1").resolve())
-    assert [p.name for p in tmp_path.iterdir() if ".hfms-tmp-" in p.name] == []
+    assert [p.name for p in tmp_path.iterdir() if ".hfms-" in p.name] == []
 
 
 def test_tied_lm_head_stored_by_only_some_models_is_left_out(tmp_path):

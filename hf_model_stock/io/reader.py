@@ -68,9 +68,12 @@ def parse_header(
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{where}: malformed safetensors header JSON ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{where}: malformed safetensors header JSON (nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{where}: safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -123,7 +126,7 @@ def _validate_entry(where: str, name: str, entry: Any) -> tuple[int, int, str, t
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise CheckpointError(f"{where}: header entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in SAFETENSORS_TO_TORCH:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_TO_TORCH:
         raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")

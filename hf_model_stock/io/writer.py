@@ -101,7 +101,10 @@ class ShardWriter:
         self._hashed_upto = 0
         self._in_order = True
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            # not truncated: a resumed merge keeps the tensors already written in a partial shard
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            if os.fstat(self._fd).st_size > layout.file_bytes:
+                os.ftruncate(self._fd, layout.file_bytes)
             self._pwrite(self.layout.header, 0)
             # allocate every block now: a full disk fails here, before any merging, not mid-way
             os.posix_fallocate(self._fd, 0, layout.file_bytes)

@@ -280,23 +280,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Connection", "close")
-        self.end_headers()
-        sent = 0
-        if self.command != "HEAD" and body:
-            fault = self.fake._take_fault(self.command, self._path, "drop")
-            if fault is not None:
-                sent = min(fault.after_bytes, len(body))
-                self.wfile.write(body[:sent])
-                self.wfile.flush()
-                self.connection.shutdown(socket.SHUT_RDWR)
-            else:
-                self.wfile.write(body)
-                sent = len(body)
-        self.close_connection = True
+        fault = self.fake._take_fault(self.command, self._path, "drop") if self.command != "HEAD" and body else None
+        sent = 0 if self.command == "HEAD" else len(body) if fault is None else min(fault.after_bytes, len(body))
         lo, hi = weight_span
         served_weights = max(0, min(hi, offset + sent) - max(lo, offset)) if sent else 0
+        # Record before answering: once the client has the answer, the counters already include it.
         self.fake._record(Logged(self.command, self._path, self.headers.get("Range"), status, sent),
                           weight_bytes=served_weights, lfs_bytes=lfs_bytes)
+        self.end_headers()
+        self.wfile.write(body[:sent])
+        if fault is not None:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+        self.close_connection = True
 
     def _json(self, status: int, obj: Any, headers: Optional[dict[str, str]] = None) -> None:
         self._send(status, json.dumps(obj).encode(), headers)
