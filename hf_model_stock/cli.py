@@ -28,7 +28,7 @@ from hf_model_stock.errors import ModelStockError
 
 
 def _sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: the partial output is left for --resume
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C (the partial output is kept or removed as asked)
 
 
 def _add_merge_options(p: argparse.ArgumentParser) -> None:
@@ -36,6 +36,8 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted merge into the same output (its finished tensors are verified, not redone)")
+    p.add_argument("--on-interrupt", choices=["keep", "remove"],
+                   help="what Ctrl-C/SIGTERM do with the partial output (default: the recipe's output.on_interrupt, keep)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (from headers only) and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -93,7 +95,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     run_recipe(recipe, out_dir=args.out, device=args.device, dry_run=args.dry_run,
-               overwrite=args.overwrite, resume=args.resume, progress=not args.quiet)
+               overwrite=args.overwrite, resume=args.resume, on_interrupt=args.on_interrupt, progress=not args.quiet)
     return 0
 
 
@@ -136,7 +138,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     parsed = parse_recipe(yaml.safe_dump(recipe), "command line", with_lines=False)
     run_recipe(parsed, device=args.device, dry_run=args.dry_run, overwrite=args.overwrite, resume=args.resume,
-               progress=not args.quiet)
+               on_interrupt=args.on_interrupt, progress=not args.quiet)
     return 0
 
 

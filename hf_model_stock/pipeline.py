@@ -85,6 +85,7 @@ def execute_plan(
     *,
     overwrite: bool = False,
     resume: bool = False,
+    keep_partial: bool = True,
     tokenizer_dir: Optional[Path] = None,
     recipe: Optional[dict[str, Any]] = None,
     progress: bool = True,
@@ -92,8 +93,9 @@ def execute_plan(
     """Run a plan into ``out_dir`` atomically: nothing appears there unless the merge completes.
 
     An interrupted merge (Ctrl-C, SIGTERM, a crash) leaves its partial output and journal beside
-    ``out_dir``; with ``resume`` the journalled tensors whose bytes still check out are kept and only
-    the others are merged. A merge stopped by an error removes its partial output."""
+    ``out_dir`` (unless ``keep_partial`` is False: then Ctrl-C and SIGTERM remove it; a crash cannot);
+    with ``resume`` the journalled tensors whose bytes still check out are kept and only the others
+    are merged. A merge stopped by an error removes its partial output."""
     out_dir = Path(out_dir).expanduser().absolute()
     for m in [plan.base, *plan.models]:
         if m.path.resolve() == out_dir.resolve():
@@ -121,7 +123,9 @@ def execute_plan(
         output.remove_dir(tmp)
         raise ModelStockError(f"{exc.filename or tmp}: {exc.strerror or exc}") from None
     except BaseException:
-        if journal.path.is_file():
+        if not keep_partial:
+            output.remove_dir(tmp)
+        elif journal.path.is_file():
             logger.warning("partial output kept in %s: run the same command with --resume to continue", tmp)
         raise
     finally:

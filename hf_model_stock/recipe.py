@@ -106,6 +106,7 @@ class Output(_Strict):
     shard_size: int = 5 * 10**9
     overwrite: bool = False
     fsync: bool = False
+    on_interrupt: Literal["keep", "remove"] = "keep"  # keep: Ctrl-C/SIGTERM leave the partial output for --resume
     push_to_hub: Optional[PushToHub] = None
 
     @field_validator("shard_size", mode="before")

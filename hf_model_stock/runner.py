@@ -23,11 +23,13 @@ def run_recipe(
     dry_run: bool = False,
     overwrite: bool = False,
     resume: bool = False,
+    on_interrupt: Optional[str] = None,
     progress: bool = True,
 ) -> Optional[MergeOutcome]:
     """Check every source from headers (nothing downloaded yet), then merge as the recipe says and
     push when it asks; with ``dry_run`` print the checks and the plan and stop. ``resume`` continues an
-    interrupted merge into the same output."""
+    interrupted merge into the same output; ``on_interrupt`` (default: the recipe's ``output.on_interrupt``)
+    says whether Ctrl-C/SIGTERM keep the partial output for it (``keep``) or remove it (``remove``)."""
     options = options_from_recipe(recipe, device)
     target = out_dir or (Path(recipe.output.path) if recipe.output.path else None)
     checked = preflight(recipe, check=False, output=target)
@@ -51,6 +53,7 @@ def run_recipe(
         target,
         overwrite=overwrite or recipe.output.overwrite,
         resume=resume,
+        keep_partial=(on_interrupt or recipe.output.on_interrupt) == "keep",
         tokenizer_dir=tokenizer_dir_for(recipe, base, models),
         recipe=recipe.model_dump(mode="json", exclude_none=True),
         progress=progress,
