@@ -23,17 +23,13 @@ BLOCK = 2048
 if njit is not None:
 
     @njit(nogil=True, cache=True)
-    def _decode_bf16(src: np.ndarray, s: int, k: int, x: np.ndarray) -> None:
+    def _decode(src: np.ndarray, s: int, k: int, shift: int, x: np.ndarray) -> None:
+        # bf16 bits (uint16) << 16, or float32 bits (uint32) << 0, are the float32 bits of the value
         xi = x.view(np.uint32)
+        sh = np.uint32(shift)
         for i in range(src.shape[0]):
             for t in range(k):
-                xi[i, t] = np.uint32(src[i, s + t]) << np.uint32(16)
-
-    @njit(nogil=True, cache=True)
-    def _decode_f32(src: np.ndarray, s: int, k: int, x: np.ndarray) -> None:
-        for i in range(src.shape[0]):
-            for t in range(k):
-                x[i, t] = src[i, s + t]
+                xi[i, t] = np.uint32(src[i, s + t]) << sh
 
     @njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})  # vectorised sums; NaN and Inf kept
     def _accumulate(x: np.ndarray, d: np.ndarray, k: int, gram: np.ndarray) -> None:
@@ -59,13 +55,13 @@ if njit is not None:
 
     @njit(nogil=True, cache=True)
     def _gram(src: np.ndarray, start: int, stop: int, gram: np.ndarray, delta_sum: np.ndarray, want_sum: bool,
-              decode) -> None:  # decode: _decode_bf16 or _decode_f32 (numba compiles one kernel per decoder)
+              shift: int) -> None:
         m = src.shape[0]
         x = np.empty((m, BLOCK), np.float32)
         d = np.empty((m - 1, BLOCK), np.float32)
         for s in range(start, stop, BLOCK):
             k = min(stop, s + BLOCK) - s
-            decode(src, s, k, x)
+            _decode(src, s, k, shift, x)
             _accumulate(x, d, k, gram)
             if want_sum:
                 _store_sum(d, k, delta_sum, s)
@@ -106,8 +102,8 @@ def gram(sources: np.ndarray, start: int, stop: int, delta_sum: np.ndarray | Non
     n = sources.shape[0] - 1
     g = np.zeros((n, n), np.float64)
     store = delta_sum if delta_sum is not None else np.empty(0, np.float32)
-    decode = _decode_bf16 if sources.dtype == np.uint16 else _decode_f32
-    _gram(sources, start, stop, g, store, delta_sum is not None, decode)
+    bits = sources if sources.dtype == np.uint16 else sources.view(np.uint32)
+    _gram(bits, start, stop, g, store, delta_sum is not None, 16 if sources.dtype == np.uint16 else 0)
     return g + np.tril(g, -1).T
 
 
