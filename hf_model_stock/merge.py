@@ -8,12 +8,14 @@ size of the model: (prefetch + 1) input buffers and two output buffers of at mos
 
 from __future__ import annotations
 
+import gc
 import math
 import queue
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -228,8 +230,24 @@ def _check_finite(plan: MergePlan, task: TensorTask, stats: TensorStats) -> Tens
     return stats
 
 
+@contextmanager
+def _frozen_gc() -> Iterator[None]:
+    """Hide the objects that exist now (mostly torch's and numba's, alive for the whole process) from
+    the garbage collector while merging, so that its full collections do not walk them again."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def execute(plan: MergePlan, directory: Path, progress: bool = True) -> ExecutionResult:
     """Merge every tensor of ``plan`` into pre-sized shards in ``directory``."""
+    with _frozen_gc():
+        return _execute(plan, directory, progress)
+
+
+def _execute(plan: MergePlan, directory: Path, progress: bool) -> ExecutionResult:
     opts = plan.options
     device = torch.device(opts.device)
     on_gpu = device.type != "cpu"
