@@ -15,6 +15,8 @@ vectorises it (numba widens integer arithmetic to 64 bits, which otherwise defea
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 try:
@@ -129,3 +131,17 @@ def finish(base: np.ndarray, delta_sum: np.ndarray, scale: float, out: np.ndarra
     """``out = w_0 + scale * sum`` over [start, stop); base and out are bf16 bits (uint16) or float32."""
     kernel = _finish_bf16 if out.dtype == np.uint16 else _finish_f32
     kernel(base, delta_sum, np.float32(scale), out, start, stop)
+
+
+def _run_bf16_once() -> None:
+    src = np.zeros((3, BLOCK), np.uint16)
+    sums = np.empty(BLOCK, np.float32)
+    gram(src, 0, BLOCK, sums)
+    finish(src[0], sums, 0.5, np.empty(BLOCK, np.uint16), 0, BLOCK)
+
+
+def warm_up() -> None:
+    """Load the bf16 kernels from numba's cache (about a second: LLVM start-up and typing) in a
+    background thread, so that it overlaps other start-up work instead of the first merge step."""
+    if available():
+        threading.Thread(target=_run_bf16_once, name="hfms-numba-warm-up", daemon=True).start()
