@@ -17,6 +17,7 @@ import json
 import math
 import mmap
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from hf_model_stock.io.dtypes import itemsize
 from hf_model_stock.io.reader import INDEX_NAME, SINGLE_NAME
 
 DIRECT_ALIGN = 4096  # offset, length and address alignment that O_DIRECT accepts on common filesystems
-STAGE_BYTES = 8 << 20
+STAGE_BYTES = 8 << 20  # a multiple of DIRECT_ALIGN
 
 
 @dataclass(frozen=True)
@@ -100,12 +101,18 @@ def write_index(directory: Path, shards: list[ShardLayout]) -> None:
 
 class _DirectStage:
     """Collects a contiguous run of bytes from an aligned file offset and writes it with ``O_DIRECT``
-    in whole aligned blocks; ``flush`` hands back what is left (the unaligned tail)."""
+    in whole aligned blocks; ``flush`` hands back what is left (the unaligned tail).
+
+    Two buffers: while one full buffer goes to disk on a helper thread, the next one fills.
+    """
 
     def __init__(self, fd: int):
         self._fd = fd
-        self._buf = mmap.mmap(-1, STAGE_BYTES)  # page-aligned, as O_DIRECT needs
-        self.start = 0  # file offset of the buffer's first byte (aligned)
+        self._bufs = [mmap.mmap(-1, STAGE_BYTES) for _ in range(2)]  # page-aligned, as O_DIRECT needs
+        self._buf = self._bufs[0]
+        self._io = ThreadPoolExecutor(1, "hfms-direct-write")
+        self._pending: Future[None] | None = None
+        self.start = 0  # file offset of the current buffer's first byte (aligned)
         self.used = 0
 
     @property
@@ -113,7 +120,7 @@ class _DirectStage:
         return self.start + self.used
 
     def add(self, data: memoryview) -> None:
-        """Append ``data`` (it lands at file offset ``end``), writing out each full buffer."""
+        """Append ``data`` (it lands at file offset ``end``), sending each full buffer to disk."""
         done = 0
         while done < len(data):
             n = min(len(data) - done, STAGE_BYTES - self.used)
@@ -121,29 +128,37 @@ class _DirectStage:
             self.used += n
             done += n
             if self.used == STAGE_BYTES:
-                self._write_aligned()
+                self._wait()
+                self._pending = self._io.submit(self._pwrite, self._buf, STAGE_BYTES, self.start)
+                self._buf = self._bufs[1] if self._buf is self._bufs[0] else self._bufs[0]
+                self.start += STAGE_BYTES
+                self.used = 0
 
-    def _write_aligned(self) -> None:
-        whole = self.used - self.used % DIRECT_ALIGN
-        view = memoryview(self._buf)[:whole]
-        done = 0
-        while done < whole:
-            done += os.pwrite(self._fd, view[done:], self.start + done)
-        view.release()
-        rest = self.used - whole
-        self._buf[:rest] = self._buf[whole : self.used]
-        self.start += whole
-        self.used = rest
+    def _pwrite(self, buf: mmap.mmap, length: int, pos: int) -> None:
+        with memoryview(buf) as view:
+            done = 0
+            while done < length:
+                done += os.pwrite(self._fd, view[done:length], pos + done)
+
+    def _wait(self) -> None:
+        """Wait for the write in flight (re-raising its error)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def flush(self) -> tuple[int, bytes]:
         """Write every whole block; return the file offset and bytes of the unaligned remainder."""
-        self._write_aligned()
-        tail = (self.start, self._buf[: self.used])
+        self._wait()
+        whole = self.used - self.used % DIRECT_ALIGN
+        self._pwrite(self._buf, whole, self.start)
+        tail = (self.start + whole, self._buf[whole : self.used])
         self.start, self.used = self.start + self.used, 0
         return tail
 
     def close(self) -> None:
-        self._buf.close()
+        self._io.shutdown(wait=True)
+        for buf in self._bufs:
+            buf.close()
         os.close(self._fd)
 
 
