@@ -110,6 +110,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from hf_model_stock.io import prefetch
+
+    if not args.dry_run:  # the disk and the second core work while torch imports
+        from hf_model_stock.methods import fused_cpu
+
+        prefetch.start([args.base, *args.models])
+        fused_cpu.warm_up()
     from hf_model_stock.recipe import parse_recipe
     from hf_model_stock.runner import run_recipe
 

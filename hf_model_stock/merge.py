@@ -9,13 +9,15 @@ size of the model: (prefetch + 1) input buffers and two output buffers of at mos
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import queue
 import threading
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -251,12 +253,28 @@ def _check_finite(plan: MergePlan, task: TensorTask, stats: TensorStats) -> Tens
     return stats
 
 
+@contextmanager
+def _frozen_gc() -> Iterator[None]:
+    """Hide the objects that exist now (mostly torch's and numba's, alive for the whole process) from
+    the garbage collector while merging, so that its full collections do not walk them again."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def execute(plan: MergePlan, directory: Path, progress: bool = True, *, journal: Optional["Journal"] = None,
             done: Optional[Mapping[str, TensorStats]] = None) -> ExecutionResult:
     """Merge every tensor of ``plan`` into pre-sized shards in ``directory``. Tensors in ``done`` are
     already there (a resumed merge) and keep their statistics; each tensor finished now is recorded in
     ``journal``."""
-    done = done or {}
+    with _frozen_gc():
+        return _execute(plan, directory, progress, journal, done or {})
+
+
+def _execute(plan: MergePlan, directory: Path, progress: bool, journal: Optional["Journal"],
+             done: Mapping[str, TensorStats]) -> ExecutionResult:
     order = [t.name for t in plan.tasks]
     plan = dataclasses.replace(plan, tasks=[t for t in plan.tasks if t.name not in done])
     opts = plan.options

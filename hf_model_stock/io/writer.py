@@ -3,6 +3,11 @@ shapes, the file is pre-sized, and tensor bytes are written in place with ``pwri
 
 No shard is ever held in memory. Writes normally arrive in file order, so the sha256 of each shard
 is computed on the fly; out-of-order writes fall back to hashing the finished file.
+
+In-order bytes go through a small aligned staging buffer and are written with ``O_DIRECT`` where the
+filesystem allows it: filling fresh page-cache pages cost up to 3 s of system time per GB on the
+project's VM, direct writes about 0.2 s. The unaligned tail, out-of-order writes and filesystems
+without ``O_DIRECT`` (tmpfs) use ordinary buffered writes.
 """
 
 from __future__ import annotations
@@ -10,13 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hf_model_stock.errors import ModelStockError
 from hf_model_stock.io.dtypes import itemsize
 from hf_model_stock.io.reader import INDEX_NAME, SINGLE_NAME
+
+DIRECT_ALIGN = 4096  # offset, length and address alignment that O_DIRECT accepts on common filesystems
+STAGE_BYTES = 4 << 20  # per buffer (two of them); a multiple of DIRECT_ALIGN
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,80 @@ def write_index(directory: Path, shards: list[ShardLayout]) -> None:
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
+class _DirectStage:
+    """Collects a contiguous run of bytes from an aligned file offset and writes it with ``O_DIRECT``
+    in whole aligned blocks; ``flush`` hands back what is left (the unaligned tail).
+
+    Two buffers: while one full buffer goes to disk on a helper thread, the next one fills.
+    """
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._bufs = [mmap.mmap(-1, STAGE_BYTES) for _ in range(2)]  # page-aligned, as O_DIRECT needs
+        self._buf = self._bufs[0]
+        self._io = ThreadPoolExecutor(1, "hfms-direct-write")
+        self._pending: Future[None] | None = None
+        self.start = 0  # file offset of the current buffer's first byte (aligned)
+        self.used = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + self.used
+
+    def add(self, data: memoryview) -> None:
+        """Append ``data`` (it lands at file offset ``end``), sending each full buffer to disk."""
+        done = 0
+        while done < len(data):
+            n = min(len(data) - done, STAGE_BYTES - self.used)
+            self._buf[self.used : self.used + n] = data[done : done + n]
+            self.used += n
+            done += n
+            if self.used == STAGE_BYTES:
+                self._wait()
+                self._pending = self._io.submit(self._pwrite, self._buf, STAGE_BYTES, self.start)
+                self._buf = self._bufs[1] if self._buf is self._bufs[0] else self._bufs[0]
+                self.start += STAGE_BYTES
+                self.used = 0
+
+    def _pwrite(self, buf: mmap.mmap, length: int, pos: int) -> None:
+        with memoryview(buf) as view:
+            done = 0
+            while done < length:
+                done += os.pwrite(self._fd, view[done:length], pos + done)
+
+    def _wait(self) -> None:
+        """Wait for the write in flight (re-raising its error)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def flush(self) -> tuple[int, bytes]:
+        """Write every whole block; return the file offset and bytes of the unaligned remainder."""
+        self._wait()
+        whole = self.used - self.used % DIRECT_ALIGN
+        self._pwrite(self._buf, whole, self.start)
+        tail = (self.start + whole, self._buf[whole : self.used])
+        self.start, self.used = self.start + self.used, 0
+        return tail
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True)
+        for buf in self._bufs:
+            buf.close()
+        os.close(self._fd)
+
+
+def _open_direct(path: Path) -> int:
+    """A second, ``O_DIRECT`` descriptor for ``path``, or -1 where the filesystem refuses it."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError:
+        return -1
+
+
 class ShardWriter:
     """Writes one pre-sized shard in place; ``finish`` returns its sha256."""
 
@@ -97,6 +181,7 @@ class ShardWriter:
         self._fsync = fsync
         self.path = directory / layout.filename
         self._fd = -1
+        self._stage: _DirectStage | None = None
         self._hash = hashlib.sha256()
         self._hashed_upto = 0
         self._in_order = True
@@ -105,9 +190,9 @@ class ShardWriter:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
             if os.fstat(self._fd).st_size > layout.file_bytes:
                 os.ftruncate(self._fd, layout.file_bytes)
-            self._pwrite(self.layout.header, 0)
             # allocate every block now: a full disk fails here, before any merging, not mid-way
             os.posix_fallocate(self._fd, 0, layout.file_bytes)
+            self._write(self.layout.header, 0)
         except OSError as exc:
             self.abort()
             raise self._error(exc) from None
@@ -118,24 +203,48 @@ class ShardWriter:
     def write(self, name: str, start: int, data: memoryview) -> None:
         """Write ``data`` at byte ``start`` within tensor ``name``."""
         try:
-            self._pwrite(data, self.layout.offsets[name] + start)
+            self._write(data, self.layout.offsets[name] + start)
         except OSError as exc:
             raise self._error(exc) from None
 
-    def _pwrite(self, data: memoryview | bytes, pos: int) -> None:
+    def _write(self, data: memoryview | bytes, pos: int) -> None:
         view = memoryview(data).cast("B")
-        done = 0
-        while done < len(view):
-            done += os.pwrite(self._fd, view[done:], pos + done)
         if self._in_order and pos == self._hashed_upto:
             self._hash.update(view)
             self._hashed_upto += len(view)
+            self._staged(view, pos)
+            return
+        self._in_order = False
+        self._unstage()
+        self._pwrite(view, pos)
+
+    def _staged(self, view: memoryview, pos: int) -> None:
+        """In-order bytes: through the O_DIRECT stage when there is one, else written directly."""
+        if self._stage is None and pos == 0:
+            fd = _open_direct(self.path)
+            self._stage = _DirectStage(fd) if fd >= 0 else None
+        if self._stage is not None and self._stage.end == pos:
+            self._stage.add(view)
         else:
-            self._in_order = False
+            self._pwrite(view, pos)
+
+    def _unstage(self) -> None:
+        """Write out what the stage holds and stop staging."""
+        if self._stage is not None:
+            pos, tail = self._stage.flush()
+            self._stage.close()
+            self._stage = None
+            self._pwrite(memoryview(tail), pos)
+
+    def _pwrite(self, view: memoryview, pos: int) -> None:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:], pos + done)
 
     def finish(self) -> str:
         """Close (after flushing to disk if asked to) and return the hex sha256 of the file."""
         try:
+            self._unstage()
             if self._fsync:
                 os.fsync(self._fd)
         except OSError as exc:
@@ -148,6 +257,9 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Close without finishing (the caller removes the temporary directory)."""
+        if self._stage is not None:
+            self._stage.close()
+            self._stage = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -1,15 +1,21 @@
 """Fused CPU kernels (numba) for the layer-wise hot path on bf16 and float32 inputs.
 
-One pass per block of 2048 elements (it stays in L1): decode the N+1 inputs to float32 (bf16 is
-the upper half of a float32, so decoding is a 16-bit shift and exact), form the deltas, accumulate
+One pass per block of 2048 elements (the N deltas and the decoded base stay in L1): decode each
+input to float32 (bf16 is the upper half of a float32, so decoding is a 16-bit shift and exact)
+straight into its delta row and subtract the base, accumulate
 the pairwise dot products in float32 within the block and add each block's sums into float64, and
 store the delta sum. The torch kernels do the same in 2N+1 separate passes with a dispatch per op.
 
 The finish step ``out = w_0 + (t/N) * sum`` uses the same two float32 roundings as the torch kernel
 and round-to-nearest-even to bf16, so both backends produce identical bytes.
+
+Every loop is written over 1-D slices with 32-bit integer ops and constant shifts so that LLVM
+vectorises it (numba widens integer arithmetic to 64 bits, which otherwise defeats it).
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 
@@ -23,24 +29,31 @@ BLOCK = 2048
 if njit is not None:
 
     @njit(nogil=True, cache=True)
-    def _decode_bf16(src: np.ndarray, s: int, k: int, x: np.ndarray) -> None:
+    def _decode(src: np.ndarray, shift: int, x: np.ndarray) -> None:
+        # bf16 bits (uint16) << 16, or float32 bits (uint32) as they are, are the float32 bits of the
+        # value; the shift is a constant in each loop so that both vectorise
         xi = x.view(np.uint32)
-        for i in range(src.shape[0]):
-            for t in range(k):
-                xi[i, t] = np.uint32(src[i, s + t]) << np.uint32(16)
+        if shift:
+            for t in range(src.shape[0]):
+                xi[t] = np.uint32(src[t]) << np.uint32(16)
+        else:
+            for t in range(src.shape[0]):
+                xi[t] = src[t]
 
     @njit(nogil=True, cache=True)
-    def _decode_f32(src: np.ndarray, s: int, k: int, x: np.ndarray) -> None:
-        for i in range(src.shape[0]):
+    def _deltas(src: np.ndarray, s: int, k: int, shift: int, base: np.ndarray, d: np.ndarray) -> None:
+        # each row is decoded in place and then has the base subtracted while it is still in L1
+        b = base[:k]
+        _decode(src[0, s : s + k], shift, b)
+        for i in range(d.shape[0]):
+            row = d[i, :k]
+            _decode(src[i + 1, s : s + k], shift, row)
             for t in range(k):
-                x[i, t] = src[i, s + t]
+                row[t] -= b[t]
 
     @njit(nogil=True, cache=True, fastmath={"reassoc", "nsz"})  # vectorised sums; NaN and Inf kept
-    def _accumulate(x: np.ndarray, d: np.ndarray, k: int, gram: np.ndarray) -> None:
+    def _accumulate(d: np.ndarray, k: int, gram: np.ndarray) -> None:
         n = d.shape[0]
-        for i in range(n):
-            for t in range(k):
-                d[i, t] = x[i + 1, t] - x[0, t]
         for i in range(n):
             for j in range(i + 1):
                 acc = np.float32(0.0)
@@ -49,44 +62,47 @@ if njit is not None:
                 gram[i, j] += acc
 
     @njit(nogil=True, cache=True)
-    def _store_sum(d: np.ndarray, k: int, out: np.ndarray, s: int) -> None:
+    def _store_sum(d: np.ndarray, k: int, out: np.ndarray) -> None:
         # model by model along the block (vectorises), adding in the same order as torch's sum over dim 0
+        first = d[0, :k]
         for t in range(k):
-            out[s + t] = d[0, t]
+            out[t] = first[t]
         for i in range(1, d.shape[0]):
+            row = d[i, :k]
             for t in range(k):
-                out[s + t] += d[i, t]
+                out[t] += row[t]
 
     @njit(nogil=True, cache=True)
     def _gram(src: np.ndarray, start: int, stop: int, gram: np.ndarray, delta_sum: np.ndarray, want_sum: bool,
-              decode) -> None:  # decode: _decode_bf16 or _decode_f32 (numba compiles one kernel per decoder)
-        m = src.shape[0]
-        x = np.empty((m, BLOCK), np.float32)
-        d = np.empty((m - 1, BLOCK), np.float32)
+              shift: int) -> None:
+        base = np.empty(BLOCK, np.float32)
+        d = np.empty((src.shape[0] - 1, BLOCK), np.float32)
         for s in range(start, stop, BLOCK):
             k = min(stop, s + BLOCK) - s
-            decode(src, s, k, x)
-            _accumulate(x, d, k, gram)
+            _deltas(src, s, k, shift, base, d)
+            _accumulate(d, k, gram)
             if want_sum:
-                _store_sum(d, k, delta_sum, s)
+                _store_sum(d, k, delta_sum[s : s + k])
 
     @njit(nogil=True, cache=True)
     def _finish_bf16(base: np.ndarray, delta_sum: np.ndarray, scale: np.float32, out: np.ndarray,
                      start: int, stop: int) -> None:
         tmp = np.empty(BLOCK, np.float32)
-        bits = tmp.view(np.uint32)
         for s in range(start, stop, BLOCK):
             k = min(stop, s + BLOCK) - s
+            x, sums, o = tmp[:k], delta_sum[s : s + k], out[s : s + k]
+            _decode(base[s : s + k], 16, x)
             for t in range(k):
-                bits[t] = np.uint32(base[s + t]) << np.uint32(16)
-            for t in range(k):
-                tmp[t] = np.float32(delta_sum[s + t] * scale) + tmp[t]
-            for t in range(k):  # float32 -> bf16, round to nearest even; NaN -> canonical quiet NaN
-                u = bits[t]
-                if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
-                    out[s + t] = np.uint16(0x7FC0)
-                else:
-                    out[s + t] = np.uint16((u + ((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)) >> np.uint32(16))
+                x[t] = np.float32(sums[t] * scale) + x[t]
+            _round_bf16(x.view(np.uint32), o)
+
+    @njit(nogil=True, cache=True)
+    def _round_bf16(bits: np.ndarray, out: np.ndarray) -> None:
+        # float32 -> bf16, round to nearest even; NaN -> canonical quiet NaN; 32-bit ops so it vectorises
+        for t in range(bits.shape[0]):
+            u = bits[t]
+            r = np.uint32(u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            out[t] = np.uint16(0x7FC0) if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000) else np.uint16(r)
 
     @njit(nogil=True, cache=True)
     def _finish_f32(base: np.ndarray, delta_sum: np.ndarray, scale: np.float32, out: np.ndarray,
@@ -106,8 +122,8 @@ def gram(sources: np.ndarray, start: int, stop: int, delta_sum: np.ndarray | Non
     n = sources.shape[0] - 1
     g = np.zeros((n, n), np.float64)
     store = delta_sum if delta_sum is not None else np.empty(0, np.float32)
-    decode = _decode_bf16 if sources.dtype == np.uint16 else _decode_f32
-    _gram(sources, start, stop, g, store, delta_sum is not None, decode)
+    bits = sources if sources.dtype == np.uint16 else sources.view(np.uint32)
+    _gram(bits, start, stop, g, store, delta_sum is not None, 16 if sources.dtype == np.uint16 else 0)
     return g + np.tril(g, -1).T
 
 
@@ -115,3 +131,17 @@ def finish(base: np.ndarray, delta_sum: np.ndarray, scale: float, out: np.ndarra
     """``out = w_0 + scale * sum`` over [start, stop); base and out are bf16 bits (uint16) or float32."""
     kernel = _finish_bf16 if out.dtype == np.uint16 else _finish_f32
     kernel(base, delta_sum, np.float32(scale), out, start, stop)
+
+
+def _run_bf16_once() -> None:
+    src = np.zeros((3, BLOCK), np.uint16)
+    sums = np.empty(BLOCK, np.float32)
+    gram(src, 0, BLOCK, sums)
+    finish(src[0], sums, 0.5, np.empty(BLOCK, np.uint16), 0, BLOCK)
+
+
+def warm_up() -> None:
+    """Load the bf16 kernels from numba's cache (about a second: LLVM start-up and typing) in a
+    background thread, so that it overlaps other start-up work instead of the first merge step."""
+    if available():
+        threading.Thread(target=_run_bf16_once, name="hfms-numba-warm-up", daemon=True).start()
