@@ -187,7 +187,7 @@ def beside(root: Path) -> list[str]:
 
 @pytest.mark.parametrize("previous", [False, True], ids=["no previous output", "previous output, --overwrite"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_one_line_and_leaves_no_output(tmp_path, capsys, case, previous):
+def test_bad_input_is_one_line_and_leaves_no_output(tmp_path, capfd, case, previous):
     args = build(tmp_path)
     named, fragment = CASES[case](tmp_path / "ft1")
     if previous:
@@ -195,7 +195,7 @@ def test_bad_input_is_one_line_and_leaves_no_output(tmp_path, capsys, case, prev
         (tmp_path / "out" / "keep.txt").write_text("old")
         args.append("--overwrite")
     code = main(args)
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err  # fd-level: whichever sys.stderr object was current
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: "), err
     assert str(named) in err and fragment in err, err
@@ -237,7 +237,7 @@ RECIPES: dict[str, tuple[str, str]] = {  # recipe text -> what the error says af
 
 
 @pytest.mark.parametrize("case", sorted(RECIPES))
-def test_bad_recipe_is_one_line_naming_file_and_key(tmp_path, capsys, case):
+def test_bad_recipe_is_one_line_naming_file_and_key(tmp_path, capfd, case):
     build(tmp_path)
     (tmp_path / "ftlink").symlink_to(tmp_path / "ft0")
     (tmp_path / "out").mkdir()
@@ -247,7 +247,7 @@ def test_bad_recipe_is_one_line_naming_file_and_key(tmp_path, capsys, case):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(text)
     code = main(["run", str(recipe), "-q"])
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err  # fd-level: whichever sys.stderr object was current
     assert code == 2 and err.count("\n") == 1, err
     expected = says.format(root=tmp_path)
     assert err.startswith(f"error: {recipe}{expected}") or err.startswith(f"error: {expected}"), err
