@@ -6,10 +6,8 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from hf_model_stock import output
+from hf_model_stock.card import build_card
 from hf_model_stock.errors import ModelStockError
 from hf_model_stock.merge import ExecutionResult, TensorStats, execute
 from hf_model_stock.methods.model_stock import ModelStockParams
@@ -31,10 +30,6 @@ from hf_model_stock.io.writer import write_index
 from hf_model_stock.sources import ResolvedModel, resolve
 
 T_PLOT_NAME = "t_by_layer.png"
-# what the model card imports (huggingface_hub, ~0.7 s), loaded while the merge runs, which leaves CPU
-# time over between its I/O-bound threads; not matplotlib (the t plot), which would raise peak RSS
-# by ~30 MB while the merge's buffers are allocated
-METADATA_MODULES = ("hf_model_stock.card",)
 logger = logging.getLogger(__name__)
 
 
@@ -115,12 +110,10 @@ def execute_plan(
         raise
     try:
         started = time.perf_counter()
-        preload = _preload(METADATA_MODULES)
         result = execute(plan, tmp, progress=progress, journal=journal, done=done)
         with _writing(journal.path):
             journal.close()
         journal.path.unlink()
-        preload.join()
         report = _write_metadata(plan, result, tmp, tokenizer_dir or plan.base.path, recipe, started)
         output.commit_dir(tmp, out_dir, overwrite)
     except ModelStockError:
@@ -141,21 +134,6 @@ def execute_plan(
     return MergeOutcome(path=out_dir, report=report)
 
 
-def _preload(modules: Sequence[str]) -> threading.Thread:
-    """Import ``modules`` on a background thread (those that fail to import are left to their users)."""
-
-    def load() -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except ImportError:
-                pass
-
-    thread = threading.Thread(target=load, name="hfms-preload", daemon=True)
-    thread.start()
-    return thread
-
-
 @contextmanager
 def _writing(path: Path) -> Iterator[None]:
     """Report an OSError while ``path`` is written (a full disk, say) as one line naming the file."""
@@ -168,8 +146,6 @@ def _writing(path: Path) -> Iterator[None]:
 def _write_metadata(plan: MergePlan, result: ExecutionResult, tmp: Path, tokenizer_dir: Path,
                     recipe: Optional[dict[str, Any]], started: float) -> dict[str, Any]:
     """Index, config, tokenizer, merge_report.json, t plot and model card beside the merged shards."""
-    from hf_model_stock.card import build_card
-
     with _writing(tmp / INDEX_NAME):
         write_index(tmp, plan.shards)
     with _writing(tmp / "config.json"):
