@@ -142,11 +142,12 @@ def test_disk_full_on_a_small_tmpfs(tmp_path):
     assert {"model.safetensors", "README.md"} <= set(named) and len(set(named)) >= 3, named
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_mid_merge_keeps_only_the_partial_output(tmp_path, sig, code):
-    args = build(tmp_path, rows=4096, cols=4096, n=3)  # 32 MiB per model
+def interrupt_merge(tmp_path: Path, sig: int, *options: str) -> tuple[int, str, Path]:
+    """Start a merge (32 MiB per model, small chunks) in a subprocess, send ``sig`` once tensors are
+    being journalled; return its exit code, its stderr and the partial output's path."""
+    args = build(tmp_path, rows=4096, cols=4096, n=3)
     proc = subprocess.Popen([sys.executable, "-m", "hf_model_stock.cli", *args, "--out", str(tmp_path / "out"),
-                             "--chunk-size", "64KiB", "-q"], stderr=subprocess.PIPE, text=True)
+                             "--chunk-size", "64KiB", "-q", *options], stderr=subprocess.PIPE, text=True)
     partial = tmp_path / ".hfms-partial-out"
     deadline = time.time() + 60
     while time.time() < deadline and not (partial / ".hfms-journal.jsonl").is_file():
@@ -155,7 +156,13 @@ def test_signal_mid_merge_keeps_only_the_partial_output(tmp_path, sig, code):
     time.sleep(0.3)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == code, err
+    return proc.returncode, err, partial
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_mid_merge_keeps_only_the_partial_output(tmp_path, sig, code):
+    returncode, err, partial = interrupt_merge(tmp_path, sig)
+    assert returncode == code, err
     assert f"partial output kept in {partial}: run the same command with --resume to continue" in err
     assert outputs(tmp_path) == [".hfms-partial-out"]  # no `out`, no temporary directory
     assert not (partial / "config.json").exists() and not (partial / "merge_report.json").exists()
@@ -163,18 +170,7 @@ def test_signal_mid_merge_keeps_only_the_partial_output(tmp_path, sig, code):
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_mid_merge_with_on_interrupt_remove_leaves_nothing(tmp_path, sig, code):
-    args = build(tmp_path, rows=4096, cols=4096, n=3)
-    proc = subprocess.Popen([sys.executable, "-m", "hf_model_stock.cli", *args, "--out", str(tmp_path / "out"),
-                             "--chunk-size", "64KiB", "-q", "--on-interrupt", "remove"], stderr=subprocess.PIPE,
-                            text=True)
-    partial = tmp_path / ".hfms-partial-out"
-    deadline = time.time() + 60
-    while time.time() < deadline and not (partial / ".hfms-journal.jsonl").is_file():
-        time.sleep(0.02)
-    assert (partial / ".hfms-journal.jsonl").is_file(), "merge never started"
-    time.sleep(0.3)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == code, err
+    returncode, err, _ = interrupt_merge(tmp_path, sig, "--on-interrupt", "remove")
+    assert returncode == code, err
     assert "partial output kept" not in err and "Traceback" not in err
     assert outputs(tmp_path) == []  # neither `out` nor its partial output
