@@ -172,25 +172,27 @@ def _identity(entry: ModelEntry) -> tuple[str, Optional[str]]:
     return (entry.model, entry.revision)
 
 
+def relative_model_ref(base: Path, value: Any) -> Any:
+    """A model reference as written in a YAML file (``"path"``, ``"org/name@rev"`` or a mapping with
+    ``model``), with a relative local path resolved against the file's folder ``base``."""
+    if isinstance(value, str):
+        entry = split_revision(value)
+        candidate = base / str(entry["model"])
+        return str(candidate) if not Path(value).is_absolute() and candidate.exists() else value
+    if isinstance(value, dict) and isinstance(value.get("model"), str) and "@" not in value["model"]:
+        return {**value, "model": relative_model_ref(base, value["model"])}
+    return value
+
+
 def _relative_to(base: Path, data: dict[str, Any]) -> dict[str, Any]:
     """Resolve local paths written in a recipe relative to the recipe's folder."""
-
-    def fix(value: Any) -> Any:
-        if isinstance(value, str):
-            entry = split_revision(value)
-            candidate = base / str(entry["model"])
-            return str(candidate) if not Path(value).is_absolute() and candidate.exists() else value
-        if isinstance(value, dict) and isinstance(value.get("model"), str):
-            return {**value, "model": fix(value["model"]) if "@" not in value["model"] else value["model"]}
-        return value
-
     data = dict(data)
     if "base_model" in data:
-        data["base_model"] = fix(data["base_model"])
+        data["base_model"] = relative_model_ref(base, data["base_model"])
     if isinstance(data.get("models"), list):
-        data["models"] = [fix(m) for m in data["models"]]
+        data["models"] = [relative_model_ref(base, m) for m in data["models"]]
     if isinstance(data.get("tokenizer_source"), str) and data["tokenizer_source"] != "base":
-        data["tokenizer_source"] = fix(data["tokenizer_source"])
+        data["tokenizer_source"] = relative_model_ref(base, data["tokenizer_source"])
     out = data.get("output")
     if isinstance(out, dict) and isinstance(out.get("path"), str) and not Path(out["path"]).is_absolute():
         data["output"] = {**out, "path": str(base / out["path"])}

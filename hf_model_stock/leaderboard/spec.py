@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveFlo
 
 from hf_model_stock.errors import LeaderboardError
 from hf_model_stock.evaluation.spec import EvalSpec
-from hf_model_stock.recipe import ModelEntry, split_revision
+from hf_model_stock.recipe import ModelEntry, relative_model_ref, split_revision
 from hf_model_stock.yaml_schema import validate_yaml
 
 
@@ -101,21 +101,15 @@ def _relative_to(base: Path, data: dict[str, Any]) -> dict[str, Any]:
     """Local paths in the spec, resolved against the spec's folder."""
 
     def fix(item: Any) -> Any:
-        if isinstance(item, str):
-            candidate = base / split_revision(item)["model"]
-            return str(candidate) if not Path(item).is_absolute() and candidate.exists() else item
-        if isinstance(item, dict) and isinstance(item.get("model"), str):
-            return {**item, "model": fix(item["model"]) if "@" not in item["model"] else item["model"]}
         if isinstance(item, dict) and isinstance(item.get("recipe"), str) and not Path(item["recipe"]).is_absolute():
             return {**item, "recipe": str(base / item["recipe"])}
-        return item
+        return relative_model_ref(base, item)
 
     data = dict(data)
     if isinstance(data.get("models"), list):
         data["models"] = [fix(item) for item in data["models"]]
-    for key in ("output",):
-        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
-            data[key] = str(base / data[key])
+    if isinstance(data.get("output"), str) and not Path(data["output"]).is_absolute():
+        data["output"] = str(base / data["output"])
     evals = data.get("evals")
     if isinstance(evals, dict) and isinstance(evals.get("data_dir"), str) and not Path(evals["data_dir"]).is_absolute():
         data["evals"] = {**evals, "data_dir": str(base / evals["data_dir"])}
