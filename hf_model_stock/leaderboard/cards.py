@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard
 
 from hf_model_stock.card import card_with_evals
 from hf_model_stock.leaderboard.board import Leaderboard
+from hf_model_stock.leaderboard.store import write_atomically
 
 
 def write_model_cards(board: Leaderboard, stream: Optional[TextIO] = None) -> list[Path]:
@@ -23,9 +24,8 @@ def write_model_cards(board: Leaderboard, stream: Optional[TextIO] = None) -> li
         readme = directory / "README.md"
         card = ModelCard.load(readme) if readme.is_file() else ModelCard(f"---\n---\n\n# {row.name}\n")
         scores = [(s["task"], s["metric"], s["value"]) for result in row.results.values() for s in result.scores]
-        tmp = readme.with_name(".README.md.tmp")
-        card_with_evals(card, scores, model_name=row.name).save(tmp)
-        tmp.replace(readme)
+        updated = card_with_evals(card, scores, model_name=row.name)
+        write_atomically(readme, updated.save)
         written.append(readme)
     skipped = [row.name for row in board.rows if row.results and not Path(row.ref).is_dir()]
     if skipped:

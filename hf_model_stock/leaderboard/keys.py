@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Optional
@@ -24,12 +23,13 @@ from typing import Any, Optional
 from hf_model_stock.evaluation.data import packaged_file
 from hf_model_stock.evaluation.spec import EvalSpec
 from hf_model_stock.evaluation.tasks import BENCHMARKS, EVALS_DIR, Benchmark
+from hf_model_stock.io.writer import sha256_file
+from hf_model_stock.leaderboard.store import write_atomically
 from hf_model_stock.recipe import ModelEntry
 from hf_model_stock.sources import is_local
 
 UNHASHED_FILES = {"README.md"}  # the model card: the leaderboard may write scores into it
 SCORE_SETTINGS = ("limit", "dtype", "backend", "batch_size", "apply_chat_template", "max_gen_toks")
-BLOCK = 16 << 20
 
 
 class DigestMemo:
@@ -48,24 +48,13 @@ class DigestMemo:
         known = self._known.get(str(file))
         if known and known[:2] == stamp:
             return known[2]
-        digest = file_sha256(file)
+        digest = sha256_file(file)
         self._known[str(file)] = [*stamp, digest]
         return digest
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._known, indent=0, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, self.path)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in large blocks."""
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(BLOCK):
-            h.update(block)
-    return h.hexdigest()
+        text = json.dumps(self._known, indent=0, sort_keys=True)
+        write_atomically(self.path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def directory_digest(directory: Path, memo: DigestMemo) -> str:
@@ -124,7 +113,7 @@ def data_digest(benchmark: Benchmark, data_dir: Optional[Path]) -> str:
     h = hashlib.sha256()
     for path in files:
         name = path.relative_to(root).as_posix() if root is not None and path.is_relative_to(root) else path.name
-        h.update(f"{name}\0{file_sha256(path)}\n".encode())
+        h.update(f"{name}\0{sha256_file(path)}\n".encode())
     return h.hexdigest()
 
 

@@ -11,12 +11,11 @@ Files under the output directory:
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional, TextIO
+from typing import Any, Optional, TextIO
 
 from hf_model_stock.errors import LeaderboardError
 from hf_model_stock.evaluation.runner import check_request
@@ -28,7 +27,7 @@ from hf_model_stock.leaderboard.keys import DigestMemo, model_identity, task_key
 from hf_model_stock.leaderboard.progress import BatchProgress
 from hf_model_stock.leaderboard.render import write_csv, write_html, write_markdown
 from hf_model_stock.leaderboard.spec import LeaderboardSpec
-from hf_model_stock.leaderboard.store import ResultStore, results_from_summary
+from hf_model_stock.leaderboard.store import ResultStore, results_from_summary, write_atomically
 
 
 @dataclass
@@ -182,23 +181,16 @@ def _executor(spec: LeaderboardSpec, kind: Optional[str], gpus_per_model: Option
     raise LeaderboardError(f"--executor: unknown executor {kind!r} (local or ray)")
 
 
-def _atomic(path: Path, write: Callable[[Path], Any]) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
-
-
 def write_outputs(board: Leaderboard, out: Path) -> dict[str, Path]:
     """leaderboard.json, .csv, .png (when matplotlib is installed), .md and .html under ``out``."""
-    files = {"json": _atomic(out / "leaderboard.json", board.write_json),
-             "csv": _atomic(out / "leaderboard.csv", lambda p: write_csv(board, p))}
+    files = {"json": write_atomically(out / "leaderboard.json", board.write_json),
+             "csv": write_atomically(out / "leaderboard.csv", lambda p: write_csv(board, p))}
     try:
         from hf_model_stock.leaderboard.chart import write_chart
     except ImportError:
         chart = None
     else:
-        chart = files["png"] = _atomic(out / "leaderboard.png", lambda p: write_chart(board, p))
-    files["md"] = _atomic(out / "leaderboard.md", lambda p: write_markdown(board, p, chart.name if chart else None))
-    files["html"] = _atomic(out / "leaderboard.html", lambda p: write_html(board, p, chart))
+        chart = files["png"] = write_atomically(out / "leaderboard.png", lambda p: write_chart(board, p))
+    files["md"] = write_atomically(out / "leaderboard.md", lambda p: write_markdown(board, p, chart.name if chart else None))
+    files["html"] = write_atomically(out / "leaderboard.html", lambda p: write_html(board, p, chart))
     return files

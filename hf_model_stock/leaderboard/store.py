@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,16 @@ class TaskResult:
     def headline(self) -> dict[str, Any]:
         """The task's first (headline) score."""
         return self.scores[0]
+
+
+def write_atomically(path: Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` to a hidden temporary file beside ``path``, then rename it to ``path``: a reader
+    never sees a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
 
 
 class ResultStore:
@@ -52,11 +62,9 @@ class ResultStore:
 
     def put(self, result: TaskResult) -> None:
         """Write atomically (temp file + rename)."""
-        path = self._path(result.identity, result.task, result.task_key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result.__dict__, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        text = json.dumps(result.__dict__, indent=1, ensure_ascii=False) + "\n"
+        write_atomically(self._path(result.identity, result.task, result.task_key),
+                         lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def results_from_summary(summary: dict[str, Any], identity: str, keys: dict[str, str],

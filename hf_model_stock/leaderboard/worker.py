@@ -4,22 +4,19 @@ pickled ``(evaluate, job)`` in ``DIR/job.pkl`` and writes the ``Outcome`` to ``D
 
 from __future__ import annotations
 
-import os
 import pickle
 import sys
 from pathlib import Path
 
 from hf_model_stock.leaderboard.executors import run_logged
+from hf_model_stock.leaderboard.store import write_atomically
 
 
 def main(workdir: Path) -> int:
     with (workdir / "job.pkl").open("rb") as fh:
         evaluate, job = pickle.load(fh)
-    outcome = run_logged(evaluate, job)
-    tmp = workdir / "outcome.pkl.tmp"
-    with tmp.open("wb") as fh:
-        pickle.dump(outcome, fh)
-    os.replace(tmp, workdir / "outcome.pkl")
+    outcome = pickle.dumps(run_logged(evaluate, job))
+    write_atomically(workdir / "outcome.pkl", lambda tmp: tmp.write_bytes(outcome))
     return 0
 
 
