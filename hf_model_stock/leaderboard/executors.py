@@ -73,6 +73,12 @@ class Outcome:
     payload: Any
     seconds: float = 0.0
 
+    def result(self, job: Job) -> JobResult:
+        """The job's result: its summary, or its one-line error pointing at its log."""
+        if self.status == "ok":
+            return JobResult(job, summary=self.payload, seconds=self.seconds)
+        return JobResult(job, error=f"{self.payload} (see {job.log})", seconds=self.seconds)
+
 
 def evaluate_job(job: Job) -> dict[str, Any]:
     """The real evaluation: ``evaluate_model`` on the job's model and tasks."""
@@ -216,9 +222,7 @@ class LocalExecutor:
         if outcome is None:
             detail = _last_line(job.log) if returncode > 0 else ""  # a signal leaves no message of its own
             return JobResult(job, error=f"crashed ({_death(returncode)}{detail}); see {job.log}")
-        if outcome.status == "ok":
-            return JobResult(job, summary=outcome.payload, seconds=outcome.seconds)
-        return JobResult(job, error=f"{outcome.payload} (see {job.log})", seconds=outcome.seconds)
+        return outcome.result(job)
 
 
 def visible_gpus() -> list[str]:
@@ -319,9 +323,7 @@ class RayExecutor:
             outcome: Outcome = self.ray.get(ref)
         except self.ray.exceptions.RayError as exc:  # the worker died (segfault, OOM kill, node lost)
             return JobResult(job, error=f"crashed ({type(exc).__name__}); see {job.log}")
-        if outcome.status == "ok":
-            return JobResult(job, summary=outcome.payload, seconds=outcome.seconds)
-        return JobResult(job, error=f"{outcome.payload} (see {job.log})", seconds=outcome.seconds)
+        return outcome.result(job)
 
     def close(self) -> None:
         """Shut down the Ray instance if this executor started it."""
