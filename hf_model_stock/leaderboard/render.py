@@ -109,9 +109,10 @@ def csv_rows(board: Leaderboard) -> list[dict[str, Any]]:
     """One dict per model (ranked), as written to the CSV."""
     out = []
     for rank, row in enumerate(board.ranked(), 1):
+        average = row.average(board.tasks)
         record: dict[str, Any] = {"rank": rank, "model": row.name, "roles": ";".join(row.roles), "ref": row.ref,
                                   "identity": row.identity or "", "status": row.status, "error": row.error or "",
-                                  "average_normalised": _num(row.average(board.tasks), 4).replace(MISSING, "")}
+                                  "average_normalised": "" if average is None else repr(average)}
         for task in board.tasks:
             score = row.score(task)
             record[f"{task}_metric"] = BENCHMARKS[task].metrics[0]
