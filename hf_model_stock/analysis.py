@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,8 +24,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from hf_model_stock.errors import ModelStockError, RecipeError
 
-if TYPE_CHECKING:  # torch and the merger load on first use: the command line starts fast
-    import torch
+if TYPE_CHECKING:  # the merger loads on first use: the command line starts fast
+    import numpy as np
 
     from hf_model_stock.methods.model_stock import ModelStockParams
     from hf_model_stock.recipe import Recipe
@@ -119,7 +120,7 @@ def layer_sort_key(key: str) -> tuple[bool, int]:
     return (not key.isdigit(), int(key) if key.isdigit() else 0)
 
 
-def pair_stats(gram: torch.Tensor) -> PairStats:
+def pair_stats(gram: np.ndarray) -> PairStats:
     """Norms and exact (eps 0) pairwise cosines and angles of the deltas behind a float64 Gram."""
     n = gram.shape[0]
     norms = [math.sqrt(max(float(gram[i, i]), 0.0)) for i in range(n)]
@@ -157,7 +158,7 @@ def check_tensor(row: TensorRow, pairs: list[tuple[int, int]], th: Thresholds) -
     return out
 
 
-def _layer_rows(rows: list[TensorRow], grams: list[torch.Tensor]) -> list[LayerRow]:
+def _layer_rows(rows: list[TensorRow], grams: list[np.ndarray]) -> list[LayerRow]:
     groups: dict[str, list[int]] = {}
     for k, row in enumerate(rows):
         groups.setdefault(row.layer, []).append(k)
@@ -180,12 +181,14 @@ def inspect_resolved(
 ) -> InspectReport:
     """Inspect local snapshots: one streaming pass over every floating tensor, Grams only
     (``params``: the merge's eps and clamping, default the package's)."""
-    import torch
+    import numpy as np
     from tqdm.auto import tqdm
 
+    from hf_model_stock.compute import UnitCompute
+    from hf_model_stock.io.buffers import host_buffer
     from hf_model_stock.io.reader import ShardFiles
     from hf_model_stock.merge import UNIT_ALIGN, read_unit
-    from hf_model_stock.methods.model_stock import ModelStockParams, ParallelKernel, ratio_from_gram
+    from hf_model_stock.methods.model_stock import ModelStockParams, ratio_from_gram
     from hf_model_stock.pipeline import plan_merge
     from hf_model_stock.plan import MergeOptions
 
@@ -193,29 +196,26 @@ def inspect_resolved(
     plan = plan_merge(base, models, MergeOptions(params=params, chunk_bytes=chunk_bytes))
     n = len(models)
     tasks = [t for t in plan.tasks if t.merge]
-    threads = torch.get_num_threads()
-    kernel = ParallelKernel(n, threads)  # one worker per torch thread, as the merger
-    buf = torch.empty(plan.max_unit_in_bytes + UNIT_ALIGN * (n + 1), dtype=torch.uint8)
+    compute = UnitCompute(n, len(os.sched_getaffinity(0)), "cpu", 0)  # one worker per core, as the merger
+    buf = host_buffer(plan.max_unit_in_bytes + UNIT_ALIGN * (n + 1))
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     rows: list[TensorRow] = []
-    grams: list[torch.Tensor] = []
+    grams: list[np.ndarray] = []
     bar = tqdm(total=sum(i.nbytes for t in tasks for i in t.inputs), unit="B", unit_scale=True,
                desc="inspecting", disable=not progress)
-    torch.set_num_threads(1)  # parallelism comes from the kernel's workers
     try:
         with ShardFiles() as files:
             for task in tasks:
-                gram = torch.zeros(n, n, dtype=torch.float64)
+                gram = np.zeros((n, n))
                 for start, stop in task.units():
-                    gram += kernel.gram(read_unit(buf, task, start, stop, files))
+                    gram += compute.gram(task, read_unit(buf, task, start, stop, files))
                     bar.update((stop - start) * task.in_bytes_per_elem)
                 ratio = ratio_from_gram(gram, params)
                 rows.append(TensorRow(task.name, layer_key(task.name), task.numel, float(ratio.t), float(ratio.cos),
                                       bool(ratio.clamped), pair_stats(gram)))
                 grams.append(gram)
     finally:
-        torch.set_num_threads(threads)
-        kernel.close()
+        compute.close()
         bar.close()
     notes = list(plan.notes)
     if params.granularity == "filter":

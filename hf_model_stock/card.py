@@ -1,15 +1,23 @@
-"""The model card (README.md) of a merged model, written with ``huggingface_hub.ModelCard``."""
+"""The model card (README.md) of a merged model: metadata from ``huggingface_hub.ModelCardData``,
+evaluation results edited through ``huggingface_hub.ModelCard``.
+
+Only ``ModelCardData`` is imported up front: ``ModelCard`` brings the Hub client's HTTP stack (half a
+second), which writing a fresh card after a merge does not need.
+"""
 
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 
 import yaml
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCardData
 
 from hf_model_stock.merge import TensorStats
 from hf_model_stock.report import layer_summary
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
 
 
 def _source_id(src: dict[str, Any]) -> str:
@@ -20,8 +28,8 @@ DEFAULT_TITLE = "Model Stock merge"
 EVAL_HEADING = "## Evaluation"
 
 
-def build_card(report: dict[str, Any], repo_id: Optional[str] = None, t_plot: Optional[str] = None) -> ModelCard:
-    """A model card with merge metadata (base_model list, relation, tags) and a reproducible body;
+def card_text(report: dict[str, Any], repo_id: Optional[str] = None, t_plot: Optional[str] = None) -> str:
+    """The README.md of a merged model: merge metadata (base_model list, relation, tags) and a reproducible body;
     ``t_plot`` names a picture of t by layer beside the card."""
     sources = [report["sources"]["base"], *report["sources"]["models"]]
     # base_model metadata must name Hub repos (the Hub rejects a card naming a local path there);
@@ -81,7 +89,7 @@ def build_card(report: dict[str, Any], repo_id: Optional[str] = None, t_plot: Op
         *[f"| {name} | `{digest}` |" for name, digest in sorted(report["shards"].items())],
         "",
     ]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
 
 
 EvalRow = Union[Sequence[Any], Any]  # (task, metric, value) or an object with .task, .metric, .value
@@ -126,6 +134,8 @@ def card_with_evals(
 
     >>> card = card_with_evals(ModelCard.load("merged/README.md"), [("gsm8k", "exact_match,strict-match", 0.41)])  # doctest: +SKIP
     """
+    from huggingface_hub import ModelCard
+
     rows = [_eval_triple(r) for r in results]
     data = ModelCard(str(card)).data  # a copy
     new_keys = {(task, metric) for task, metric, _ in rows}
@@ -150,6 +160,8 @@ def card_with_evals(
 
 def retitle_card(card: ModelCard, repo_id: str) -> ModelCard:
     """``card`` with the default title (written before the repo was known) replaced by ``repo_id``."""
+    from huggingface_hub import ModelCard
+
     if card_title(card) != DEFAULT_TITLE:
         return card
     body = re.sub(rf"^# {re.escape(DEFAULT_TITLE)}$", f"# {repo_id}", card.text, count=1, flags=re.MULTILINE)

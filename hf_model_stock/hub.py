@@ -52,7 +52,7 @@ def prepare_card(directory: Path, repo_id: str, report: Optional[dict[str, Any]]
     """
     from huggingface_hub import ModelCard
 
-    from hf_model_stock.card import build_card, retitle_card
+    from hf_model_stock.card import card_text, retitle_card
 
     path = directory / CARD_NAME
     if path.is_file():
@@ -61,7 +61,7 @@ def prepare_card(directory: Path, repo_id: str, report: Optional[dict[str, Any]]
         if str(card) != old:
             card.save(path)
     elif report is not None:
-        build_card(report, repo_id=repo_id).save(path)
+        path.write_text(card_text(report, repo_id=repo_id), encoding="utf-8")
 
 
 def unchanged_shards(api: Any, repo_id: str, revision: Optional[str], directory: Path,

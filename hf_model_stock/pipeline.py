@@ -8,28 +8,28 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-import torch
-
 from hf_model_stock import output
-from hf_model_stock.card import build_card
+from hf_model_stock.card import card_text
 from hf_model_stock.errors import ModelStockError
+from hf_model_stock.io.reader import INDEX_NAME
+from hf_model_stock.io.writer import write_index
 from hf_model_stock.merge import ExecutionResult, TensorStats, execute
 from hf_model_stock.methods.model_stock import ModelStockParams
 from hf_model_stock.plan import MergeOptions, MergePlan, build_plan
 from hf_model_stock.recipe import ModelEntry, Recipe
 from hf_model_stock.report import REPORT_NAME, build_report, write_report
 from hf_model_stock.resume import JOURNAL_NAME, Journal, plan_fingerprint, verified_tensors
-from hf_model_stock.io.reader import INDEX_NAME
-from hf_model_stock.io.writer import write_index
 from hf_model_stock.sources import ResolvedModel, resolve
 
 T_PLOT_NAME = "t_by_layer.png"
+GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidia0", "/dev/kfd")  # NVIDIA; AMD ROCm
 logger = logging.getLogger(__name__)
 
 
@@ -43,6 +43,10 @@ class MergeOutcome:
 
 def resolve_device(name: str) -> str:
     """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a GPU is an error."""
+    if name == "cpu" or (name == "auto" and not any(os.path.exists(p) for p in GPU_DRIVER_FILES)):
+        return "cpu"  # decided without importing torch (two seconds) when no GPU driver is loaded
+    import torch
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -110,6 +114,7 @@ def execute_plan(
         raise
     try:
         started = time.perf_counter()
+        _import_plotting_in_background()
         result = execute(plan, tmp, progress=progress, journal=journal, done=done)
         with _writing(journal.path):
             journal.close()
@@ -160,7 +165,7 @@ def _write_metadata(plan: MergePlan, result: ExecutionResult, tmp: Path, tokeniz
     with _writing(tmp / T_PLOT_NAME):
         plot = _t_plot(report, tmp)
     with _writing(tmp / "README.md"):
-        build_card(report, t_plot=plot).save(tmp / "README.md")
+        (tmp / "README.md").write_text(card_text(report, t_plot=plot), encoding="utf-8")
     return report
 
 
@@ -171,6 +176,19 @@ def _resumable(plan: MergePlan, partial: Path) -> dict[str, TensorStats]:
     done = verified_tensors(plan, partial)
     logger.warning("resuming %s: %d of %d tensors already written and verified", partial, len(done), len(plan.tasks))
     return done
+
+
+def _import_plotting_in_background() -> None:
+    """Import matplotlib (about a second of CPU) on a thread while the merge runs, mostly waiting on
+    I/O and numba, so that the t plot drawn at the end does not wait for it."""
+
+    def load() -> None:
+        try:
+            import hf_model_stock.plots  # noqa: F401
+        except ImportError:
+            pass
+
+    threading.Thread(target=load, name="hfms-import-plots", daemon=True).start()
 
 
 def _t_plot(report: dict[str, Any], directory: Path) -> Optional[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import os
 import threading
@@ -21,8 +22,6 @@ import time
 import zlib
 from pathlib import Path
 from typing import Any, Optional
-
-import torch
 
 from hf_model_stock import __version__
 from hf_model_stock.errors import ModelStockError
@@ -36,7 +35,7 @@ _NOT_IN_FINGERPRINT = ("prefetch", "fsync")  # options that cannot change a sing
 
 def plan_fingerprint(plan: MergePlan) -> str:
     """sha256 of everything that decides the output bytes: options, inputs (path, size, mtime),
-    tensors and their work units, the shard layout, and the package and torch versions."""
+    tensors and their work units, the shard layout, and the versions of the code that computes."""
     options = {k: v for k, v in dataclasses.asdict(plan.options).items() if k not in _NOT_IN_FINGERPRINT}
     files: dict[str, list[int]] = {}
     for task in plan.tasks:
@@ -48,9 +47,20 @@ def plan_fingerprint(plan: MergePlan) -> str:
     tasks = [[t.name, t.out_dtype, t.merge, t.filter_wise, t.unit_elems,
               [[str(i.path), i.offset, i.dtype] for i in t.inputs]] for t in plan.tasks]
     shards = [[s.filename, hashlib.sha256(s.header).hexdigest()] for s in plan.shards]
-    doc = {"versions": [__version__, torch.__version__], "options": options, "sources": sources,
+    doc = {"versions": [__version__, *_kernel_versions()], "options": options, "sources": sources,
            "files": files, "tasks": tasks, "shards": shards}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _kernel_versions() -> list[Optional[str]]:
+    """Versions of the libraries whose kernels produce the output bytes (None: not installed)."""
+    versions = []
+    for pkg in ("numba", "numpy", "torch"):
+        try:
+            versions.append(importlib.metadata.version(pkg))
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(None)
+    return versions
 
 
 class Journal:

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from hf_model_stock.compute import stacked
 from hf_model_stock.methods import fused_cpu
-from hf_model_stock.methods.model_stock import BlockKernel, ParallelKernel
+from hf_model_stock.methods.torch_kernels import BlockKernel
 
 pytestmark = pytest.mark.skipif(not fused_cpu.available(), reason="numba not installed")
 
@@ -27,10 +28,11 @@ def stacked_inputs(dtype: torch.dtype, n_models: int, numel: int, seed: int = 0)
 def test_fused_equals_torch_kernel(dtype, n_models):
     numel = 1_000_003
     src = stacked_inputs(dtype, n_models, numel, seed=n_models)
-    fused = ParallelKernel(n_models, workers=2)
-    assert fused._fused(src) is not None
+    fused = fused_cpu.FusedKernel(workers=2)
+    bits = stacked([s.view(torch.uint16 if dtype == torch.bfloat16 else torch.float32).numpy() for s in src])
+    assert bits is not None and bits.shape == (n_models + 1, numel)
     sums_f, sums_t = torch.empty(numel), torch.empty(numel)
-    g_fused = fused.gram(src, sums_f)
+    g_fused = torch.from_numpy(fused.gram(bits, sums_f.numpy()))
     g_torch = BlockKernel(n_models).gram(src, 0, numel, sums_t)
     assert torch.equal(sums_f, sums_t)
     d = torch.stack([s.double() - src[0].double() for s in src[1:]])
@@ -38,7 +40,8 @@ def test_fused_equals_torch_kernel(dtype, n_models):
     assert ((g_fused - reference).abs() / reference.abs()).max().item() < 1e-7  # 2048-element float32 partials
     assert ((g_torch - reference).abs() / reference.abs()).max().item() < 5e-6  # 256K-element float32 dots
     out_f, out_t = torch.empty(numel, dtype=dtype), torch.empty(numel, dtype=dtype)
-    fused.merge_from_sum(src[0], sums_f, 0.731, out_f)
+    out_bits = out_f.view(torch.uint16 if dtype == torch.bfloat16 else torch.float32).numpy()
+    fused.finish(bits[0], sums_f.numpy(), 0.731 / n_models, out_bits)
     BlockKernel(n_models).merge_from_sum(src[0], sums_t, 0.731, out_t, 0, numel)
     assert torch.equal(out_f.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                        out_t.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))

@@ -6,7 +6,10 @@ import math
 import pytest
 import torch
 
-from hf_model_stock.methods.model_stock import BlockKernel, ModelStockParams, ParallelKernel, ratio_from_gram
+from hf_model_stock.compute import stacked
+from hf_model_stock.methods import fused_cpu
+from hf_model_stock.methods.model_stock import ModelStockParams, ratio_from_gram
+from hf_model_stock.methods.torch_kernels import BlockKernel, ParallelKernel
 from tests.reference import reference_ratio
 
 
@@ -81,8 +84,8 @@ def test_tiny_deltas_follow_the_authors_epsilon_not_a_norm_clamp():
     assert ours.t.item() == pytest.approx(reference_ratio(torch.zeros(10000), deltas), rel=1e-9)
 
 
-@pytest.mark.parametrize("workers, stacked", [(1, False), (2, False), (2, True)])
-def test_blocked_gram_of_a_big_tensor_matches_float64(workers, stacked):
+@pytest.mark.parametrize("workers, stacked_rows", [(1, False), (2, False), (2, True)])
+def test_blocked_gram_of_a_big_tensor_matches_float64(workers, stacked_rows):
     """65.5M elements: float32 reductions drift here; blocked float32 dots summed in float64 do not.
     Separate tensors take the torch kernel, rows of one buffer the fused CPU kernel."""
     n_el = 65_536_000
@@ -92,10 +95,15 @@ def test_blocked_gram_of_a_big_tensor_matches_float64(workers, stacked):
     common = torch.randn(n_el, generator=gen) * 0.01
     for i in (1, 2):
         rows[i] = rows[0].float() + common + torch.randn(n_el, generator=gen) * 0.01
-    base, *models = rows if stacked else [r.clone() for r in rows]
-    kernel = ParallelKernel(2, workers=workers)
-    assert (kernel._fused([base, *models]) is not None) == stacked
-    g = kernel.gram([base, *models])
+    base, *models = rows if stacked_rows else [r.clone() for r in rows]
+    bits = stacked([r.view(torch.uint16).numpy() for r in (base, *models)])
+    assert (bits is not None) == stacked_rows
+    if stacked_rows:
+        kernel = fused_cpu.FusedKernel(workers)
+        g = torch.from_numpy(kernel.gram(bits))
+    else:
+        kernel = ParallelKernel(2, workers=workers)
+        g = torch.from_numpy(kernel.gram([base, *models]))
     kernel.close()
     d = [m.double() - base.double() for m in models]
     ref = torch.tensor([[torch.dot(a, b).item() for b in d] for a in d], dtype=torch.float64)

@@ -18,12 +18,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hf_model_stock.errors import CheckpointError
-from hf_model_stock.io.dtypes import SAFETENSORS_TO_TORCH, itemsize
+from hf_model_stock.io.dtypes import SAFETENSORS_DTYPES, itemsize
 from hf_model_stock.io.reader import MAX_HEADER_BYTES, check_header_length, parse_header, read_header
 
 FUZZ = settings(max_examples=150, derandomize=True, database=None, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-DTYPES = sorted(SAFETENSORS_TO_TORCH)
+DTYPES = sorted(SAFETENSORS_DTYPES)
 WHERE = "fuzz.safetensors"
 
 
@@ -37,7 +37,7 @@ def assert_consistent(entries: dict[str, Any], metadata: dict[str, str], data_si
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
     spans = []
     for name, (begin, end, dtype, shape) in entries.items():
-        assert dtype in SAFETENSORS_TO_TORCH and all(type(d) is int and d >= 0 for d in shape)
+        assert dtype in SAFETENSORS_DTYPES and all(type(d) is int and d >= 0 for d in shape)
         assert 0 <= begin <= end <= data_size and end - begin == math.prod(shape) * itemsize(dtype)
         if end > begin:
             spans.append((begin, end))

@@ -1,28 +1,38 @@
-"""The safetensors dtype codes and their torch equivalents."""
+"""The safetensors dtype codes: element sizes, the numpy arrays that hold their bits, torch dtypes.
+
+numpy has no bfloat16 or float8, so those tensors are held as their raw bits (uint16, uint8); torch
+is imported only when a torch dtype is asked for.
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-# safetensors dtype code -> torch dtype. Codes follow the safetensors specification.
-SAFETENSORS_TO_TORCH: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "U16": torch.uint16,
-    "I32": torch.int32,
-    "U32": torch.uint32,
-    "I64": torch.int64,
-    "U64": torch.uint64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype code -> (floating point, numpy dtype holding its bits, torch dtype name).
+# Codes follow the safetensors specification.
+_DTYPES: dict[str, tuple[bool, type, str]] = {
+    "BOOL": (False, np.bool_, "bool"),
+    "U8": (False, np.uint8, "uint8"),
+    "I8": (False, np.int8, "int8"),
+    "I16": (False, np.int16, "int16"),
+    "U16": (False, np.uint16, "uint16"),
+    "I32": (False, np.int32, "int32"),
+    "U32": (False, np.uint32, "uint32"),
+    "I64": (False, np.int64, "int64"),
+    "U64": (False, np.uint64, "uint64"),
+    "F16": (True, np.float16, "float16"),
+    "BF16": (True, np.uint16, "bfloat16"),
+    "F32": (True, np.float32, "float32"),
+    "F64": (True, np.float64, "float64"),
+    "F8_E4M3": (True, np.uint8, "float8_e4m3fn"),
+    "F8_E5M2": (True, np.uint8, "float8_e5m2"),
 }
-TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_TO_TORCH.items()}
+SAFETENSORS_DTYPES: frozenset[str] = frozenset(_DTYPES)
 
 # Names users may write in recipes and on the command line.
 DTYPE_NAMES: dict[str, str] = {
@@ -37,18 +47,30 @@ CONFIG_DTYPE_NAMES: dict[str, str] = {"BF16": "bfloat16", "F16": "float16", "F32
 
 def itemsize(code: str) -> int:
     """Bytes per element of a safetensors dtype code."""
-    return SAFETENSORS_TO_TORCH[code].itemsize
+    return np.dtype(_DTYPES[code][1]).itemsize
 
 
 def is_floating(code: str) -> bool:
     """Whether tensors of this dtype are merged (floating point) rather than copied from the base."""
-    return SAFETENSORS_TO_TORCH[code].is_floating_point
+    return _DTYPES[code][0]
+
+
+def storage_dtype(code: str) -> np.dtype:
+    """The numpy dtype that holds a tensor's bits: its own, or a same-size integer (BF16, F8)."""
+    return np.dtype(_DTYPES[code][1])
+
+
+def torch_dtype(code: str) -> "torch.dtype":
+    """The torch dtype of a safetensors dtype code (imports torch)."""
+    import torch
+
+    return getattr(torch, _DTYPES[code][2])
 
 
 def parse_dtype_name(name: str) -> str:
     """Map a user-facing dtype name ("bfloat16", "fp16", "F32", ...) to a safetensors code."""
     key = name.strip()
-    if key in SAFETENSORS_TO_TORCH and is_floating(key):
+    if key in _DTYPES and is_floating(key):
         return key
     try:
         return DTYPE_NAMES[key.lower()]

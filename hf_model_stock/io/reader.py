@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
 from hf_model_stock.errors import CheckpointError
-from hf_model_stock.io.dtypes import SAFETENSORS_TO_TORCH, itemsize
+from hf_model_stock.io.dtypes import SAFETENSORS_DTYPES, itemsize
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 INDEX_NAME = "model.safetensors.index.json"
@@ -126,7 +126,7 @@ def _validate_entry(where: str, name: str, entry: Any) -> tuple[int, int, str, t
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
         raise CheckpointError(f"{where}: header entry must have exactly dtype, shape and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in SAFETENSORS_TO_TORCH:
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
@@ -215,8 +215,12 @@ class Checkpoint:
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_path}: no weight_map")
         by_file: dict[Path, list[str]] = {}
+        paths: dict[str, Path] = {}  # each shard is resolved once, not once per tensor
         for name, shard in weight_map.items():
-            by_file.setdefault(_shard_path(root, index_path, shard), []).append(name)
+            path = paths.get(shard) if isinstance(shard, str) else None
+            if path is None:
+                path = paths[shard] = _shard_path(root, index_path, shard)  # raises for a non-string
+            by_file.setdefault(path, []).append(name)
         tensors: dict[str, TensorInfo] = {}
         metadata: dict[str, str] = {}
         for path, names in by_file.items():

@@ -210,9 +210,13 @@ class ShardWriter:
     def _write(self, data: memoryview | bytes, pos: int) -> None:
         view = memoryview(data).cast("B")
         if self._in_order and pos == self._hashed_upto:
-            self._hash.update(view)
-            self._hashed_upto += len(view)
-            self._staged(view, pos)
+            # hash and stage one stage-sized piece at a time, so the disk writes the previous piece
+            # while this one is hashed
+            for off in range(0, len(view), STAGE_BYTES):
+                piece = view[off : off + STAGE_BYTES]
+                self._hash.update(piece)
+                self._hashed_upto += len(piece)
+                self._staged(piece, pos + off)
             return
         self._in_order = False
         self._unstage()

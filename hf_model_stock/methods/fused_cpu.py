@@ -16,8 +16,11 @@ vectorises it (numba widens integer arithmetic to 64 bits, which otherwise defea
 from __future__ import annotations
 
 import threading
+from typing import Optional
 
 import numpy as np
+
+from hf_model_stock.methods.workers import Workers
 
 try:
     from numba import njit
@@ -131,6 +134,31 @@ def finish(base: np.ndarray, delta_sum: np.ndarray, scale: float, out: np.ndarra
     """``out = w_0 + scale * sum`` over [start, stop); base and out are bf16 bits (uint16) or float32."""
     kernel = _finish_bf16 if out.dtype == np.uint16 else _finish_f32
     kernel(base, delta_sum, np.float32(scale), out, start, stop)
+
+
+SLICE_ALIGN = 4096  # elements: workers' slices start on whole blocks and cache lines
+FUSED_DTYPES = {"BF16": np.uint16, "F32": np.float32}  # safetensors code -> the array that holds its bits
+
+
+class FusedKernel:
+    """``gram`` and ``finish`` over a whole unit, one contiguous slice per worker thread."""
+
+    def __init__(self, workers: int = 1):
+        self._workers = Workers(workers)
+
+    def gram(self, sources: np.ndarray, delta_sum: Optional[np.ndarray] = None) -> np.ndarray:
+        """Float64 Gram matrix of the deltas of ``sources`` ((N+1) x n, base first); stores sum_i d_i
+        into ``delta_sum`` (float32, at least n long) when given."""
+        ranges = self._workers.slices(sources.shape[1], SLICE_ALIGN)
+        return np.sum(self._workers.map(lambda w, s, e: gram(sources, s, e, delta_sum), ranges), axis=0)
+
+    def finish(self, base: np.ndarray, delta_sum: np.ndarray, scale: float, out: np.ndarray) -> None:
+        """``out = w_0 + scale * delta_sum`` over the whole of ``out``."""
+        self._workers.map(lambda w, s, e: finish(base, delta_sum, scale, out, s, e),
+                          self._workers.slices(out.shape[0], SLICE_ALIGN))
+
+    def close(self) -> None:
+        self._workers.close()
 
 
 def _run_bf16_once() -> None:

@@ -3,20 +3,20 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
-import torch
+import numpy as np
 
 from hf_model_stock.methods.model_stock import ModelStockParams, Ratio, ratio_from_gram
 
-RatioFn = Callable[[torch.Tensor, ModelStockParams], Ratio]
+RatioFn = Callable[[Any, ModelStockParams], Ratio]
 
 
-def uniform_ratio(gram: torch.Tensor, params: ModelStockParams) -> Ratio:
+def uniform_ratio(gram: Any, params: ModelStockParams) -> Ratio:
     """Model Soup, the uniform average of the fine-tunes: t = 1, i.e. w = mean_i(w_i).
     Cosines and norms are still reported, for comparison with Model Stock."""
     r = ratio_from_gram(gram, params)
-    return Ratio(t=torch.ones_like(r.t), cos=r.cos, norms=r.norms, clamped=torch.zeros_like(r.clamped))
+    return Ratio(t=np.ones_like(r.t), cos=r.cos, norms=r.norms, clamped=np.zeros_like(r.clamped))
 
 
 METHODS: dict[str, RatioFn] = {"model_stock": ratio_from_gram, "linear": uniform_ratio}

@@ -1,0 +1,125 @@
+"""The compute stage: unit layout in the reader's buffer, the fused/torch choice, and a CPU merge
+that never imports torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hf_model_stock.compute import UnitCompute, stacked
+from hf_model_stock.io.buffers import host_buffer
+from hf_model_stock.io.reader import Checkpoint, ShardFiles
+from hf_model_stock.merge import UNIT_ALIGN, read_unit
+from hf_model_stock.methods import fused_cpu
+from hf_model_stock.methods.model_stock import ModelStockParams, ratio_from_gram
+from hf_model_stock.plan import MergeOptions, build_plan
+from hf_model_stock.recipe import ModelEntry
+from hf_model_stock.sources import resolve
+from tests.modelgen import finetunes, write_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_models(tmp_path: Path, dtype: torch.dtype, n: int = 3) -> tuple[Path, list[Path]]:
+    gen = torch.Generator().manual_seed(7)
+    # odd lengths: 1001 bf16 elements are 2002 bytes, so a tight packing would misalign the next input
+    base = {"a.weight": torch.randn(1001, generator=gen).to(dtype), "b.weight": torch.randn(33, 17, generator=gen).to(dtype)}
+    write_checkpoint(tmp_path / "base", base)
+    paths = []
+    for i, ft in enumerate(finetunes(base, n, seed=3)):
+        paths.append(write_checkpoint(tmp_path / f"ft{i}", ft))
+    return tmp_path / "base", paths
+
+
+def plan_for(base: Path, models: list[Path], **options):
+    resolved = [resolve(ModelEntry.model_validate(str(p))) for p in [base, *models]]
+    return build_plan(resolved[0], resolved[1:], MergeOptions(**options))
+
+
+def test_read_unit_puts_every_input_on_a_cache_line_at_a_uniform_stride(tmp_path):
+    base, models = small_models(tmp_path, torch.bfloat16)
+    plan = plan_for(base, models)
+    task = next(t for t in plan.tasks if t.name == "a.weight")
+    buf = host_buffer(plan.max_unit_in_bytes + UNIT_ALIGN * (len(models) + 1))
+    with ShardFiles() as files:
+        views = read_unit(buf, task, 0, task.numel, files)
+    assert [v.__array_interface__["data"][0] % UNIT_ALIGN for v in views] == [0] * 4
+    rows = stacked(views)
+    assert rows is not None and rows.shape == (4, 1001)
+    for row, path in zip(rows, [base, *models]):  # the bits as the safetensors library reads them
+        want = Checkpoint.open(path).tensors["a.weight"]
+        with open(want.path, "rb") as fh:
+            fh.seek(want.offset)
+            assert row.tobytes() == fh.read(want.nbytes)
+
+
+def test_stacked_refuses_what_the_fused_kernels_cannot_read():
+    buf = host_buffer(4096)
+    same = [buf[i * 64 : i * 64 + 32].view(np.uint16) for i in range(3)]
+    assert stacked(same) is not None
+    assert stacked([same[0], same[1], buf[200:232].view(np.uint16)]) is None  # not a uniform stride
+    assert stacked([same[0], same[1], buf[128:160].view(np.float32)]) is None  # another dtype
+    assert stacked([same[0], same[1], buf[128:158].view(np.uint16)]) is None  # another length
+
+
+@pytest.mark.parametrize("dtype, granularity, fused", [
+    ("BF16", "layer", True), ("F32", "layer", True), ("F16", "layer", False), ("BF16", "filter", False),
+])
+def test_fused_kernels_are_chosen_only_where_they_apply(tmp_path, dtype, granularity, fused):
+    torch_dtype = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16}[dtype]
+    base, models = small_models(tmp_path, torch_dtype)
+    plan = plan_for(base, models, params=ModelStockParams(granularity=granularity))
+    compute = UnitCompute(3, 2, "cpu", plan.max_single_unit_elems)
+    try:
+        # filter-wise applies to tensors of 2 or more dimensions: "b.weight" here, not "a.weight"
+        assert {t.name: compute.fused(t) for t in plan.tasks} == {
+            "a.weight": dtype != "F16" and fused_cpu.available(),
+            "b.weight": fused and fused_cpu.available(),
+        }
+        converted = plan_for(base, models, dtype="F32" if dtype != "F32" else "BF16")
+        assert not any(compute.fused(t) for t in converted.tasks)  # another output dtype: torch
+    finally:
+        compute.close()
+
+
+@pytest.mark.skipif(not fused_cpu.available(), reason="numba not installed")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_and_torch_paths_of_one_unit_give_the_same_bytes(tmp_path, monkeypatch, dtype):
+    base, models = small_models(tmp_path, dtype)
+    plan = plan_for(base, models)
+    task = next(t for t in plan.tasks if t.name == "b.weight")
+    buf = host_buffer(plan.max_unit_in_bytes + UNIT_ALIGN * 4)
+    with ShardFiles() as files:
+        views = read_unit(buf, task, 0, task.numel, files)
+    compute = UnitCompute(3, 2, "cpu", plan.max_single_unit_elems)
+    outs, ratios = [], []
+    try:
+        for force_torch in (False, True):
+            if force_torch:
+                monkeypatch.setattr(compute, "fused", lambda task: False)
+            out = np.empty(task.numel, views[0].dtype)
+            ratios.append(compute.merge(task, views, out, ratio_from_gram, ModelStockParams()))
+            outs.append(out)
+    finally:
+        compute.close()
+    assert outs[0].tobytes() == outs[1].tobytes()
+    assert float(ratios[0].t) == pytest.approx(float(ratios[1].t), rel=1e-6)
+
+
+def test_a_cpu_merge_never_imports_torch(tmp_path):
+    base, models = small_models(tmp_path, torch.bfloat16)
+    args = ["merge", "--base", str(base), *[a for m in models for a in ("--model", str(m))],
+            "--out", str(tmp_path / "out"), "-q"]
+    code = ("import sys\nfrom hf_model_stock.cli import main\n"
+            f"rc = main({args!r})\n"
+            "assert rc == 0, rc\n"
+            "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+            "assert not loaded, loaded[:5]\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
