@@ -89,11 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load_kernels_in_background() -> None:
+    """Load the numba kernels on a background thread, so that the second core works while the rest
+    of the program starts up."""
+    from hf_model_stock.methods import fused_cpu
+
+    fused_cpu.warm_up()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from hf_model_stock.recipe import load_recipe
-    from hf_model_stock.runner import run_recipe
 
     recipe = load_recipe(args.recipe)
+    if not args.dry_run:
+        _load_kernels_in_background()
+    from hf_model_stock.runner import run_recipe
+
     run_recipe(recipe, out_dir=args.out, device=args.device, dry_run=args.dry_run,
                overwrite=args.overwrite, resume=args.resume, on_interrupt=args.on_interrupt, progress=not args.quiet)
     return 0
@@ -110,13 +121,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from hf_model_stock.io import prefetch
-
-    if not args.dry_run:  # the disk and the second core work while torch imports
-        from hf_model_stock.methods import fused_cpu
-
-        prefetch.start([args.base, *args.models])
-        fused_cpu.warm_up()
+    if not args.dry_run:
+        _load_kernels_in_background()
     from hf_model_stock.recipe import parse_recipe
     from hf_model_stock.runner import run_recipe
 

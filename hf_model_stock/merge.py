@@ -4,7 +4,7 @@ Three stages overlap: a reader thread ``pread``s the next units into a small poo
 buffers, the calling thread computes (``compute.UnitCompute``: fused numba kernels on the CPU, torch
 where they do not apply or on CUDA), and a writer thread ``pwrite``s results into the pre-sized
 output shards while hashing them. Memory is bounded by the pools, whatever the
-size of the model: (prefetch + 1) input buffers and two output buffers of at most one unit each.
+size of the model: (prefetch + 1) input buffers and three output buffers of at most one unit each.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from hf_model_stock.io.reader import ShardFiles
 from hf_model_stock.io.writer import ShardWriter
 from hf_model_stock.methods.model_stock import Ratio, concat_ratios
 from hf_model_stock.methods.registry import METHODS
-from hf_model_stock.plan import MergePlan, TensorTask
+from hf_model_stock.plan import OUT_BUFFERS, MergePlan, TensorTask
 
 if TYPE_CHECKING:
     from hf_model_stock.resume import Journal
@@ -289,7 +289,7 @@ def _execute(plan: MergePlan, directory: Path, progress: bool, journal: Optional
     ratio_fn = METHODS[opts.method]
     compute = UnitCompute(len(plan.models), workers, opts.device, plan.max_single_unit_elems)
     in_pool = _Pool(opts.prefetch + 1, plan.max_unit_in_bytes + UNIT_ALIGN * (len(plan.models) + 1), pin=on_gpu)
-    out_pool = _Pool(2, plan.max_unit_out_bytes)
+    out_pool = _Pool(OUT_BUFFERS, plan.max_unit_out_bytes)
     writers = {t.name: w for s in plan.shards for w in [ShardWriter(directory, s, opts.fsync)] for t in s.tensors}
     cancelled = threading.Event()
     units: queue.Queue = queue.Queue(maxsize=opts.prefetch)

@@ -17,7 +17,8 @@ from hf_model_stock.io.writer import OutputTensor, ShardLayout, layout_shards
 from hf_model_stock.methods.model_stock import DEFAULT_BLOCK, ModelStockParams
 from hf_model_stock.sources import ResolvedModel
 
-BASELINE_RSS = 400 * 2**20  # interpreter + torch + libraries, measured before any tensor is read
+BASELINE_RSS = 200 * 2**20  # interpreter, numpy, numba and libraries; torch adds ~180 MB where a tensor needs it
+OUT_BUFFERS = 3  # merged units waiting for the writer: it may lag the compute by two units
 TIED_OUTPUT_EMBEDDING = "lm_head.weight"
 MAX_LISTED_PROBLEMS = 20
 
@@ -120,7 +121,7 @@ class MergePlan:
     def peak_memory_estimate(self) -> int:
         n = len(self.models)
         scratch = (2 * n + 2) * DEFAULT_BLOCK * 4 * max(1, self.options.workers or 2)
-        buffers = (self.options.prefetch + 1) * self.max_unit_in_bytes + 2 * self.max_unit_out_bytes
+        buffers = (self.options.prefetch + 1) * self.max_unit_in_bytes + OUT_BUFFERS * self.max_unit_out_bytes
         buffers += 4 * self.max_single_unit_elems
         return BASELINE_RSS + buffers + scratch
 

@@ -1,15 +1,17 @@
 """The header reader fails closed on malformed safetensors files and indexes."""
 
 import json
+import os
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from hf_model_stock.errors import CheckpointError
-from hf_model_stock.io.reader import Checkpoint, ShardFiles, read_header
+from hf_model_stock.io.reader import DIRECT_PIECE, Checkpoint, ShardFiles, cached_fraction, read_header
 
 
 def raw_file(path: Path, header: dict, data: bytes = b"", header_len: int | None = None) -> Path:
@@ -71,3 +73,60 @@ def test_index_cannot_point_outside(tmp_path, shard, message):
     with pytest.raises(CheckpointError) as exc:
         Checkpoint.open(model)
     assert message in str(exc.value) and "model.safetensors.index.json" in str(exc.value)
+
+
+def evict(path: Path) -> float:
+    """Drop a file's clean pages from the page cache; the fraction still cached afterwards."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return cached_fraction(fd)
+    finally:
+        os.close(fd)
+
+
+def odd_file(tmp_path: Path) -> tuple[Path, bytes, dict]:
+    """A file of random bytes with tensors at offsets and lengths that are not multiples of 4096."""
+    data = np.random.default_rng(0).integers(0, 256, 3 * DIRECT_PIECE + 12345, dtype=np.uint8).tobytes()
+    header = {"a": {"dtype": "U8", "shape": [5000], "data_offsets": [0, 5000]},
+              "big": {"dtype": "U8", "shape": [len(data) - 5001], "data_offsets": [5001, len(data)]},
+              "tiny": {"dtype": "U8", "shape": [1], "data_offsets": [5000, 5001]}}
+    return raw_file(tmp_path / "m.safetensors", header, data), data, header
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_cold_files_read_the_same_bytes_with_or_without_o_direct(tmp_path, direct):
+    path, data, header = odd_file(tmp_path)
+    found, _ = read_header(path)
+    if evict(path) > 0.5:
+        pytest.skip("this filesystem keeps the file cached")
+    with ShardFiles(direct=direct) as files:
+        got = []
+        for name, start, length in [("big", 0, 4096), ("big", 777, 2 * DIRECT_PIECE + 3), ("a", 1, 4999),
+                                    ("tiny", 0, 1), ("big", len(data) - 5001 - 10, 10)]:
+            dest = bytearray(length)
+            files.read_into(found[name], start, memoryview(dest))
+            got.append((found[name].offset + start, bytes(dest)))
+        assert (files._direct_fds[path] >= 0) == direct  # read with O_DIRECT only when asked
+    raw = path.read_bytes()
+    assert all(dest == raw[lo : lo + len(dest)] for lo, dest in got)
+
+
+def test_a_cached_file_is_read_through_the_cache(tmp_path):
+    path, _, _ = odd_file(tmp_path)
+    path.read_bytes()  # cached now
+    found, _ = read_header(path)
+    with ShardFiles() as files:
+        files.read_into(found["a"], 0, memoryview(bytearray(5000)))
+        assert files._direct_fds[path] == -1
+
+
+def test_direct_read_of_a_truncated_file_fails_with_its_name(tmp_path):
+    path, data, _ = odd_file(tmp_path)
+    found, _ = read_header(path)
+    with open(path, "r+b") as fh:
+        fh.truncate(path.stat().st_size - 100)
+    evict(path)
+    with ShardFiles() as files, pytest.raises(CheckpointError, match="unexpected end of file reading tensor 'big'"):
+        files.read_into(found["big"], 0, memoryview(bytearray(len(data) - 5001)))

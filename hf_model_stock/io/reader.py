@@ -5,22 +5,34 @@ buffers, so nothing is memory-mapped and resident memory stays bounded by those 
 process maps from a multi-GB shard count towards its RSS until unmapped). Parsing fails closed: any
 header that is not exactly what the safetensors specification allows raises ``CheckpointError``
 naming the file.
+
+A shard already in the page cache is read from it; a shard that is not is read with ``O_DIRECT``,
+bypassing the cache: a merge reads each input once, so caching it only costs memory and CPU. On the
+project's VM, filling the page cache cost over a second of system time per GB, and reading 3.7 GB of
+cold shards took 6 to 8 s through it (``cat``) against 2 s direct.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
 
+import numpy as np
+
 from hf_model_stock.errors import CheckpointError
 from hf_model_stock.io.dtypes import SAFETENSORS_DTYPES, itemsize
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+DIRECT_ALIGN = 4096  # file offset, length and buffer address alignment that O_DIRECT accepts
+DIRECT_PIECE = 16 << 20  # bytes per direct read (the bounce buffer)
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -233,28 +245,117 @@ class Checkpoint:
         return cls(root, tensors, metadata)
 
 
-class ShardFiles:
-    """Open file descriptors for ``pread``, one per shard file, closed together."""
+def _load_libc() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc if hasattr(libc, "mincore") else None
+    except OSError:
+        return None
 
-    def __init__(self) -> None:
+
+_libc = _load_libc()
+
+
+def cached_fraction(fd: int) -> float:
+    """The fraction of a file's pages in the page cache (``mincore`` on a mapping that is never
+    touched); 1.0 where that cannot be told, so that the file is read through the cache."""
+    size = os.fstat(fd).st_size
+    if size == 0 or _libc is None:
+        return 1.0
+    resident = np.zeros(-(-size // mmap.PAGESIZE), np.uint8)
+    try:
+        mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    except (OSError, ValueError):
+        return 1.0
+    try:
+        address = np.frombuffer(mapped, np.uint8).ctypes.data
+        rc = _libc.mincore(ctypes.c_void_p(address), ctypes.c_size_t(size), ctypes.c_void_p(resident.ctypes.data))
+    finally:
+        mapped.close()
+    return float(np.count_nonzero(resident & 1)) / resident.size if rc == 0 else 1.0
+
+
+class ShardFiles:
+    """Reads tensor bytes from shard files, keeping one descriptor per file until ``close``.
+
+    With ``direct``, a file that is mostly not in the page cache (``mincore``, checked when the file
+    is first read) is read with ``O_DIRECT``, in aligned pieces through a bounce buffer; other files,
+    and filesystems without ``O_DIRECT`` (tmpfs), get ordinary reads. One reader thread per instance
+    (one bounce buffer).
+    """
+
+    def __init__(self, direct: bool = True) -> None:
         self._fds: dict[Path, int] = {}
+        self._direct_fds: dict[Path, int] = {}  # -1: read this file through the page cache
+        self._direct = direct and hasattr(os, "O_DIRECT")
+        self._bounce: Optional[mmap.mmap] = None
 
     def read_into(self, info: TensorInfo, start: int, dest: memoryview) -> None:
         """Read ``len(dest)`` bytes of ``info`` starting ``start`` bytes into the tensor."""
-        fd = self._fds.get(info.path)
+        pos, done = info.offset + start, 0
+        if self._direct_fd(info.path) >= 0:
+            done = self._read_direct(info, pos, dest)
+        self._read_buffered(info, pos + done, dest[done:])
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[info.path] = os.open(info.path, os.O_RDONLY)
-        want, done = len(dest), 0
-        while done < want:
-            n = os.preadv(fd, [dest[done:]], info.offset + start + done)
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def _direct_fd(self, path: Path) -> int:
+        fd = self._direct_fds.get(path)
+        if fd is None:
+            fd = -1
+            if self._direct and cached_fraction(self._fd(path)) < 0.5:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                except OSError:
+                    pass
+            self._direct_fds[path] = fd
+        return fd
+
+    def _read_direct(self, info: TensorInfo, pos: int, dest: memoryview) -> int:
+        """Read the range with O_DIRECT, in aligned pieces through the bounce buffer; the number of
+        bytes read (short where the file ends early or refuses the alignment: the caller goes on)."""
+        if self._bounce is None:
+            self._bounce = mmap.mmap(-1, DIRECT_PIECE)  # page-aligned
+        fd, done = self._direct_fds[info.path], 0
+        with memoryview(self._bounce) as bounce:
+            while done < len(dest):
+                head = (pos + done) % DIRECT_ALIGN
+                span = min(DIRECT_PIECE, -(-(head + len(dest) - done) // DIRECT_ALIGN) * DIRECT_ALIGN)
+                try:
+                    n = os.preadv(fd, [bounce[:span]], pos + done - head)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self._direct_fds[info.path] = -1  # an alignment this device refuses
+                    break
+                got = min(n - head, len(dest) - done)
+                if got <= 0:
+                    break
+                dest[done : done + got] = bounce[head : head + got]
+                done += got
+        return done
+
+    def _read_buffered(self, info: TensorInfo, pos: int, dest: memoryview) -> None:
+        fd, done = self._fd(info.path), 0
+        while done < len(dest):
+            n = os.preadv(fd, [dest[done:]], pos + done)
             if n <= 0:
                 raise CheckpointError(f"{info.path}: unexpected end of file reading tensor {info.name!r}")
             done += n
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
+        for fd in [*self._fds.values(), *self._direct_fds.values()]:
+            if fd >= 0:
+                os.close(fd)
         self._fds.clear()
+        self._direct_fds.clear()
+        if self._bounce is not None:
+            self._bounce.close()
+            self._bounce = None
 
     def __enter__(self) -> "ShardFiles":
         return self
