@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -114,7 +113,6 @@ def execute_plan(
         raise
     try:
         started = time.perf_counter()
-        _import_plotting_in_background()
         result = execute(plan, tmp, progress=progress, journal=journal, done=done)
         with _writing(journal.path):
             journal.close()
@@ -176,19 +174,6 @@ def _resumable(plan: MergePlan, partial: Path) -> dict[str, TensorStats]:
     done = verified_tensors(plan, partial)
     logger.warning("resuming %s: %d of %d tensors already written and verified", partial, len(done), len(plan.tasks))
     return done
-
-
-def _import_plotting_in_background() -> None:
-    """Import matplotlib (about a second of CPU) on a thread while the merge runs, mostly waiting on
-    I/O and numba, so that the t plot drawn at the end does not wait for it."""
-
-    def load() -> None:
-        try:
-            import hf_model_stock.plots  # noqa: F401
-        except ImportError:
-            pass
-
-    threading.Thread(target=load, name="hfms-import-plots", daemon=True).start()
 
 
 def _t_plot(report: dict[str, Any], directory: Path) -> Optional[str]:

@@ -15,7 +15,6 @@ vectorises it (numba widens integer arithmetic to 64 bits, which otherwise defea
 
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 import numpy as np
@@ -161,15 +160,12 @@ class FusedKernel:
         self._workers.close()
 
 
-def _run_bf16_once() -> None:
+def load_kernels() -> None:
+    """Load the bf16 kernels from numba's cache (about a second: LLVM start-up and typing) by running
+    them once on a small block; the CLI calls it on a background thread at start-up."""
+    if not available():
+        return
     src = np.zeros((3, BLOCK), np.uint16)
     sums = np.empty(BLOCK, np.float32)
     gram(src, 0, BLOCK, sums)
     finish(src[0], sums, 0.5, np.empty(BLOCK, np.uint16), 0, BLOCK)
-
-
-def warm_up() -> None:
-    """Load the bf16 kernels from numba's cache (about a second: LLVM start-up and typing) in a
-    background thread, so that it overlaps other start-up work instead of the first merge step."""
-    if available():
-        threading.Thread(target=_run_bf16_once, name="hfms-numba-warm-up", daemon=True).start()

@@ -328,7 +328,7 @@ def ours_tool(args: argparse.Namespace, models: BuiltModels, device: str) -> Too
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     # "cold" means cold inputs: our code, its libraries and numba's kernel cache are read once here
     prewarm = [sys.executable, "-c", "try:\n import hf_model_stock.cli, hf_model_stock.runner\n"
-               " from hf_model_stock.methods import fused_cpu\n fused_cpu._run_bf16_once()\n"
+               " from hf_model_stock.methods import fused_cpu\n fused_cpu.load_kernels()\n"
                "except Exception:\n pass"]
     return Tool(name, cmd, out, prewarm, env, notes=[how])
 
