@@ -123,3 +123,25 @@ def test_a_cpu_merge_never_imports_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("granularity", ["layer", "filter"])
+def test_cuda_merge_agrees_with_the_cpu_merge(tmp_path, granularity):
+    from safetensors.torch import load_file
+
+    from hf_model_stock.pipeline import merge_models
+
+    base, models = small_models(tmp_path, torch.bfloat16)
+    merged = {}
+    for device in ("cpu", "cuda"):
+        opts = MergeOptions(params=ModelStockParams(granularity=granularity), device=device)
+        out = merge_models(base, models, tmp_path / device, opts)
+        merged[device] = (load_file(out.path / "model.safetensors"), {t["name"]: t for t in out.report["tensors"]})
+    (cpu, cpu_stats), (gpu, gpu_stats) = merged["cpu"], merged["cuda"]
+    for name, want in cpu.items():
+        # the GPU sums its Gram blocks in float64, the CPU in float32 blocks: t may differ in its last
+        # bits, which moves an output element by at most one bf16 step
+        step = torch.ldexp(torch.ones_like(want.float()), torch.frexp(want.float())[1] - 8)  # one bf16 step
+        assert bool(((gpu[name].float() - want.float()).abs() <= step).all()), name
+        assert gpu_stats[name]["t"] == pytest.approx(cpu_stats[name]["t"], abs=1e-6)
