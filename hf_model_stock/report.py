@@ -20,7 +20,7 @@ REPORT_NAME = "merge_report.json"
 def versions() -> dict[str, str]:
     """Versions of the packages that determine the bytes of a merge."""
     out = {"python": platform.python_version()}
-    for pkg in ("hf-model-stock", "torch", "safetensors", "huggingface_hub", "transformers"):
+    for pkg in ("hf-model-stock", "numpy", "numba", "torch", "safetensors", "huggingface_hub", "transformers"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:

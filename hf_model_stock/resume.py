@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.metadata
 import json
 import os
 import threading
@@ -23,10 +22,10 @@ import zlib
 from pathlib import Path
 from typing import Any, Optional
 
-from hf_model_stock import __version__
 from hf_model_stock.errors import ModelStockError
 from hf_model_stock.merge import TensorStats
 from hf_model_stock.plan import MergePlan
+from hf_model_stock.report import versions
 
 JOURNAL_NAME = ".hfms-journal.jsonl"
 JOURNAL_VERSION = 1
@@ -47,20 +46,9 @@ def plan_fingerprint(plan: MergePlan) -> str:
     tasks = [[t.name, t.out_dtype, t.merge, t.filter_wise, t.unit_elems,
               [[str(i.path), i.offset, i.dtype] for i in t.inputs]] for t in plan.tasks]
     shards = [[s.filename, hashlib.sha256(s.header).hexdigest()] for s in plan.shards]
-    doc = {"versions": [__version__, *_kernel_versions()], "options": options, "sources": sources,
+    doc = {"versions": versions(), "options": options, "sources": sources,
            "files": files, "tasks": tasks, "shards": shards}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _kernel_versions() -> list[Optional[str]]:
-    """Versions of the libraries whose kernels produce the output bytes (None: not installed)."""
-    versions = []
-    for pkg in ("numba", "numpy", "torch"):
-        try:
-            versions.append(importlib.metadata.version(pkg))
-        except importlib.metadata.PackageNotFoundError:
-            versions.append(None)
-    return versions
 
 
 class Journal:
