@@ -330,7 +330,8 @@ class ShardFiles:
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:
                         raise
-                    self._direct_fds[info.path] = -1  # an alignment this device refuses
+                    os.close(fd)  # an alignment this device refuses: the page cache from now on
+                    self._direct_fds[info.path] = -1
                     break
                 got = min(n - head, len(dest) - done)
                 if got <= 0:
