@@ -16,7 +16,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -196,7 +195,7 @@ def inspect_resolved(
     plan = plan_merge(base, models, MergeOptions(params=params, chunk_bytes=chunk_bytes))
     n = len(models)
     tasks = [t for t in plan.tasks if t.merge]
-    compute = UnitCompute(n, len(os.sched_getaffinity(0)), "cpu", 0)  # one worker per core, as the merger
+    compute = UnitCompute(n, 0, "cpu", 0)  # one worker per core, as the merger
     buf = host_buffer(plan.max_unit_in_bytes + UNIT_ALIGN * (n + 1))
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     rows: list[TensorRow] = []

@@ -9,6 +9,7 @@ CPU merge never pays its two-second import.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -40,14 +41,15 @@ def stacked(views: Sequence[np.ndarray]) -> Optional[np.ndarray]:
 
 
 class UnitCompute:
-    """Merges units on ``device`` with ``workers`` threads, choosing the fused CPU kernels per tensor
-    when they apply. ``scratch_elems`` sizes the float32 delta sum of the largest layer-wise unit."""
+    """Merges units on ``device`` with ``workers`` CPU threads (0: one per core; one on a GPU),
+    choosing the fused CPU kernels per tensor when they apply. ``scratch_elems`` sizes the float32
+    delta sum of the largest layer-wise unit."""
 
     def __init__(self, n_models: int, workers: int, device: str, scratch_elems: int):
         self.n = n_models
         self.device = device
-        self._workers = workers
-        self._fused = fused_cpu.FusedKernel(workers) if device == "cpu" and fused_cpu.available() else None
+        self._workers = 1 if device != "cpu" else (workers or len(os.sched_getaffinity(0)))
+        self._fused = fused_cpu.FusedKernel(self._workers) if device == "cpu" and fused_cpu.available() else None
         self._scratch = host_buffer(4 * max(scratch_elems, 1)).view(np.float32) if device == "cpu" else None
         self._scratch_elems = scratch_elems
         self._torch: Optional["ParallelKernel"] = None
@@ -65,9 +67,13 @@ class UnitCompute:
             and all(i.dtype == code for i in task.inputs)
         )
 
+    def _fused_rows(self, task: TensorTask, views: Sequence[np.ndarray]) -> Optional[np.ndarray]:
+        """The unit as the fused kernels' (N+1) x n array, or None where the torch kernels run it."""
+        return stacked(views) if self.fused(task) else None
+
     def gram(self, task: TensorTask, views: Sequence[np.ndarray]) -> np.ndarray:
         """Gram matrix (N x N, float64) of the deltas of one unit (the first pass of a big tensor)."""
-        if self.fused(task) and (src := stacked(views)) is not None:
+        if (src := self._fused_rows(task, views)) is not None:
             assert self._fused is not None
             return self._fused.gram(src)
         return self._kernel().gram(self._inputs(task, views))
@@ -75,7 +81,7 @@ class UnitCompute:
     def merge(self, task: TensorTask, views: Sequence[np.ndarray], out: np.ndarray, ratio_fn: RatioFn,
               params: ModelStockParams) -> Ratio:
         """A whole layer-wise tensor in one unit: Gram and delta sum in one pass, then ``out``."""
-        if self.fused(task) and (src := stacked(views)) is not None:
+        if (src := self._fused_rows(task, views)) is not None:
             assert self._fused is not None and self._scratch is not None
             sums = self._scratch[: src.shape[1]]
             ratio = ratio_fn(self._fused.gram(src, sums), params)
@@ -88,7 +94,7 @@ class UnitCompute:
 
     def merge_second_pass(self, task: TensorTask, views: Sequence[np.ndarray], t: float, out: np.ndarray) -> None:
         """One unit of a tensor whose t is known (the second pass): ``out = w_0 + t/N * sum_i d_i``."""
-        if self.fused(task) and (src := stacked(views)) is not None:
+        if (src := self._fused_rows(task, views)) is not None:
             assert self._fused is not None and self._scratch is not None
             sums = self._scratch[: src.shape[1]]
             self._fused.gram(src, sums)
@@ -111,11 +117,10 @@ class UnitCompute:
 
             from hf_model_stock.methods.torch_kernels import ParallelKernel
 
-            on_gpu = self.device != "cpu"
             self._torch_threads = torch.get_num_threads()
             torch.set_num_threads(1)  # parallelism comes from our workers; idle OpenMP threads would spin
-            self._torch = ParallelKernel(self.n, 1 if on_gpu else self._workers, CUDA_BLOCK if on_gpu else DEFAULT_BLOCK,
-                                         self.device)
+            block = DEFAULT_BLOCK if self.device == "cpu" else CUDA_BLOCK
+            self._torch = ParallelKernel(self.n, self._workers, block, self.device)
         return self._torch
 
     def _inputs(self, task: TensorTask, views: Sequence[np.ndarray]) -> list[Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import math
-import os
 import queue
 import threading
 import zlib
@@ -109,8 +108,8 @@ class _Unit:
 
 def read_unit(buf: np.ndarray, task: TensorTask, start: int, stop: int, files: ShardFiles) -> list[np.ndarray]:
     """Read elements [start, stop) of each input of ``task`` (base first; only the base for copied
-    tensors) into ``buf``, each at an offset aligned to its element size; return views of their
-    bits (``io.dtypes.storage_dtype``: bfloat16 as uint16)."""
+    tensors) into ``buf``, each starting on a ``UNIT_ALIGN`` boundary; return views of their bits
+    (``io.dtypes.storage_dtype``: bfloat16 as uint16)."""
     views, pos = [], 0
     for info in task.inputs if task.merge else task.inputs[:1]:
         size = itemsize(info.dtype)
@@ -284,11 +283,10 @@ def _execute(plan: MergePlan, directory: Path, progress: bool, journal: Optional
     order = [t.name for t in plan.tasks]
     plan = dataclasses.replace(plan, tasks=[t for t in plan.tasks if t.name not in done])
     opts = plan.options
-    on_gpu = opts.device != "cpu"
-    workers = 1 if on_gpu else (opts.workers or len(os.sched_getaffinity(0)))
     ratio_fn = METHODS[opts.method]
-    compute = UnitCompute(len(plan.models), workers, opts.device, plan.max_single_unit_elems)
-    in_pool = _Pool(opts.prefetch + 1, plan.max_unit_in_bytes + UNIT_ALIGN * (len(plan.models) + 1), pin=on_gpu)
+    compute = UnitCompute(len(plan.models), opts.workers, opts.device, plan.max_single_unit_elems)
+    in_pool = _Pool(opts.prefetch + 1, plan.max_unit_in_bytes + UNIT_ALIGN * (len(plan.models) + 1),
+                    pin=opts.device != "cpu")
     out_pool = _Pool(OUT_BUFFERS, plan.max_unit_out_bytes)
     writers = {t.name: w for s in plan.shards for w in [ShardWriter(directory, s, opts.fsync)] for t in s.tensors}
     cancelled = threading.Event()

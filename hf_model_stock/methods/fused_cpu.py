@@ -136,7 +136,7 @@ def finish(base: np.ndarray, delta_sum: np.ndarray, scale: float, out: np.ndarra
 
 
 SLICE_ALIGN = 4096  # elements: workers' slices start on whole blocks and cache lines
-FUSED_DTYPES = {"BF16": np.uint16, "F32": np.float32}  # safetensors code -> the array that holds its bits
+FUSED_DTYPES = frozenset({"BF16", "F32"})  # safetensors codes the kernels read (as uint16 / float32 bits)
 
 
 class FusedKernel:
