@@ -35,4 +35,8 @@ def test_merge_exits_fast_with_complete_output_and_flushed_summary(tmp_path):
 def test_a_failed_merge_keeps_its_exit_code_and_error_line(tmp_path):
     proc = console(["merge", "--base", str(tmp_path / "nope"), "--model", "a", "--model", "b", "--out", str(tmp_path / "o")])
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'nope'}: no such local directory, and not a Hub repo id (org/name); "
+        "a: no such local directory, and not a Hub repo id (org/name); "
+        "b: no such local directory, and not a Hub repo id (org/name)")
+    assert not (tmp_path / "o").exists()
