@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import platform
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,6 +12,7 @@ from hf_model_stock.analysis import layer_key, layer_sort_key
 from hf_model_stock.merge import ExecutionResult, TensorStats
 from hf_model_stock.plan import MergePlan
 from hf_model_stock.sources import ResolvedModel
+from hf_model_stock.versions import installed_version
 
 REPORT_NAME = "merge_report.json"
 
@@ -21,10 +21,8 @@ def versions() -> dict[str, str]:
     """Versions of the packages that determine the bytes of a merge."""
     out = {"python": platform.python_version()}
     for pkg in ("hf-model-stock", "numpy", "numba", "torch", "safetensors", "huggingface_hub", "transformers"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
+        if (found := installed_version(pkg)) is not None:
+            out[pkg] = found
     return out
 
 

@@ -20,7 +20,6 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -30,6 +29,7 @@ from hf_model_stock.evaluation.lm_tasks import run_task_manager, subsets, write_
 from hf_model_stock.evaluation.spec import EvalSpec
 from hf_model_stock.evaluation.summary import EvalSummary, Score, lm_eval_scores, normalised
 from hf_model_stock.evaluation.tasks import BENCHMARKS, GSM8K_FEWSHOT_POOL, Benchmark
+from hf_model_stock.versions import installed_version
 
 if TYPE_CHECKING:
     from lm_eval.api.model import LM
@@ -202,13 +202,8 @@ def _slug(model: str) -> str:
 
 
 def _versions() -> dict[str, str]:
-    found = {}
-    for package in ("hf-model-stock", "lm_eval", "transformers", "torch"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = "not installed"
-    return found
+    packages = ("hf-model-stock", "lm_eval", "transformers", "torch")
+    return {package: installed_version(package) or "not installed" for package in packages}
 
 
 def _release_memory() -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,6 +26,7 @@ from hf_model_stock.io.writer import sha256_file
 from hf_model_stock.leaderboard.store import write_atomically
 from hf_model_stock.recipe import ModelEntry
 from hf_model_stock.sources import is_local
+from hf_model_stock.versions import installed_version
 
 UNHASHED_FILES = {"README.md"}  # the model card: the leaderboard may write scores into it
 SCORE_SETTINGS = ("limit", "dtype", "backend", "batch_size", "apply_chat_template", "max_gen_toks")
@@ -81,7 +81,7 @@ def model_identity(ref: str, memo: DigestMemo) -> str:
 def task_keys(spec: EvalSpec) -> dict[str, str]:
     """The cache key of each task ``spec`` runs."""
     common = {name: getattr(spec, name) for name in SCORE_SETTINGS}
-    common["versions"] = {package: _version(package) for package in ("lm_eval", "hf-model-stock")}
+    common["versions"] = {package: installed_version(package) or "unknown" for package in ("lm_eval", "hf-model-stock")}
     keys = {}
     for name in spec.task_names():
         benchmark = BENCHMARKS[name]
@@ -115,10 +115,3 @@ def data_digest(benchmark: Benchmark, data_dir: Optional[Path]) -> str:
         name = path.relative_to(root).as_posix() if root is not None and path.is_relative_to(root) else path.name
         h.update(f"{name}\0{sha256_file(path)}\n".encode())
     return h.hexdigest()
-
-
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "unknown"
