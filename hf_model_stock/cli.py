@@ -92,15 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _preload_in_background() -> None:
-    """On a background thread: load the numba kernels (about a second of mostly GIL-bound work), then
-    matplotlib for the t plot. One after the other, so that the plot's import does not compete with
-    the kernels the first merge step waits for; both overlap the rest of start-up and the merge."""
+    """On a background thread: import matplotlib for the t plot (about 0.3 s), overlapping the rest
+    of start-up and the merge instead of delaying the end of it."""
 
     def load() -> None:
         try:
-            from hf_model_stock.methods import fused_cpu
-
-            fused_cpu.load_kernels()
             import hf_model_stock.plots  # noqa: F401
         except Exception:  # only a head start: whatever failed here fails again, reported, where it is used
             pass
@@ -183,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def entry() -> None:
     """The ``hf-model-stock`` console script. After a successful ``merge`` (or a ``run`` that neither
     pushes nor evaluates), whose every output is closed and renamed into place by then, the process
-    exits without the interpreter's teardown of numba, numpy and matplotlib (about half a second)."""
+    exits without the interpreter's teardown of numpy, matplotlib and the libraries (about half a second)."""
     code, fast = _dispatch(None)
     if fast:
         sys.stdout.flush()

@@ -1,8 +1,8 @@
 """The compute stage of the merge: one unit of work (a slice of one tensor, all models) at a time.
 
-Units arrive as numpy views of the reader's buffer, holding each input's raw bits (bfloat16 as
-uint16). On the CPU, layer-wise bf16 or float32 merges run on the fused numba kernels straight from
-those bits. Everything else (float16, float8 or mixed inputs, filter-wise merges, another output
+Units arrive as numpy views of the reader's buffer or of mapped shards, holding each input's raw
+bits (bfloat16 as uint16). On the CPU, layer-wise bf16 or float32 merges run on the fused C kernels
+straight from those bits. Everything else (float16, float8 or mixed inputs, filter-wise merges, another output
 dtype, CUDA) runs on the torch kernels, and torch is imported only when a unit needs it: a plain
 CPU merge never pays its two-second import.
 """
@@ -25,19 +25,6 @@ if TYPE_CHECKING:
     from hf_model_stock.methods.torch_kernels import ParallelKernel
 
 CUDA_BLOCK = 1 << 24
-
-
-def stacked(views: Sequence[np.ndarray]) -> Optional[np.ndarray]:
-    """The views as one (N+1) x n array when they have one dtype and length and lie at a uniform
-    stride in one buffer (as the reader packs them); None otherwise."""
-    first = views[0]
-    if any(v.dtype != first.dtype or v.shape != first.shape or not v.flags.c_contiguous for v in views):
-        return None
-    addr = [v.__array_interface__["data"][0] for v in views]
-    step = addr[1] - addr[0] if len(views) > 1 else 0
-    if step <= 0 or step % first.itemsize or any(a - addr[0] != i * step for i, a in enumerate(addr)):
-        return None
-    return np.lib.stride_tricks.as_strided(first, (len(views), first.shape[0]), (step, first.itemsize))
 
 
 class UnitCompute:
@@ -67,9 +54,9 @@ class UnitCompute:
             and all(i.dtype == code for i in task.inputs)
         )
 
-    def _fused_rows(self, task: TensorTask, views: Sequence[np.ndarray]) -> Optional[np.ndarray]:
-        """The unit as the fused kernels' (N+1) x n array, or None where the torch kernels run it."""
-        return stacked(views) if self.fused(task) else None
+    def _fused_rows(self, task: TensorTask, views: Sequence[np.ndarray]) -> Optional[Sequence[np.ndarray]]:
+        """The unit's inputs as the fused kernels' rows, or None where the torch kernels run it."""
+        return views if self.fused(task) else None
 
     def gram(self, task: TensorTask, views: Sequence[np.ndarray]) -> np.ndarray:
         """Gram matrix (N x N, float64) of the deltas of one unit (the first pass of a big tensor)."""
@@ -83,7 +70,7 @@ class UnitCompute:
         """A whole layer-wise tensor in one unit: Gram and delta sum in one pass, then ``out``."""
         if (src := self._fused_rows(task, views)) is not None:
             assert self._fused is not None and self._scratch is not None
-            sums = self._scratch[: src.shape[1]]
+            sums = self._scratch[: src[0].shape[0]]
             ratio = ratio_fn(self._fused.gram(src, sums), params)
             self._fused.finish(src[0], sums, float(ratio.t) / self.n, out)
             return ratio
@@ -96,8 +83,8 @@ class UnitCompute:
         """One unit of a tensor whose t is known (the second pass): ``out = w_0 + t/N * sum_i d_i``."""
         if (src := self._fused_rows(task, views)) is not None:
             assert self._fused is not None and self._scratch is not None
-            sums = self._scratch[: src.shape[1]]
-            self._fused.gram(src, sums)
+            sums = self._scratch[: src[0].shape[0]]
+            self._fused.delta_sum(src, sums)
             self._fused.finish(src[0], sums, t / self.n, out)
             return
         inputs = self._inputs(task, views)

@@ -1,10 +1,11 @@
 """The streaming executor: read units of work, merge them, write them in place.
 
-Three stages overlap: a reader thread ``pread``s the next units into a small pool of reusable
-buffers, the calling thread computes (``compute.UnitCompute``: fused numba kernels on the CPU, torch
-where they do not apply or on CUDA), and a writer thread ``pwrite``s results into the pre-sized
-output shards while hashing them. Memory is bounded by the pools, whatever the
-size of the model: (prefetch + 1) input buffers and three output buffers of at most one unit each.
+Three stages overlap: a reader thread gets the next units ready (views of the mapped shards that are
+in the page cache, else reads into a small pool of reusable buffers), the calling thread computes
+(``compute.UnitCompute``: fused C kernels on the CPU, torch where they do not apply or on CUDA), and a
+writer thread ``pwrite``s results into the pre-sized output shards while hashing them. Memory is
+bounded by the units in flight, whatever the size of the model: (prefetch + 1) input units (a
+buffer each, or the mapped pages, dropped once merged) and three output buffers of at most one unit.
 """
 
 from __future__ import annotations
@@ -102,23 +103,29 @@ class _Unit:
     start: int
     stop: int
     last: bool
-    buffer: np.ndarray
     views: list[np.ndarray]
+    release: Callable[[], None]  # gives the buffer back and the mapped pages up, once the views are used
 
 
-def read_unit(buf: np.ndarray, task: TensorTask, start: int, stop: int, files: ShardFiles) -> list[np.ndarray]:
-    """Read elements [start, stop) of each input of ``task`` (base first; only the base for copied
-    tensors) into ``buf``, each starting on a ``UNIT_ALIGN`` boundary; return views of their bits
-    (``io.dtypes.storage_dtype``: bfloat16 as uint16)."""
+def read_unit(buf: np.ndarray, task: TensorTask, start: int, stop: int, files: ShardFiles,
+              mapped: Optional[list[tuple[Path, np.ndarray]]] = None) -> list[np.ndarray]:
+    """Views of the bits (``io.dtypes.storage_dtype``: bfloat16 as uint16) of elements [start, stop)
+    of each input of ``task`` (base first; only the base for copied tensors). Inputs that ``files``
+    maps are viewed where they lie, and listed in ``mapped`` for ``files.release`` once used (given
+    ``mapped``); the others are read into ``buf``, each starting on a ``UNIT_ALIGN`` boundary."""
     views, pos = [], 0
     for info in task.inputs if task.merge else task.inputs[:1]:
         size = itemsize(info.dtype)
         nbytes = (stop - start) * size
-        region = buf[pos : pos + nbytes]
-        files.read_into(info, start * size, memoryview(region))
+        region = files.mapped(info, start * size, nbytes, size) if mapped is not None else None
+        if region is not None:
+            mapped.append((info.path, region))  # type: ignore[union-attr]
+        else:
+            region = buf[pos : pos + nbytes]
+            files.read_into(info, start * size, memoryview(region))
+            pos += nbytes
+            pos += -pos % UNIT_ALIGN
         views.append(region.view(storage_dtype(info.dtype)))
-        pos += nbytes
-        pos += -pos % UNIT_ALIGN
     return views
 
 
@@ -142,12 +149,19 @@ def _read_units(
             for phase in phases:
                 for k, (start, stop) in enumerate(units):
                     buf = pool.acquire(cancelled)
-                    try:
-                        views = read_unit(buf, task, start, stop, files)
-                    except BaseException:
+                    mapped: list[tuple[Path, np.ndarray]] = []
+
+                    def release(buf: np.ndarray = buf, mapped: list[tuple[Path, np.ndarray]] = mapped) -> None:
+                        for path, view in mapped:
+                            files.release(path, view)
                         pool.release(buf)
+
+                    try:
+                        views = read_unit(buf, task, start, stop, files, mapped)
+                    except BaseException:
+                        release()
                         raise
-                    _put(out, _Unit(task, phase, start, stop, k == len(units) - 1, buf, views), cancelled)
+                    _put(out, _Unit(task, phase, start, stop, k == len(units) - 1, views, release), cancelled)
         _put(out, None, cancelled)
     except _Cancelled:
         pass
@@ -260,7 +274,7 @@ def _check_finite(plan: MergePlan, task: TensorTask, stats: TensorStats) -> Tens
 
 @contextmanager
 def _frozen_gc() -> Iterator[None]:
-    """Hide the objects that exist now (mostly numba's and the libraries', alive for the whole process) from
+    """Hide the objects that exist now (the libraries', alive for the whole process) from
     the garbage collector while merging, so that its full collections do not walk them again."""
     gc.freeze()
     try:
@@ -291,7 +305,7 @@ def _execute(plan: MergePlan, directory: Path, progress: bool, journal: Optional
     writers = {t.name: w for s in plan.shards for w in [ShardWriter(directory, s, opts.fsync)] for t in s.tensors}
     cancelled = threading.Event()
     units: queue.Queue = queue.Queue(maxsize=opts.prefetch)
-    files = ShardFiles()
+    files = ShardFiles(map_cached=opts.device == "cpu")
     reader = threading.Thread(
         target=_read_units, args=(plan, in_pool, files, units, cancelled), name="hfms-reader", daemon=True
     )
@@ -314,15 +328,14 @@ def _execute(plan: MergePlan, directory: Path, progress: bool, journal: Optional
             task = unit.task
             bar.update(sum(v.nbytes for v in unit.views))
             if unit.phase == "copy":
-                raw = unit.buffer[: unit.views[0].nbytes]
-                writer.submit(task.name, unit.start * itemsize(task.out_dtype), raw,
-                              lambda b=unit.buffer: in_pool.release(b))
+                writer.submit(task.name, unit.start * itemsize(task.out_dtype), unit.views[0].view(np.uint8),
+                              unit.release)
                 record(TensorStats(task.name, list(task.shape), [task.inputs[0].dtype], task.out_dtype, "copy"))
                 continue
             if unit.phase == "stats":
                 part = compute.gram(task, unit.views)
                 gram = part if unit.start == 0 or gram is None else gram + part
-                in_pool.release(unit.buffer)
+                unit.release()
                 if unit.last:
                     ratio = ratio_fn(gram, opts.params)
                     record(_check_finite(plan, task, _stats(task, ratio, "layer")))
@@ -341,7 +354,7 @@ def _execute(plan: MergePlan, directory: Path, progress: bool, journal: Optional
             else:
                 assert ratio is not None
                 compute.merge_second_pass(task, unit.views, float(ratio.t), out)
-            in_pool.release(unit.buffer)
+            unit.release()
             writer.submit(task.name, unit.start * itemsize(task.out_dtype), out_buf[:out_bytes],
                           lambda b=out_buf: out_pool.release(b))
     except BaseException:

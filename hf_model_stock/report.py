@@ -20,7 +20,7 @@ REPORT_NAME = "merge_report.json"
 def versions() -> dict[str, str]:
     """Versions of the packages that determine the bytes of a merge."""
     out = {"python": platform.python_version()}
-    for pkg in ("hf-model-stock", "numpy", "numba", "torch", "safetensors", "huggingface_hub", "transformers"):
+    for pkg in ("hf-model-stock", "numpy", "torch", "safetensors", "huggingface_hub", "transformers"):
         if (found := installed_version(pkg)) is not None:
             out[pkg] = found
     return out

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_model_stock.compute import UnitCompute, stacked
+from hf_model_stock.compute import UnitCompute
 from hf_model_stock.io.buffers import host_buffer
 from hf_model_stock.io.reader import Checkpoint, ShardFiles
 from hf_model_stock.merge import UNIT_ALIGN, read_unit
@@ -41,7 +41,14 @@ def plan_for(base: Path, models: list[Path], **options):
     return build_plan(resolved[0], resolved[1:], MergeOptions(**options))
 
 
-def test_read_unit_puts_every_input_on_a_cache_line_at_a_uniform_stride(tmp_path):
+def file_bytes(path: Path, name: str) -> bytes:
+    want = Checkpoint.open(path).tensors[name]
+    with open(want.path, "rb") as fh:
+        fh.seek(want.offset)
+        return fh.read(want.nbytes)
+
+
+def test_read_unit_puts_every_input_on_a_cache_line(tmp_path):
     base, models = small_models(tmp_path, torch.bfloat16)
     plan = plan_for(base, models)
     task = next(t for t in plan.tasks if t.name == "a.weight")
@@ -49,22 +56,33 @@ def test_read_unit_puts_every_input_on_a_cache_line_at_a_uniform_stride(tmp_path
     with ShardFiles() as files:
         views = read_unit(buf, task, 0, task.numel, files)
     assert [v.__array_interface__["data"][0] % UNIT_ALIGN for v in views] == [0] * 4
-    rows = stacked(views)
-    assert rows is not None and rows.shape == (4, 1001)
-    for row, path in zip(rows, [base, *models]):  # the bits as the safetensors library reads them
-        want = Checkpoint.open(path).tensors["a.weight"]
-        with open(want.path, "rb") as fh:
-            fh.seek(want.offset)
-            assert row.tobytes() == fh.read(want.nbytes)
+    assert all(np.shares_memory(v, buf) for v in views)
+    for view, path in zip(views, [base, *models]):  # the bits as the safetensors library reads them
+        assert view.dtype == np.uint16 and view.tobytes() == file_bytes(path, "a.weight")
 
 
-def test_stacked_refuses_what_the_fused_kernels_cannot_read():
-    buf = host_buffer(4096)
-    same = [buf[i * 64 : i * 64 + 32].view(np.uint16) for i in range(3)]
-    assert stacked(same) is not None
-    assert stacked([same[0], same[1], buf[200:232].view(np.uint16)]) is None  # not a uniform stride
-    assert stacked([same[0], same[1], buf[128:160].view(np.float32)]) is None  # another dtype
-    assert stacked([same[0], same[1], buf[128:158].view(np.uint16)]) is None  # another length
+def test_read_unit_views_cached_shards_where_they_lie_and_releases_them(tmp_path):
+    base, models = small_models(tmp_path, torch.bfloat16)
+    plan = plan_for(base, models)
+    task = next(t for t in plan.tasks if t.name == "b.weight")
+    buf = host_buffer(plan.max_unit_in_bytes + UNIT_ALIGN * (len(models) + 1))
+    mapped: list = []
+    with ShardFiles(map_cached=True) as files:  # the files were just written: they are in the page cache
+        views = read_unit(buf, task, 3, 500, files, mapped)
+        assert [p for p, _ in mapped] == [i.path for i in task.inputs]
+        assert not any(np.shares_memory(v, buf) for v in views)
+        for view, path in zip(views, [base, *models]):
+            assert view.shape == (497,) and view.tobytes() == file_bytes(path, "b.weight")[6:1000]
+        for path, view in mapped:
+            files.release(path, view)
+        assert views[1].tobytes() == file_bytes(models[0], "b.weight")[6:1000]  # still readable, from the file
+        del views, view, mapped
+    # a tensor that does not start on its element size is read into the buffer instead
+    info = task.inputs[0]
+    with ShardFiles(map_cached=True) as files:
+        assert files.mapped(info, 0, 10, 2) is not None
+        assert files.mapped(info, 1, 10, 2) is None
+        assert files.mapped(info, 0, info.nbytes + 1 << 20, 2) is None  # past the end of the file
 
 
 @pytest.mark.parametrize("dtype, granularity, fused", [
@@ -87,7 +105,7 @@ def test_fused_kernels_are_chosen_only_where_they_apply(tmp_path, dtype, granula
         compute.close()
 
 
-@pytest.mark.skipif(not fused_cpu.available(), reason="numba not installed")
+@pytest.mark.skipif(not fused_cpu.available(), reason="the C extension was not built")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_and_torch_paths_of_one_unit_give_the_same_bytes(tmp_path, monkeypatch, dtype):
     base, models = small_models(tmp_path, dtype)

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from hf_model_stock.compute import stacked
 from hf_model_stock.methods import fused_cpu
 from hf_model_stock.methods.model_stock import ModelStockParams, ratio_from_gram
 from hf_model_stock.methods.torch_kernels import BlockKernel, ParallelKernel
@@ -84,10 +83,10 @@ def test_tiny_deltas_follow_the_authors_epsilon_not_a_norm_clamp():
     assert ours.t.item() == pytest.approx(reference_ratio(torch.zeros(10000), deltas), rel=1e-9)
 
 
-@pytest.mark.parametrize("workers, stacked_rows", [(1, False), (2, False), (2, True)])
-def test_blocked_gram_of_a_big_tensor_matches_float64(workers, stacked_rows):
+@pytest.mark.parametrize("workers, fused", [(1, False), (2, False), (2, True)])
+def test_blocked_gram_of_a_big_tensor_matches_float64(workers, fused):
     """65.5M elements: float32 reductions drift here; blocked float32 dots summed in float64 do not.
-    Separate tensors take the torch kernel, rows of one buffer the fused CPU kernel."""
+    Both the torch kernel and the fused CPU kernel."""
     n_el = 65_536_000
     gen = torch.Generator().manual_seed(1)
     rows = torch.empty(3, n_el, dtype=torch.bfloat16)
@@ -95,12 +94,10 @@ def test_blocked_gram_of_a_big_tensor_matches_float64(workers, stacked_rows):
     common = torch.randn(n_el, generator=gen) * 0.01
     for i in (1, 2):
         rows[i] = rows[0].float() + common + torch.randn(n_el, generator=gen) * 0.01
-    base, *models = rows if stacked_rows else [r.clone() for r in rows]
-    bits = stacked([r.view(torch.uint16).numpy() for r in (base, *models)])
-    assert (bits is not None) == stacked_rows
-    if stacked_rows:
+    base, *models = rows
+    if fused:
         kernel = fused_cpu.FusedKernel(workers)
-        g = torch.from_numpy(kernel.gram(bits))
+        g = torch.from_numpy(kernel.gram([r.view(torch.uint16).numpy() for r in rows]))
     else:
         kernel = ParallelKernel(2, workers=workers)
         g = torch.from_numpy(kernel.gram([base, *models]))

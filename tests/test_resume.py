@@ -55,9 +55,9 @@ def reads(monkeypatch) -> list[str]:
     seen: list[str] = []
     original: Callable = merge_module.read_unit
 
-    def spy(buf, task, start, stop, files):
+    def spy(buf, task, start, stop, files, mapped=None):
         seen.append(task.name)
-        return original(buf, task, start, stop, files)
+        return original(buf, task, start, stop, files, mapped)
 
     monkeypatch.setattr(merge_module, "read_unit", spy)
     return seen
@@ -68,12 +68,12 @@ def interrupt_after(monkeypatch, tensors: int) -> None:
     started: list[str] = []
     original: Callable = merge_module.read_unit
 
-    def stop(buf, task, start, stop_, files):
+    def stop(buf, task, start, stop_, files, mapped=None):
         if task.name not in started:
             started.append(task.name)
         if len(started) > tensors:
             raise KeyboardInterrupt
-        return original(buf, task, start, stop_, files)
+        return original(buf, task, start, stop_, files, mapped)
 
     monkeypatch.setattr(merge_module, "read_unit", stop)
 

@@ -1,15 +1,22 @@
 """Lazy, header-driven access to tensors spread over safetensors shards.
 
-Only headers are parsed up front; tensor bytes are read later with ``pread`` into caller-owned
-buffers, so nothing is memory-mapped and resident memory stays bounded by those buffers (pages a
-process maps from a multi-GB shard count towards its RSS until unmapped). Parsing fails closed: any
-header that is not exactly what the safetensors specification allows raises ``CheckpointError``
-naming the file.
+Only headers are parsed up front; parsing fails closed: any header that is not exactly what the
+safetensors specification allows raises ``CheckpointError`` naming the file. Tensor bytes are
+reached later in one of three ways, chosen per file when it is first read:
 
-A shard already in the page cache is read from it; a shard that is not is read with ``O_DIRECT``,
-bypassing the cache: a merge reads each input once, so caching it only costs memory and CPU. On the
-project's VM, filling the page cache cost over a second of system time per GB, and reading 3.7 GB of
-cold shards took 6 to 8 s through it (``cat``) against 2 s direct.
+- a shard mostly in the page cache is mapped (``map_cached``), and the merge reads its pages where
+  they are: no copy at all. Copying 3.9 GB of cached shards into buffers with ``pread`` cost 2 s of
+  CPU on the project's VM; touching the same pages through a mapping cost 0.06 s. The pages a unit
+  used are dropped from the mapping (``release``) once it is merged, so resident memory stays
+  bounded by the units in flight, as with buffers;
+- a shard mostly not in the cache is read with ``O_DIRECT`` into caller-owned buffers, bypassing the
+  cache: a merge reads each input once, so caching it only costs memory and CPU (filling the page
+  cache cost over a second of system time per GB there, and 3.7 GB of cold shards took 6 to 8 s
+  through it against 2 s direct);
+- otherwise (tmpfs, no ``O_DIRECT``), ``pread`` into those buffers.
+
+A mapped shard must not be truncated while it is read (the process would get SIGBUS); shards in
+the Hugging Face cache are immutable blobs.
 """
 
 from __future__ import annotations
@@ -276,19 +283,57 @@ def cached_fraction(fd: int) -> float:
 
 
 class ShardFiles:
-    """Reads tensor bytes from shard files, keeping one descriptor per file until ``close``.
+    """Reads tensor bytes from shard files, keeping one descriptor (and mapping) per file until ``close``.
 
-    With ``direct``, a file that is mostly not in the page cache (``mincore``, checked when the file
-    is first read) is read with ``O_DIRECT``, in aligned pieces through a bounce buffer; other files,
-    and filesystems without ``O_DIRECT`` (tmpfs), get ordinary reads. One reader thread per instance
-    (one bounce buffer).
+    With ``map_cached``, ``mapped`` gives a view of a tensor's bytes in a private, read-only-in-practice
+    mapping of a file that is mostly in the page cache (``mincore``, checked when the file is first
+    read); ``release`` drops a view's pages from the mapping. With ``direct``, a file that is mostly
+    not in the cache is read (``read_into``) with ``O_DIRECT``, in aligned pieces through a bounce
+    buffer; other files, and filesystems without ``O_DIRECT`` (tmpfs), get ordinary reads. One
+    reader thread per instance (one bounce buffer); ``release`` may be called from any thread.
     """
 
-    def __init__(self, direct: bool = True) -> None:
+    def __init__(self, direct: bool = True, map_cached: bool = False) -> None:
         self._fds: dict[Path, int] = {}
         self._direct_fds: dict[Path, int] = {}  # -1: read this file through the page cache
         self._direct = direct and hasattr(os, "O_DIRECT")
+        self._map_cached = map_cached
+        self._maps: dict[Path, Optional[mmap.mmap]] = {}  # None: this file is read, not mapped
+        self._addresses: dict[Path, int] = {}
         self._bounce: Optional[mmap.mmap] = None
+
+    def mapped(self, info: TensorInfo, start: int, nbytes: int, align: int) -> Optional[np.ndarray]:
+        """``nbytes`` of ``info`` from ``start`` bytes into the tensor, as a uint8 view of the file's
+        mapping; None where the file is not mapped or the bytes do not start on ``align`` (the caller
+        reads them instead). The view must not be written to."""
+        mapping = self._mapping(info.path)
+        pos = info.offset + start
+        if mapping is None or nbytes == 0 or pos % align or pos + nbytes > len(mapping):
+            return None
+        return np.frombuffer(mapping, np.uint8, nbytes, pos)
+
+    def release(self, path: Path, view: np.ndarray) -> None:
+        """Drop the pages of a view from ``mapped`` (of the file at ``path``) out of the mapping; they
+        stay in the page cache, and the view stays readable (from the file) should anything read it."""
+        mapping = self._maps.get(path)
+        if mapping is None or view.nbytes == 0:
+            return
+        offset = view.ctypes.data - self._addresses[path]
+        first = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(len(mapping), -(-(offset + view.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE)
+        mapping.madvise(mmap.MADV_DONTNEED, first, end - first)
+
+    def _mapping(self, path: Path) -> Optional[mmap.mmap]:
+        if path not in self._maps:
+            mapping = None
+            if self._map_cached and self._direct_fd(path) < 0:
+                try:
+                    mapping = mmap.mmap(self._fd(path), 0, access=mmap.ACCESS_COPY)
+                    self._addresses[path] = np.frombuffer(mapping, np.uint8, 1).ctypes.data
+                except (OSError, ValueError):  # an empty file, or a filesystem that cannot map
+                    pass
+            self._maps[path] = mapping
+        return self._maps[path]
 
     def read_into(self, info: TensorInfo, start: int, dest: memoryview) -> None:
         """Read ``len(dest)`` bytes of ``info`` starting ``start`` bytes into the tensor."""
@@ -349,6 +394,13 @@ class ShardFiles:
             done += n
 
     def close(self) -> None:
+        for mapping in self._maps.values():
+            if mapping is not None:
+                try:
+                    mapping.close()
+                except BufferError:  # views still alive (an interrupted merge): unmapped when they go
+                    pass
+        self._maps.clear()
         for fd in [*self._fds.values(), *self._direct_fds.values()]:
             if fd >= 0:
                 os.close(fd)

@@ -1,6 +1,6 @@
 """A few compute threads that each take one contiguous slice of a unit of work.
 
-On a 2-core machine torch's intra-op threads (or numba's) would spin-wait while the I/O threads need
+On a 2-core machine torch's intra-op threads would spin-wait while the I/O threads need
 the CPU; splitting a unit into one slice per worker, with kernels that release the GIL, keeps every
 core on useful work instead.
 """

@@ -326,9 +326,9 @@ def ours_tool(args: argparse.Namespace, models: BuiltModels, device: str) -> Too
     cmd += ["--out", str(out), "-q", "--device", device, *shlex.split(args.ours_extra_args)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    # "cold" means cold inputs: our code, its libraries and numba's kernel cache are read once here
+    # "cold" means cold inputs: our code and its libraries are read once here
     prewarm = [sys.executable, "-c", "try:\n import hf_model_stock.cli, hf_model_stock.runner\n"
-               " from hf_model_stock.methods import fused_cpu\n fused_cpu.load_kernels()\n"
+               " from hf_model_stock.methods import fused_cpu\n"
                "except Exception:\n pass"]
     return Tool(name, cmd, out, prewarm, env, notes=[how])
 
