@@ -15,15 +15,14 @@ import gc
 import math
 import queue
 import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
-from tqdm.auto import tqdm
+from zlib_ng import zlib_ng  # CRC-32 with carry-less multiply: 8 GB/s here against zlib's 2.6
 
 from hf_model_stock.compute import UnitCompute
 from hf_model_stock.errors import ModelStockError
@@ -207,7 +206,7 @@ class _Writer:
                 if self._error is None:
                     writer = self._writers[name]
                     view = memoryview(data)
-                    crc = self._checksums.submit(zlib.crc32, view, self._crc[name]) if self._journal else None
+                    crc = self._checksums.submit(zlib_ng.crc32, view, self._crc[name]) if self._journal else None
                     writer.write(name, start_byte, view)
                     if crc is not None:  # the CRC-32 (for resuming) is computed while the bytes are hashed and written
                         self._tensor_written(writer, name, view.nbytes, crc.result())
@@ -283,6 +282,12 @@ def _frozen_gc() -> Iterator[None]:
         gc.unfreeze()
 
 
+def _progress_bar(total: int) -> Any:
+    from tqdm.auto import tqdm  # imported only when shown: it brings asyncio along (0.1 s)
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc="merging")
+
+
 def execute(plan: MergePlan, directory: Path, progress: bool = True, *, journal: Optional["Journal"] = None,
             done: Optional[Mapping[str, TensorStats]] = None) -> ExecutionResult:
     """Merge every tensor of ``plan`` into pre-sized shards in ``directory``. Tensors in ``done`` are
@@ -319,14 +324,15 @@ def _execute(plan: MergePlan, directory: Path, progress: bool, journal: Optional
 
     gram: Optional[np.ndarray] = None
     ratio: Optional[Ratio] = None
-    bar = tqdm(total=plan.bytes_read, unit="B", unit_scale=True, desc="merging", disable=not progress)
+    bar = _progress_bar(plan.bytes_read) if progress else None
     reader.start()
     try:
         while (unit := units.get()) is not None:
             if isinstance(unit, BaseException):
                 raise unit
             task = unit.task
-            bar.update(sum(v.nbytes for v in unit.views))
+            if bar is not None:
+                bar.update(sum(v.nbytes for v in unit.views))
             if unit.phase == "copy":
                 writer.submit(task.name, unit.start * itemsize(task.out_dtype), unit.views[0].view(np.uint8),
                               unit.release)
@@ -363,7 +369,8 @@ def _execute(plan: MergePlan, directory: Path, progress: bool, journal: Optional
     finally:
         cancelled.set()
         reader.join()
-        bar.close()
+        if bar is not None:
+            bar.close()
         compute.close()
         try:
             writer.close()

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from hf_model_stock import output
-from hf_model_stock.card import card_text
 from hf_model_stock.errors import ModelStockError
 from hf_model_stock.io.reader import INDEX_NAME
 from hf_model_stock.io.writer import write_index
@@ -162,6 +161,8 @@ def _write_metadata(plan: MergePlan, result: ExecutionResult, tmp: Path, tokeniz
         write_report(tmp, report)
     with _writing(tmp / T_PLOT_NAME):
         plot = _t_plot(report, tmp)
+    from hf_model_stock.card import card_text  # the Hub client's card data: imported while the merge runs (cli)
+
     with _writing(tmp / "README.md"):
         (tmp / "README.md").write_text(card_text(report, t_plot=plot), encoding="utf-8")
     return report

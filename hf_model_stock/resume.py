@@ -18,9 +18,10 @@ import json
 import os
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Optional
+
+from zlib_ng import zlib_ng
 
 from hf_model_stock.errors import ModelStockError
 from hf_model_stock.merge import TensorStats
@@ -135,7 +136,7 @@ def crc32_range(fd: int, offset: int, nbytes: int, block: int = 16 << 20) -> Opt
         chunk = os.pread(fd, min(block, nbytes - done), offset + done)
         if not chunk:
             return None
-        crc = zlib.crc32(chunk, crc)
+        crc = zlib_ng.crc32(chunk, crc)
         done += len(chunk)
     return crc
 

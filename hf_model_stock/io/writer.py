@@ -26,7 +26,7 @@ from hf_model_stock.io.dtypes import itemsize
 from hf_model_stock.io.reader import INDEX_NAME, SINGLE_NAME
 
 DIRECT_ALIGN = 4096  # offset, length and address alignment that O_DIRECT accepts on common filesystems
-STAGE_BYTES = 4 << 20  # per buffer (two of them); a multiple of DIRECT_ALIGN
+STAGE_BYTES = 16 << 20  # per buffer (two of them); a multiple of DIRECT_ALIGN
 
 
 @dataclass(frozen=True)
