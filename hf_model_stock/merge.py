@@ -111,7 +111,9 @@ def read_unit(buf: np.ndarray, task: TensorTask, start: int, stop: int, files: S
     """Views of the bits (``io.dtypes.storage_dtype``: bfloat16 as uint16) of elements [start, stop)
     of each input of ``task`` (base first; only the base for copied tensors). Inputs that ``files``
     maps are viewed where they lie, and listed in ``mapped`` for ``files.release`` once used (given
-    ``mapped``); the others are read into ``buf``, each starting on a ``UNIT_ALIGN`` boundary."""
+    ``mapped``); the others are read into ``buf``, each starting on a ``UNIT_ALIGN`` boundary. A
+    tensor merged in two passes is read through the page cache even from a cold shard, so that
+    its second pass finds it there instead of reading the disk again."""
     views, pos = [], 0
     for info in task.inputs if task.merge else task.inputs[:1]:
         size = itemsize(info.dtype)
@@ -121,7 +123,7 @@ def read_unit(buf: np.ndarray, task: TensorTask, start: int, stop: int, files: S
             mapped.append((info.path, region))  # type: ignore[union-attr]
         else:
             region = buf[pos : pos + nbytes]
-            files.read_into(info, start * size, memoryview(region))
+            files.read_into(info, start * size, memoryview(region), keep_cached=task.two_pass)
             pos += nbytes
             pos += -pos % UNIT_ALIGN
         views.append(region.view(storage_dtype(info.dtype)))

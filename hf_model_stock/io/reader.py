@@ -335,10 +335,11 @@ class ShardFiles:
             self._maps[path] = mapping
         return self._maps[path]
 
-    def read_into(self, info: TensorInfo, start: int, dest: memoryview) -> None:
-        """Read ``len(dest)`` bytes of ``info`` starting ``start`` bytes into the tensor."""
+    def read_into(self, info: TensorInfo, start: int, dest: memoryview, keep_cached: bool = False) -> None:
+        """Read ``len(dest)`` bytes of ``info`` starting ``start`` bytes into the tensor; through the page
+        cache, whatever the file, with ``keep_cached`` (bytes that will be read again soon)."""
         pos, done = info.offset + start, 0
-        if self._direct_fd(info.path) >= 0:
+        if not keep_cached and self._direct_fd(info.path) >= 0:
             done = self._read_direct(info, pos, dest)
         self._read_buffered(info, pos + done, dest[done:])
 
