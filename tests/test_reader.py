@@ -130,3 +130,33 @@ def test_direct_read_of_a_truncated_file_fails_with_its_name(tmp_path):
     evict(path)
     with ShardFiles() as files, pytest.raises(CheckpointError, match="unexpected end of file reading tensor 'big'"):
         files.read_into(found["big"], 0, memoryview(bytearray(len(data) - 5001)))
+
+
+def test_keep_cached_reads_a_cold_file_through_the_page_cache(tmp_path):
+    """What a two-pass tensor's first pass reads stays in the page cache for its second pass."""
+    path, data, _ = odd_file(tmp_path)
+    found, _ = read_header(path)
+    if evict(path) > 0.5:
+        pytest.skip("this filesystem keeps the file cached")
+    with ShardFiles() as files:
+        files.read_into(found["a"], 0, memoryview(bytearray(5000)))  # a cold file: read with O_DIRECT
+        assert files._direct_fds[path] >= 0
+        dest = bytearray(len(data) - 5001)
+        files.read_into(found["big"], 0, memoryview(dest), keep_cached=True)
+        assert bytes(dest) == data[5001:]
+        assert cached_fraction(files._fd(path)) > 0.9
+
+
+def test_a_cold_file_is_never_mapped(tmp_path):
+    path, _, _ = odd_file(tmp_path)
+    found, _ = read_header(path)
+    if evict(path) > 0.5:
+        pytest.skip("this filesystem keeps the file cached")
+    with ShardFiles(map_cached=True) as files:
+        assert files.mapped(found["a"], 0, 5000, 1) is None
+    path.read_bytes()
+    with ShardFiles(map_cached=True) as files:
+        view = files.mapped(found["a"], 0, 5000, 1)
+        assert view is not None and view.tobytes() == path.read_bytes()[found["a"].offset : found["a"].offset + 5000]
+        files.release(path, view)
+        del view
