@@ -64,14 +64,15 @@ def test_bf16_rounding_matches_torch_on_ties_nan_and_inf():
     assert bool(out[4].isnan())
 
 
-@pytest.mark.parametrize("numel", [1, 15, 16, 17, 2047, 2048, 2049, 4096 * 3 + 5])
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 15, 16, 17, 1023, 1024, 1025, 2047, 2048, 2049, 4096 * 3 + 5])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_rows_anywhere_and_any_length_match_float64(numel, dtype):
+@pytest.mark.parametrize("n_models", [2, 3, 4, 5, 7])  # 2 to 4: the register-blocked kernel; more: rows in L1
+def test_rows_anywhere_and_any_length_match_float64(numel, dtype, n_models):
     """Rows in separate buffers at odd element offsets (as mapped shards give them), lengths around the
-    16 lanes, the 2048-element block and the workers' 4096-element slices."""
+    8 lanes, the 1024- and 2048-element blocks and the workers' 4096-element slices."""
     gen = torch.Generator().manual_seed(numel)
     base = torch.randn(numel, generator=gen)
-    rows = [base] + [base + 0.01 * torch.randn(numel, generator=gen) for _ in range(3)]
+    rows = [base] + [base + 0.01 * torch.randn(numel, generator=gen) for _ in range(n_models)]
     lowered = [r.to(dtype) for r in rows]
     storage = [torch.cat([torch.zeros(1 + i, dtype=dtype), r])[1 + i :] for i, r in enumerate(lowered)]
     view = torch.uint16 if dtype == torch.bfloat16 else torch.float32
@@ -89,7 +90,10 @@ def test_rows_anywhere_and_any_length_match_float64(numel, dtype):
     scale = np.sqrt(np.outer(np.diag(ref), np.diag(ref)))  # errors relative to the norms: the cosine's error
     assert (np.abs(g - ref) <= 1e-6 * scale).all()
     d32 = [r.float() - lowered[0].float() for r in lowered[1:]]  # float32 deltas, summed in model order
-    assert np.array_equal(sums, (d32[0] + d32[1] + d32[2]).numpy())
+    in_order = d32[0].clone()
+    for d_i in d32[1:]:
+        in_order += d_i
+    assert np.array_equal(sums, in_order.numpy())
     np.testing.assert_allclose(sums, d.sum(0).numpy(), rtol=1e-5, atol=1e-9)
     want = (lowered[0].float() + (torch.from_numpy(sums) * np.float32(0.4))).to(dtype)
     assert torch.equal(out.view(view), want.view(view))

@@ -1,10 +1,12 @@
 /* Fused CPU kernels for the layer-wise Model Stock hot path on bf16 and float32 inputs.
  *
- * gram:   one pass per block of 2048 elements. Each input row (base first, each its own buffer) is
- *         decoded to float32 (bf16 is the upper half of a float32: a 16-bit shift, exact) and the base
- *         subtracted, into N delta rows that stay in L1; the pairwise dot products are accumulated in
- *         float32 lanes within the block and each block's sum is added into float64; the delta sum
- *         (d_1 + d_2 + ... in that order, as torch's sum over the model axis) is stored when asked.
+ * gram:   one pass over the inputs (base first, each row its own buffer). Each element is decoded to
+ *         float32 (bf16 is the upper half of a float32: a 16-bit shift, exact) and the base
+ *         subtracted; the pairwise dot products are accumulated in float32 lanes within a block
+ *         and each block's sum is added into float64; the delta sum (d_1 + d_2 + ... in that
+ *         order, as torch's sum over the model axis) is stored when asked. For 2 to 4 fine-tunes
+ *         all of it happens in vector registers, 8 elements at a time (blocks of 1024 elements);
+ *         for more, the N delta rows of a 2048-element block are formed in L1 first.
  * finish: out = float32(sum * scale) + w_0, two float32 roundings as in the torch kernel, then
  *         round-to-nearest-even to bf16 (NaN -> canonical quiet NaN), so both give the same bytes.
  *
@@ -72,6 +74,132 @@ static inline float block_dot(const float *a, const float *b, Py_ssize_t k)
     for (int width = LANES / 2; width > 0; width /= 2)
         for (int l = 0; l < width; l++) acc[l] += acc[l + width];
     return acc[0];
+}
+
+
+/* Register-blocked path for 2 to FAST_MAX fine-tunes: for each group of VL elements, the N deltas are
+ * formed in registers and every pairwise product and the delta sum are accumulated from them; no
+ * intermediate rows. N, the input format and whether a Gram matrix is wanted are compile-time
+ * constants in each instance (always_inline), so the loops unroll and the lanes vectorise. */
+#define VL 8         /* lanes: one 256-bit vector of float32 */
+#define FLUSH 1024   /* elements summed in float32 lanes before each float64 addition */
+#define FAST_MAX 4
+#define INLINE static inline __attribute__((always_inline))
+
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+typedef uint32_t vu32 __attribute__((vector_size(VL * sizeof(uint32_t))));
+typedef uint16_t vu16 __attribute__((vector_size(VL * sizeof(uint16_t))));
+
+/* elements [t, t + VL) of a row as float32 lanes (through a pointer: vectors are not returned
+ * by value, whose ABI depends on the target of each clone) */
+INLINE void load_group(const void *row, const int bf16, Py_ssize_t t, vf *out)
+{
+    vf x;
+    if (bf16) {
+        vu16 h;
+        memcpy(&h, (const uint16_t *)row + t, sizeof h);
+        vu32 w = __builtin_convertvector(h, vu32) << 16;
+        memcpy(&x, &w, sizeof x);
+    } else {
+        memcpy(&x, (const float *)row + t, sizeof x);
+    }
+    *out = x;
+}
+
+/* the first k < VL elements from t, the other lanes 0 in every row (their deltas add nothing) */
+INLINE void load_tail(const void *row, const int bf16, Py_ssize_t t, int k, vf *out)
+{
+    uint32_t bits[VL] = {0};
+    float vals[VL] = {0};
+    vf x;
+    if (bf16) {
+        for (int l = 0; l < k; l++) bits[l] = (uint32_t)((const uint16_t *)row)[t + l] << 16;
+        memcpy(&x, bits, sizeof x);
+    } else {
+        memcpy(vals, (const float *)row + t, (size_t)k * sizeof(float));
+        memcpy(&x, vals, sizeof x);
+    }
+    *out = x;
+}
+
+INLINE void load(const void *row, const int bf16, Py_ssize_t t, int k, vf *out)
+{
+    if (k == VL)
+        load_group(row, bf16, t, out);
+    else
+        load_tail(row, bf16, t, k, out);
+}
+
+INLINE void group(const int n, const int bf16, const int want_gram, const void *const *rows, Py_ssize_t t, int k,
+                  vf *acc, float *sum)
+{
+    vf d[FAST_MAX], b;
+    load(rows[0], bf16, t, k, &b);
+    for (int i = 0; i < n; i++) {
+        load(rows[i + 1], bf16, t, k, &d[i]);
+        d[i] -= b;
+    }
+    if (want_gram) {
+        int p = 0;
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j <= i; j++, p++) acc[p] += d[i] * d[j];
+    }
+    if (sum != NULL) {
+        vf s = d[0];
+        for (int i = 1; i < n; i++) s += d[i];
+        if (k == VL) {
+            memcpy(sum + t, &s, sizeof s);
+        } else {
+            float lanes[VL];
+            memcpy(lanes, &s, sizeof s);
+            memcpy(sum + t, lanes, (size_t)k * sizeof(float));
+        }
+    }
+}
+
+INLINE void gram_fast(const int n, const int bf16, const int want_gram, const void *const *rows, Py_ssize_t start,
+                      Py_ssize_t stop, double *gram, float *sum)
+{
+    for (Py_ssize_t s = start; s < stop; s += FLUSH) {
+        Py_ssize_t e = stop - s < FLUSH ? stop : s + FLUSH, t = s;
+        vf acc[FAST_MAX * (FAST_MAX + 1) / 2] = {0};
+        for (; t + VL <= e; t += VL) group(n, bf16, want_gram, rows, t, VL, acc, sum);
+        if (t < e) group(n, bf16, want_gram, rows, t, (int)(e - t), acc, sum);
+        if (!want_gram) continue;
+        int p = 0;
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j <= i; j++, p++) {
+                float a[VL];
+                memcpy(a, &acc[p], sizeof a);
+                for (int width = VL / 2; width > 0; width /= 2)
+                    for (int l = 0; l < width; l++) a[l] += a[l + width];
+                gram[i * n + j] += (double)a[0];
+            }
+    }
+}
+
+/* the instance for (n, bf16, gram wanted); 0 where n has none */
+HOT static int gram_registers(const void *const *rows, int n, int bf16, Py_ssize_t start, Py_ssize_t stop,
+                              double *gram, float *sum)
+{
+#define CASE(N)                                                                        \
+    case N:                                                                            \
+        if (bf16 && gram) gram_fast(N, 1, 1, rows, start, stop, gram, sum);            \
+        else if (bf16) gram_fast(N, 1, 0, rows, start, stop, gram, sum);               \
+        else if (gram) gram_fast(N, 0, 1, rows, start, stop, gram, sum);               \
+        else gram_fast(N, 0, 0, rows, start, stop, gram, sum);                         \
+        break;
+    switch (n) {
+        CASE(2)
+        CASE(3)
+        CASE(4)
+    default:
+        return 0;
+    }
+#undef CASE
+    for (int i = 0; gram != NULL && i < n; i++)
+        for (int j = i + 1; j < n; j++) gram[i * n + j] = gram[j * n + i];
+    return 1;
 }
 
 HOT static void gram_range(const void *const *rows, int n, int bf16, Py_ssize_t start, Py_ssize_t stop,
@@ -199,7 +327,7 @@ static PyObject *py_gram(PyObject *self, PyObject *args)
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    gram_range(rows, n, bf16, start, stop, gram, sum, scratch);
+    if (!gram_registers(rows, n, bf16, start, stop, gram, sum)) gram_range(rows, n, bf16, start, stop, gram, sum, scratch);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
