@@ -129,6 +129,18 @@ def test_fused_and_torch_paths_of_one_unit_give_the_same_bytes(tmp_path, monkeyp
     assert float(ratios[0].t) == pytest.approx(float(ratios[1].t), rel=1e-6)
 
 
+def test_without_the_c_extension_the_torch_kernels_give_the_same_shards(tmp_path, monkeypatch):
+    """An install without a C compiler has no fused kernels: every tensor takes the torch kernels."""
+    from hf_model_stock.pipeline import merge_models
+
+    base, models = small_models(tmp_path, torch.bfloat16)
+    with_c = merge_models(base, models, tmp_path / "with_c")
+    monkeypatch.setattr(fused_cpu, "_fused", None)
+    assert not fused_cpu.available()
+    without = merge_models(base, models, tmp_path / "without")
+    assert (with_c.path / "model.safetensors").read_bytes() == (without.path / "model.safetensors").read_bytes()
+
+
 def test_a_cpu_merge_never_imports_torch(tmp_path):
     base, models = small_models(tmp_path, torch.bfloat16)
     args = ["merge", "--base", str(base), *[a for m in models for a in ("--model", str(m))],
