@@ -186,7 +186,7 @@ def inspect_resolved(
     from hf_model_stock.compute import UnitCompute
     from hf_model_stock.io.buffers import host_buffer
     from hf_model_stock.io.reader import ShardFiles
-    from hf_model_stock.merge import UNIT_ALIGN, read_unit
+    from hf_model_stock.merge import read_unit, unit_buffer_bytes
     from hf_model_stock.methods.model_stock import ModelStockParams, ratio_from_gram
     from hf_model_stock.pipeline import plan_merge
     from hf_model_stock.plan import MergeOptions
@@ -196,7 +196,7 @@ def inspect_resolved(
     n = len(models)
     tasks = [t for t in plan.tasks if t.merge]
     compute = UnitCompute(n, 0, "cpu", 0)  # one worker per core, as the merger
-    buf = host_buffer(plan.max_unit_in_bytes + UNIT_ALIGN * (n + 1))
+    buf = host_buffer(unit_buffer_bytes(plan))
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     rows: list[TensorRow] = []
     grams: list[np.ndarray] = []

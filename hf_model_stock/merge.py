@@ -28,7 +28,7 @@ from hf_model_stock.compute import UnitCompute
 from hf_model_stock.errors import ModelStockError
 from hf_model_stock.io.buffers import host_buffer
 from hf_model_stock.io.dtypes import itemsize, storage_dtype
-from hf_model_stock.io.reader import ShardFiles
+from hf_model_stock.io.reader import DIRECT_ALIGN, ShardFiles
 from hf_model_stock.io.writer import ShardWriter
 from hf_model_stock.methods.model_stock import Ratio, concat_ratios
 from hf_model_stock.methods.registry import METHODS
@@ -37,10 +37,16 @@ from hf_model_stock.plan import OUT_BUFFERS, MergePlan, TensorTask
 if TYPE_CHECKING:
     from hf_model_stock.resume import Journal
 
-# Every input of a unit starts on a cache line of a page-aligned buffer: the kernel's copy into a
-# destination 8 to 24 bytes past a cache line ran at 1.6 GB/s instead of 7 on the project's machine.
-# Inputs of one dtype and length then still lie at a uniform stride, as the fused kernels need.
+# Every input of a unit read into a buffer starts on a cache line of the page-aligned buffer: the
+# kernel's copy into a destination 8 to 24 bytes past a cache line ran at 1.6 GB/s instead of 7 on the
+# project's machine. An input read with O_DIRECT instead starts where its address agrees with its file
+# offset modulo the block (DIRECT_ALIGN), so that whole blocks are read straight into it.
 UNIT_ALIGN = 64
+
+
+def unit_buffer_bytes(plan: MergePlan) -> int:
+    """Size of one input buffer: the largest unit and each input's alignment slack."""
+    return plan.max_unit_in_bytes + DIRECT_ALIGN * (len(plan.models) + 1)
 
 
 @dataclass
@@ -111,7 +117,8 @@ def read_unit(buf: np.ndarray, task: TensorTask, start: int, stop: int, files: S
     """Views of the bits (``io.dtypes.storage_dtype``: bfloat16 as uint16) of elements [start, stop)
     of each input of ``task`` (base first; only the base for copied tensors). Inputs that ``files``
     maps are viewed where they lie, and listed in ``mapped`` for ``files.release`` once used (given
-    ``mapped``); the others are read into ``buf``, each starting on a ``UNIT_ALIGN`` boundary. A
+    ``mapped``); the others are read into ``buf`` (of ``unit_buffer_bytes``), each where ``UNIT_ALIGN``
+    says. A
     tensor merged in two passes is read through the page cache even from a cold shard, so that
     its second pass finds it there instead of reading the disk again."""
     views, pos = [], 0
@@ -122,6 +129,9 @@ def read_unit(buf: np.ndarray, task: TensorTask, start: int, stop: int, files: S
         if region is not None:
             mapped.append((info.path, region))  # type: ignore[union-attr]
         else:
+            offset = info.offset + start * size
+            if not task.two_pass and offset % size == 0 and files.reads_direct(info.path):
+                pos += (offset - buf.ctypes.data - pos) % DIRECT_ALIGN
             region = buf[pos : pos + nbytes]
             files.read_into(info, start * size, memoryview(region), keep_cached=task.two_pass)
             pos += nbytes
@@ -306,8 +316,7 @@ def _execute(plan: MergePlan, directory: Path, progress: bool, journal: Optional
     opts = plan.options
     ratio_fn = METHODS[opts.method]
     compute = UnitCompute(len(plan.models), opts.workers, opts.device, plan.max_single_unit_elems)
-    in_pool = _Pool(opts.prefetch + 1, plan.max_unit_in_bytes + UNIT_ALIGN * (len(plan.models) + 1),
-                    pin=opts.device != "cpu")
+    in_pool = _Pool(opts.prefetch + 1, unit_buffer_bytes(plan), pin=opts.device != "cpu")
     out_pool = _Pool(OUT_BUFFERS, plan.max_unit_out_bytes)
     writers = {t.name: w for s in plan.shards for w in [ShardWriter(directory, s, opts.fsync)] for t in s.tensors}
     cancelled = threading.Event()

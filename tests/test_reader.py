@@ -160,3 +160,28 @@ def test_a_cold_file_is_never_mapped(tmp_path):
         assert view is not None and view.tobytes() == path.read_bytes()[found["a"].offset : found["a"].offset + 5000]
         files.release(path, view)
         del view
+
+
+def test_direct_reads_go_straight_into_a_destination_on_the_block_grid(tmp_path, monkeypatch):
+    """Where the destination's address agrees with the file offset modulo the block, whole blocks are
+    read into it in one request (no bounce copy); the unaligned head and tail still come out right."""
+    from hf_model_stock.io.buffers import host_buffer
+    from hf_model_stock.io.reader import DIRECT_ALIGN
+
+    path, data, _ = odd_file(tmp_path)
+    found, _ = read_header(path)
+    if evict(path) > 0.5:
+        pytest.skip("this filesystem keeps the file cached")
+    buf = host_buffer(len(data) + 2 * DIRECT_ALIGN)
+    with ShardFiles() as files:
+        sizes: list[int] = []
+        original = files._pread_direct
+        monkeypatch.setattr(files, "_pread_direct", lambda info, dest, offset: sizes.append(len(dest)) or original(info, dest, offset))
+        for start, length in [(0, len(data) - 5001), (123, 3 * DIRECT_ALIGN + 7), (1, 100)]:
+            pos = found["big"].offset + start
+            at = (pos - buf.ctypes.data) % DIRECT_ALIGN
+            dest = memoryview(buf[at : at + length])
+            files.read_into(found["big"], start, dest)
+            assert files.reads_direct(path)
+            assert bytes(dest) == data[5001 + start : 5001 + start + length]
+    assert max(sizes) > DIRECT_PIECE  # the middle of the first range in one request, past the bounce size

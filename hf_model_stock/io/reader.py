@@ -361,25 +361,49 @@ class ShardFiles:
             self._direct_fds[path] = fd
         return fd
 
+    def reads_direct(self, path: Path) -> bool:
+        """Whether ``read_into`` reads this file with ``O_DIRECT`` (it is mostly not in the page cache)."""
+        return self._direct_fd(path) >= 0
+
     def _read_direct(self, info: TensorInfo, pos: int, dest: memoryview) -> int:
-        """Read the range with O_DIRECT, in aligned pieces through the bounce buffer; the number of
-        bytes read (short where the file ends early or refuses the alignment: the caller goes on)."""
+        """Read the range with O_DIRECT; the number of bytes read (short where the file ends early or
+        refuses the alignment: the caller goes on). Where ``dest`` lies on the file's block grid (its
+        address and the file offset agree modulo the block), whole blocks go straight into it in one
+        request; the rest goes through the bounce buffer."""
+        head = -pos % DIRECT_ALIGN
+        middle = (len(dest) - head) // DIRECT_ALIGN * DIRECT_ALIGN if len(dest) > head else 0
+        if not middle or (np.frombuffer(dest, np.uint8).ctypes.data + head) % DIRECT_ALIGN:
+            return self._read_bounced(info, pos, dest)
+        done = self._read_bounced(info, pos, dest[:head]) if head else 0
+        while head <= done < head + middle:
+            n = self._pread_direct(info, dest[done : head + middle], pos + done)
+            if not n:
+                return done
+            done += n
+        return done + self._read_bounced(info, pos + done, dest[done:])
+
+    def _pread_direct(self, info: TensorInfo, dest: memoryview, offset: int) -> int:
+        """One aligned O_DIRECT ``preadv``; 0 at the end of the file, or where the device refuses the
+        alignment (the file is read through the page cache from then on)."""
+        try:
+            return os.preadv(self._direct_fds[info.path], [dest], offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            os.close(self._direct_fds[info.path])
+            self._direct_fds[info.path] = -1
+            return 0
+
+    def _read_bounced(self, info: TensorInfo, pos: int, dest: memoryview) -> int:
+        """``_read_direct`` through the bounce buffer, in aligned pieces."""
         if self._bounce is None:
             self._bounce = mmap.mmap(-1, DIRECT_PIECE)  # page-aligned
-        fd, done = self._direct_fds[info.path], 0
+        done = 0
         with memoryview(self._bounce) as bounce:
-            while done < len(dest):
+            while done < len(dest) and self._direct_fds[info.path] >= 0:
                 head = (pos + done) % DIRECT_ALIGN
                 span = min(DIRECT_PIECE, -(-(head + len(dest) - done) // DIRECT_ALIGN) * DIRECT_ALIGN)
-                try:
-                    n = os.preadv(fd, [bounce[:span]], pos + done - head)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-                    os.close(fd)  # an alignment this device refuses: the page cache from now on
-                    self._direct_fds[info.path] = -1
-                    break
-                got = min(n - head, len(dest) - done)
+                got = min(self._pread_direct(info, bounce[:span], pos + done - head) - head, len(dest) - done)
                 if got <= 0:
                     break
                 dest[done : done + got] = bounce[head : head + got]
