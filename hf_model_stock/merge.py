@@ -45,8 +45,8 @@ UNIT_ALIGN = 64
 
 
 def unit_buffer_bytes(plan: MergePlan) -> int:
-    """Size of one input buffer: the largest unit and each input's alignment slack."""
-    return plan.max_unit_in_bytes + DIRECT_ALIGN * (len(plan.models) + 1)
+    """Size of one input buffer: the largest unit and each input's alignment slack (``read_unit``)."""
+    return plan.max_unit_in_bytes + (DIRECT_ALIGN + UNIT_ALIGN) * (len(plan.models) + 1)
 
 
 @dataclass
@@ -118,9 +118,8 @@ def read_unit(buf: np.ndarray, task: TensorTask, start: int, stop: int, files: S
     of each input of ``task`` (base first; only the base for copied tensors). Inputs that ``files``
     maps are viewed where they lie, and listed in ``mapped`` for ``files.release`` once used (given
     ``mapped``); the others are read into ``buf`` (of ``unit_buffer_bytes``), each where ``UNIT_ALIGN``
-    says. A
-    tensor merged in two passes is read through the page cache even from a cold shard, so that
-    its second pass finds it there instead of reading the disk again."""
+    says. A tensor merged in two passes is read through the page cache even from a cold shard, so
+    that its second pass finds it there instead of reading the disk again."""
     views, pos = [], 0
     for info in task.inputs if task.merge else task.inputs[:1]:
         size = itemsize(info.dtype)

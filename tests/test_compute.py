@@ -13,8 +13,8 @@ import torch
 
 from hf_model_stock.compute import UnitCompute
 from hf_model_stock.io.buffers import host_buffer
-from hf_model_stock.io.reader import Checkpoint, ShardFiles
-from hf_model_stock.merge import UNIT_ALIGN, read_unit
+from hf_model_stock.io.reader import DIRECT_ALIGN, Checkpoint, ShardFiles
+from hf_model_stock.merge import UNIT_ALIGN, read_unit, unit_buffer_bytes
 from hf_model_stock.methods import fused_cpu
 from hf_model_stock.methods.model_stock import ModelStockParams, ratio_from_gram
 from hf_model_stock.plan import MergeOptions, build_plan
@@ -59,6 +59,28 @@ def test_read_unit_puts_every_input_on_a_cache_line(tmp_path):
     assert all(np.shares_memory(v, buf) for v in views)
     for view, path in zip(views, [base, *models]):  # the bits as the safetensors library reads them
         assert view.dtype == np.uint16 and view.tobytes() == file_bytes(path, "a.weight")
+
+
+def test_read_unit_places_cold_inputs_on_their_file_block_grid(tmp_path):
+    """Inputs read with O_DIRECT sit where their address agrees with their file offset modulo 4096
+    (whole blocks are read straight into them), within the buffer's slack, with the right bytes."""
+    from tests.test_reader import evict
+
+    gen = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(3 * 4096 + 77, generator=gen).to(torch.bfloat16)}
+    write_checkpoint(tmp_path / "base", base)
+    models = [write_checkpoint(tmp_path / f"ft{i}", ft) for i, ft in enumerate(finetunes(base, 3, seed=6))]
+    plan = plan_for(tmp_path / "base", models)
+    task = plan.tasks[0]
+    if any(evict(i.path) > 0.5 for i in task.inputs):
+        pytest.skip("this filesystem keeps the files cached")
+    buf = host_buffer(unit_buffer_bytes(plan))
+    with ShardFiles() as files:
+        views = read_unit(buf, task, 5, task.numel, files)
+        assert all(files.reads_direct(i.path) for i in task.inputs)
+    for view, info, path in zip(views, task.inputs, [tmp_path / "base", *models]):
+        assert view.__array_interface__["data"][0] % DIRECT_ALIGN == (info.offset + 10) % DIRECT_ALIGN
+        assert np.shares_memory(view, buf) and view.tobytes() == file_bytes(path, "w")[10:]
 
 
 def test_read_unit_views_cached_shards_where_they_lie_and_releases_them(tmp_path):
