@@ -2,9 +2,9 @@
 
 Units arrive as numpy views of the reader's buffer or of mapped shards, holding each input's raw
 bits (bfloat16 as uint16). On the CPU, layer-wise bf16 or float32 merges run on the fused C kernels
-straight from those bits. Everything else (float16, float8 or mixed inputs, filter-wise merges, another output
-dtype, CUDA) runs on the torch kernels, and torch is imported only when a unit needs it: a plain
-CPU merge never pays its two-second import.
+straight from those bits. Everything else (float16, float8 or mixed inputs, filter-wise merges,
+another output dtype, CUDA) runs on the torch kernels, and torch is imported only when a unit needs
+it: a plain CPU merge never pays its two-second import.
 """
 
 from __future__ import annotations

@@ -176,7 +176,11 @@ def test_direct_reads_go_straight_into_a_destination_on_the_block_grid(tmp_path,
     with ShardFiles() as files:
         sizes: list[int] = []
         original = files._pread_direct
-        monkeypatch.setattr(files, "_pread_direct", lambda info, dest, offset: sizes.append(len(dest)) or original(info, dest, offset))
+        def spy(info, dest, offset):
+            sizes.append(len(dest))
+            return original(info, dest, offset)
+
+        monkeypatch.setattr(files, "_pread_direct", spy)
         for start, length in [(0, len(data) - 5001), (123, 3 * DIRECT_ALIGN + 7), (1, 100)]:
             pos = found["big"].offset + start
             at = (pos - buf.ctypes.data) % DIRECT_ALIGN

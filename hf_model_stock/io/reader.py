@@ -288,9 +288,10 @@ class ShardFiles:
     With ``map_cached``, ``mapped`` gives a view of a tensor's bytes in a private, read-only-in-practice
     mapping of a file that is mostly in the page cache (``mincore``, checked when the file is first
     read); ``release`` drops a view's pages from the mapping. With ``direct``, a file that is mostly
-    not in the cache is read (``read_into``) with ``O_DIRECT``, in aligned pieces through a bounce
-    buffer; other files, and filesystems without ``O_DIRECT`` (tmpfs), get ordinary reads. One
-    reader thread per instance (one bounce buffer); ``release`` may be called from any thread.
+    not in the cache is read (``read_into``) with ``O_DIRECT``: straight into a destination on the
+    file's block grid, else in aligned pieces through a bounce buffer; other files, and filesystems
+    without ``O_DIRECT`` (tmpfs), get ordinary reads. One reader thread per instance (one bounce
+    buffer); ``release`` may be called from any thread.
     """
 
     def __init__(self, direct: bool = True, map_cached: bool = False) -> None:
@@ -299,7 +300,6 @@ class ShardFiles:
         self._direct = direct and hasattr(os, "O_DIRECT")
         self._map_cached = map_cached
         self._maps: dict[Path, Optional[mmap.mmap]] = {}  # None: this file is read, not mapped
-        self._addresses: dict[Path, int] = {}
         self._bounce: Optional[mmap.mmap] = None
 
     def mapped(self, info: TensorInfo, start: int, nbytes: int, align: int) -> Optional[np.ndarray]:
@@ -318,7 +318,7 @@ class ShardFiles:
         mapping = self._maps.get(path)
         if mapping is None or view.nbytes == 0:
             return
-        offset = view.ctypes.data - self._addresses[path]
+        offset = view.ctypes.data - np.frombuffer(mapping, np.uint8, 1).ctypes.data
         first = offset // mmap.PAGESIZE * mmap.PAGESIZE
         end = min(len(mapping), -(-(offset + view.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE)
         mapping.madvise(mmap.MADV_DONTNEED, first, end - first)
@@ -329,7 +329,6 @@ class ShardFiles:
             if self._map_cached and self._direct_fd(path) < 0:
                 try:
                     mapping = mmap.mmap(self._fd(path), 0, access=mmap.ACCESS_COPY)
-                    self._addresses[path] = np.frombuffer(mapping, np.uint8, 1).ctypes.data
                 except (OSError, ValueError):  # an empty file, or a filesystem that cannot map
                     pass
             self._maps[path] = mapping

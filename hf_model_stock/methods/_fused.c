@@ -178,8 +178,8 @@ INLINE void gram_fast(const int n, const int bf16, const int want_gram, const vo
     }
 }
 
-/* the instance for (n, bf16, gram wanted); 0 where n has none */
-HOT static int gram_registers(const void *const *rows, int n, int bf16, Py_ssize_t start, Py_ssize_t stop,
+/* the instance for (n, bf16, gram wanted), n from 2 to FAST_MAX; the lower triangle of gram */
+HOT static void gram_registers(const void *const *rows, int n, int bf16, Py_ssize_t start, Py_ssize_t stop,
                               double *gram, float *sum)
 {
 #define CASE(N)                                                                        \
@@ -193,13 +193,8 @@ HOT static int gram_registers(const void *const *rows, int n, int bf16, Py_ssize
         CASE(2)
         CASE(3)
         CASE(4)
-    default:
-        return 0;
     }
 #undef CASE
-    for (int i = 0; gram != NULL && i < n; i++)
-        for (int j = i + 1; j < n; j++) gram[i * n + j] = gram[j * n + i];
-    return 1;
 }
 
 HOT static void gram_range(const void *const *rows, int n, int bf16, Py_ssize_t start, Py_ssize_t stop,
@@ -222,8 +217,6 @@ HOT static void gram_range(const void *const *rows, int n, int bf16, Py_ssize_t 
             }
         }
     }
-    for (int i = 0; gram != NULL && i < n; i++)
-        for (int j = i + 1; j < n; j++) gram[i * n + j] = gram[j * n + i];
 }
 
 HOT static void finish_range(const void *base, const float *sum, float scale, void *out, int bf16, Py_ssize_t start,
@@ -321,13 +314,18 @@ static PyObject *py_gram(PyObject *self, PyObject *args)
         goto done;
     if (sum_obj != Py_None && take(&held, sum_obj, 1, stop * (Py_ssize_t)sizeof(float), "delta_sum", &sum) < 0)
         goto done;
-    scratch = malloc((size_t)(n + 1) * BLOCK * sizeof(float));
-    if (scratch == NULL) {
+    int registers = n >= 2 && n <= FAST_MAX;
+    if (!registers && (scratch = malloc((size_t)(n + 1) * BLOCK * sizeof(float))) == NULL) {
         PyErr_NoMemory();
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    if (!gram_registers(rows, n, bf16, start, stop, gram, sum)) gram_range(rows, n, bf16, start, stop, gram, sum, scratch);
+    if (registers)
+        gram_registers(rows, n, bf16, start, stop, gram, sum);
+    else
+        gram_range(rows, n, bf16, start, stop, gram, sum, scratch);
+    for (int i = 0; gram != NULL && i < n; i++) /* both kernels fill the lower triangle */
+        for (int j = i + 1; j < n; j++) ((double *)gram)[i * n + j] = ((double *)gram)[j * n + i];
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:

@@ -69,7 +69,8 @@ class FusedKernel:
 
     def delta_sum(self, rows: Sequence[np.ndarray], out: np.ndarray) -> None:
         """Store sum_i d_i of ``rows`` into ``out`` (the second pass of a big tensor: t is known)."""
-        self._workers.map(lambda w, s, e: delta_sum(rows, s, e, out), self._workers.slices(rows[0].shape[0], SLICE_ALIGN))
+        self._workers.map(lambda w, s, e: delta_sum(rows, s, e, out),
+                          self._workers.slices(rows[0].shape[0], SLICE_ALIGN))
 
     def finish(self, base: np.ndarray, delta_sum: np.ndarray, scale: float, out: np.ndarray) -> None:
         """``out = w_0 + scale * delta_sum`` over the whole of ``out``."""
