@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from hf_model_stock.training import PeriodicModelStock, train_in_lockstep
+from hf_model_stock.analysis.training import PeriodicModelStock, train_in_lockstep
 
 VOCAB, SEQ = 64, 16
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from hf_model_stock import __version__
-from hf_model_stock.analysis import add_inspect_parser
+from hf_model_stock.analysis.inspect import add_inspect_parser
 from hf_model_stock.evaluation.cli import add_eval_parser
-from hf_model_stock.hub import add_push_parser
+from hf_model_stock.publish.hub import add_push_parser
 from hf_model_stock.leaderboard.cli import add_leaderboard_parser
 from hf_model_stock.errors import ModelStockError
 
@@ -98,8 +98,8 @@ def _preload_in_background() -> None:
 
     def load() -> None:
         try:
-            import hf_model_stock.card  # noqa: F401
-            import hf_model_stock.plots  # noqa: F401
+            import hf_model_stock.publish.card  # noqa: F401
+            import hf_model_stock.publish.plots  # noqa: F401
         except Exception:  # only a head start: whatever failed here fails again, reported, where it is used
             pass
 
@@ -121,7 +121,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from hf_model_stock.preflight import preflight
+    from hf_model_stock.sources.preflight import preflight
     from hf_model_stock.recipe import load_recipe
 
     report = preflight(load_recipe(args.recipe), check=False)

@@ -14,17 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from hf_model_stock import output
+from hf_model_stock.publish import output_dir
 from hf_model_stock.errors import ModelStockError
 from hf_model_stock.io.reader import INDEX_NAME
 from hf_model_stock.io.writer import write_index
-from hf_model_stock.merge import ExecutionResult, TensorStats, execute
+from hf_model_stock.merge.executor import ExecutionResult, TensorStats, execute
 from hf_model_stock.methods.model_stock import ModelStockParams
-from hf_model_stock.plan import MergeOptions, MergePlan, build_plan
+from hf_model_stock.merge.plan import MergeOptions, MergePlan, build_plan
 from hf_model_stock.recipe import ModelEntry, Recipe
-from hf_model_stock.report import REPORT_NAME, build_report, write_report
-from hf_model_stock.resume import JOURNAL_NAME, Journal, plan_fingerprint, verified_tensors
-from hf_model_stock.sources import ResolvedModel, resolve
+from hf_model_stock.publish.report import REPORT_NAME, build_report, write_report
+from hf_model_stock.merge.journal import JOURNAL_NAME, Journal, plan_fingerprint, verified_tensors
+from hf_model_stock.sources.resolve import ResolvedModel, resolve
 
 T_PLOT_NAME = "t_by_layer.png"
 GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidia0", "/dev/kfd")  # NVIDIA; AMD ROCm
@@ -102,8 +102,8 @@ def execute_plan(
     for m in [plan.base, *plan.models]:
         if m.path.resolve() == out_dir.resolve():
             raise ModelStockError(f"{out_dir}: output directory is also an input model ({m.label})")
-    output.check_destination(out_dir, overwrite)
-    tmp, lock, resuming = output.claim_partial(out_dir, resume)
+    output_dir.check_destination(out_dir, overwrite)
+    tmp, lock, resuming = output_dir.claim_partial(out_dir, resume)
     try:
         done = _resumable(plan, tmp) if resuming else {}
         journal = Journal(tmp / JOURNAL_NAME, plan_fingerprint(plan))
@@ -117,16 +117,16 @@ def execute_plan(
             journal.close()
         journal.path.unlink()
         report = _write_metadata(plan, result, tmp, tokenizer_dir or plan.base.path, recipe, started)
-        output.commit_dir(tmp, out_dir, overwrite)
+        output_dir.commit_dir(tmp, out_dir, overwrite)
     except ModelStockError:
-        output.remove_dir(tmp)  # the inputs or the destination are at fault: nothing worth resuming
+        output_dir.remove_dir(tmp)  # the inputs or the destination are at fault: nothing worth resuming
         raise
     except OSError as exc:  # an input that vanished mid-merge, a failed rename
-        output.remove_dir(tmp)
+        output_dir.remove_dir(tmp)
         raise ModelStockError(f"{exc.filename or tmp}: {exc.strerror or exc}") from None
     except BaseException:
         if not keep_partial:
-            output.remove_dir(tmp)
+            output_dir.remove_dir(tmp)
         elif journal.path.is_file():
             logger.warning("partial output kept in %s: run the same command with --resume to continue", tmp)
         raise
@@ -151,9 +151,9 @@ def _write_metadata(plan: MergePlan, result: ExecutionResult, tmp: Path, tokeniz
     with _writing(tmp / INDEX_NAME):
         write_index(tmp, plan.shards)
     with _writing(tmp / "config.json"):
-        output.write_config(plan.base.path, tmp, plan.options.dtype)
+        output_dir.write_config(plan.base.path, tmp, plan.options.dtype)
     with _writing(tmp):
-        tokenizer_files = output.copy_tokenizer(tokenizer_dir, tmp)
+        tokenizer_files = output_dir.copy_tokenizer(tokenizer_dir, tmp)
     report = build_report(
         plan, result, seconds=time.perf_counter() - started, recipe=recipe, tokenizer_files=tokenizer_files
     )
@@ -161,7 +161,7 @@ def _write_metadata(plan: MergePlan, result: ExecutionResult, tmp: Path, tokeniz
         write_report(tmp, report)
     with _writing(tmp / T_PLOT_NAME):
         plot = _t_plot(report, tmp)
-    from hf_model_stock.card import card_text  # the Hub client's card data: imported while the merge runs (cli)
+    from hf_model_stock.publish.card import card_text  # the Hub client's card data: imported while the merge runs (cli)
 
     with _writing(tmp / "README.md"):
         (tmp / "README.md").write_text(card_text(report, t_plot=plot), encoding="utf-8")
@@ -180,7 +180,7 @@ def _resumable(plan: MergePlan, partial: Path) -> dict[str, TensorStats]:
 def _t_plot(report: dict[str, Any], directory: Path) -> Optional[str]:
     """Draw t by layer for the model card; None when matplotlib is not installed."""
     try:
-        from hf_model_stock.plots import t_plot_png
+        from hf_model_stock.publish.plots import t_plot_png
     except ImportError:
         return None
     try:

@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Optional
 
 from hf_model_stock.errors import RecipeError
-from hf_model_stock.hub import push_recipe_output
-from hf_model_stock.preflight import preflight
+from hf_model_stock.publish.hub import push_recipe_output
+from hf_model_stock.sources.preflight import preflight
 from hf_model_stock.pipeline import MergeOutcome, execute_plan, options_from_recipe, plan_merge, tokenizer_dir_for
 from hf_model_stock.recipe import Recipe
-from hf_model_stock.report import layer_summary
-from hf_model_stock.merge import TensorStats
-from hf_model_stock.sources import resolve
+from hf_model_stock.publish.report import layer_summary
+from hf_model_stock.merge.executor import TensorStats
+from hf_model_stock.sources.resolve import resolve
 
 
 def run_recipe(
@@ -64,7 +64,7 @@ def run_recipe(
     if url and progress:
         print(f"pushed -> {url}")
     if recipe.evals is not None:
-        from hf_model_stock.evaluation.runner import evaluate_model
+        from hf_model_stock.evaluation.evaluate import evaluate_model
 
         evaluate_model(str(outcome.path), recipe.evals)
     return outcome

@@ -63,7 +63,7 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
 
 def run_eval_command(args: argparse.Namespace) -> int:
     """Handler of ``eval``: evaluate, print the table, return 0."""
-    from hf_model_stock.evaluation.runner import evaluate_model
+    from hf_model_stock.evaluation.evaluate import evaluate_model
     from hf_model_stock.evaluation.summary import format_table
 
     print(format_table(evaluate_model(args.model, spec_from_args(args))))

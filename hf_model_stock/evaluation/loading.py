@@ -11,13 +11,13 @@ if TYPE_CHECKING:
     from lm_eval.api.model import LM
 
     from hf_model_stock.evaluation.spec import EvalSpec
-    from hf_model_stock.sources import ResolvedModel
+    from hf_model_stock.sources.resolve import ResolvedModel
 
 
 def resolve_model(model: str) -> "ResolvedModel":
     """A local snapshot of ``model`` (a directory, or a Hub repo with an optional ``@revision``)."""
     from hf_model_stock.recipe import ModelEntry
-    from hf_model_stock.sources import resolve
+    from hf_model_stock.sources.resolve import resolve
 
     return resolve(ModelEntry.model_validate(model))
 

@@ -9,7 +9,7 @@ from typing import Optional, TextIO
 
 from huggingface_hub import ModelCard
 
-from hf_model_stock.card import card_with_evals
+from hf_model_stock.publish.card import card_with_evals
 from hf_model_stock.leaderboard.board import Leaderboard
 from hf_model_stock.leaderboard.store import write_atomically
 

@@ -11,7 +11,7 @@ from typing import Optional
 from hf_model_stock.errors import LeaderboardError, ModelStockError
 from hf_model_stock.leaderboard.spec import LeaderboardSpec
 from hf_model_stock.recipe import ModelEntry, Recipe, load_recipe
-from hf_model_stock.sources import is_local
+from hf_model_stock.sources.resolve import is_local
 
 BASE, FINE_TUNE, MODEL = "base", "fine-tune", "model"
 

@@ -25,7 +25,7 @@ from hf_model_stock.evaluation.tasks import BENCHMARKS, EVALS_DIR, Benchmark
 from hf_model_stock.io.writer import sha256_file
 from hf_model_stock.leaderboard.store import write_atomically
 from hf_model_stock.recipe import ModelEntry
-from hf_model_stock.sources import is_local
+from hf_model_stock.sources.resolve import is_local
 from hf_model_stock.versions import installed_version
 
 UNHASHED_FILES = {"README.md"}  # the model card: the leaderboard may write scores into it
@@ -72,7 +72,7 @@ def model_identity(ref: str, memo: DigestMemo) -> str:
     entry = ModelEntry.model_validate(ref)
     if is_local(entry):
         return directory_digest(Path(entry.model).expanduser().resolve(), memo)
-    from hf_model_stock.sources import resolve
+    from hf_model_stock.sources.resolve import resolve
 
     commit = resolve(entry, allow_patterns=["config.json"]).commit
     return f"{entry.model}@{commit}"

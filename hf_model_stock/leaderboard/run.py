@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 from hf_model_stock.errors import LeaderboardError
-from hf_model_stock.evaluation.runner import check_request
+from hf_model_stock.evaluation.evaluate import check_request
 from hf_model_stock.leaderboard.board import Leaderboard, Row
 from hf_model_stock.leaderboard.contenders import Contender, expand, slug
 from hf_model_stock.leaderboard.executors import (Evaluate, Job, JobResult, LocalExecutor, RayExecutor,

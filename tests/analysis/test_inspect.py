@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import hf_model_stock
-from hf_model_stock.analysis import (
+from hf_model_stock.analysis.inspect import (
     InspectReport,
     add_inspect_parser,
     inspect_models,
@@ -207,14 +207,14 @@ def test_outputs_json_and_pngs(constructed, tmp_path):
 
 def test_without_matplotlib_only_the_json_is_written(constructed, tmp_path, monkeypatch, caplog):
     root, _, _ = constructed
-    monkeypatch.setitem(sys.modules, "hf_model_stock.plots", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "hf_model_stock.publish.plots", None)  # makes the import fail
     monkeypatch.delattr(hf_model_stock, "plots", raising=False)
     assert write_inspect_outputs(run_inspect(root), tmp_path) == [tmp_path / "inspect.json"]
     assert "pip install 'hf-model-stock[plots]'" in caplog.text
 
 
 def test_t_plot_from_a_merge_report(constructed, tmp_path):
-    from hf_model_stock.plots import t_plot_png
+    from hf_model_stock.publish.plots import t_plot_png
 
     root, _, _ = constructed
     outcome = merge_models(root / "base", [root / f"ft{i}" for i in range(3)], tmp_path / "merged")

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from hf_model_stock.errors import ModelStockError
-from hf_model_stock.training import PeriodicModelStock, merge_checkpoints, train_in_lockstep
+from hf_model_stock.analysis.training import PeriodicModelStock, merge_checkpoints, train_in_lockstep
 
 VOCAB, SEQ = 48, 12
 

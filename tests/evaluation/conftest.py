@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from hf_model_stock.evaluation.runner import prepare_run
+from hf_model_stock.evaluation.evaluate import prepare_run
 from hf_model_stock.evaluation.spec import EvalSpec
 from hf_model_stock.evaluation.summary import EvalSummary
 from hf_model_stock.evaluation.tasks import EVALS_DIR

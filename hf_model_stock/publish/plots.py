@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 from matplotlib.figure import Figure
 
-from hf_model_stock.analysis import InspectReport, layer_key, layer_sort_key
+from hf_model_stock.analysis.inspect import InspectReport, layer_key, layer_sort_key
 
 MAX_TICKS = 40
 

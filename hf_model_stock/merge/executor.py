@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
 import numpy as np
 from zlib_ng import zlib_ng  # CRC-32 with carry-less multiply: 8 GB/s here against zlib's 2.6
 
-from hf_model_stock.compute import UnitCompute
+from hf_model_stock.merge.compute import UnitCompute
 from hf_model_stock.errors import ModelStockError
 from hf_model_stock.io.buffers import host_buffer
 from hf_model_stock.io.dtypes import itemsize, storage_dtype
@@ -32,10 +32,10 @@ from hf_model_stock.io.reader import DIRECT_ALIGN, ShardFiles
 from hf_model_stock.io.writer import ShardWriter
 from hf_model_stock.methods.model_stock import Ratio, concat_ratios
 from hf_model_stock.methods.registry import METHODS
-from hf_model_stock.plan import OUT_BUFFERS, MergePlan, TensorTask
+from hf_model_stock.merge.plan import OUT_BUFFERS, MergePlan, TensorTask
 
 if TYPE_CHECKING:
-    from hf_model_stock.resume import Journal
+    from hf_model_stock.merge.journal import Journal
 
 # Every input of a unit read into a buffer starts on a cache line of the page-aligned buffer: the
 # kernel's copy into a destination 8 to 24 bytes past a cache line ran at 1.6 GB/s instead of 7 on the

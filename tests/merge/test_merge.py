@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from hf_model_stock.methods.model_stock import ModelStockParams
 from hf_model_stock.pipeline import merge_models
-from hf_model_stock.plan import MergeOptions
+from hf_model_stock.merge.plan import MergeOptions
 from tests.modelgen import finetunes, write_checkpoint
 from tests.reference import reference_merge
 

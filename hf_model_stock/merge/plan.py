@@ -15,7 +15,7 @@ from hf_model_stock.io.dtypes import is_floating, itemsize
 from hf_model_stock.io.reader import Checkpoint, TensorInfo
 from hf_model_stock.io.writer import OutputTensor, ShardLayout, layout_shards
 from hf_model_stock.methods.model_stock import DEFAULT_BLOCK, ModelStockParams
-from hf_model_stock.sources import ResolvedModel
+from hf_model_stock.sources.resolve import ResolvedModel
 
 BASELINE_RSS = 200 * 2**20  # interpreter, numpy and libraries; torch adds ~180 MB where a tensor needs it
 OUT_BUFFERS = 3  # merged units waiting for the writer: it may lag the compute by two units

@@ -28,7 +28,7 @@ from hf_model_stock.errors import ModelStockError
 from hf_model_stock.io.dtypes import is_floating
 from hf_model_stock.io.reader import INDEX_NAME, Checkpoint
 from hf_model_stock.methods.model_stock import ModelStockParams, Ratio, ratio_from_gram
-from hf_model_stock.plan import MergeOptions
+from hf_model_stock.merge.plan import MergeOptions
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments

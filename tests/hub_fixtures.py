@@ -17,7 +17,7 @@ from typing import Iterator, Optional
 import pytest
 import torch
 
-from tests.hub.fake_hub import FakeHub
+from tests.fake_hub import FakeHub
 from tests.modelgen import finetunes, write_checkpoint
 
 CONFIG = {

@@ -24,9 +24,9 @@ from typing import Any, Optional
 from zlib_ng import zlib_ng
 
 from hf_model_stock.errors import ModelStockError
-from hf_model_stock.merge import TensorStats
-from hf_model_stock.plan import MergePlan
-from hf_model_stock.report import versions
+from hf_model_stock.merge.executor import TensorStats
+from hf_model_stock.merge.plan import MergePlan
+from hf_model_stock.publish.report import versions
 
 JOURNAL_NAME = ".hfms-journal.jsonl"
 JOURNAL_VERSION = 1

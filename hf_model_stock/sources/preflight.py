@@ -27,9 +27,9 @@ from hf_model_stock.errors import CheckpointError, CompatibilityError, ModelStoc
 from hf_model_stock.io.dtypes import is_floating, itemsize
 from hf_model_stock.io.reader import Checkpoint, check_header_length, parse_header, read_header
 from hf_model_stock.recipe import ModelEntry, Recipe
-from hf_model_stock import sources
-from hf_model_stock.plan import TIED_OUTPUT_EMBEDDING, is_tied
-from hf_model_stock.sources import (
+from hf_model_stock.sources import resolve as sources
+from hf_model_stock.merge.plan import TIED_OUTPUT_EMBEDDING, is_tied
+from hf_model_stock.sources.resolve import (
     CONVERTED_MARKER,
     INDEX_NAME,
     PICKLE_INDEX_NAME,
@@ -437,7 +437,7 @@ def _read_range(url: str, start: int, length: int, where: str, timeout: float) -
 
 def compare(report: PreflightReport) -> None:
     """Append to ``report`` every mismatch between a model and the base (configs, names, shapes, dtypes)."""
-    from hf_model_stock.plan import check_configs
+    from hf_model_stock.merge.plan import check_configs
 
     base = report.base
     ok_models = [m for m in report.models if not m.error]

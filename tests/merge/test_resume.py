@@ -16,9 +16,9 @@ from typing import Callable
 import pytest
 import torch
 
-import hf_model_stock.merge as merge_module
+import hf_model_stock.merge.executor as merge_module
 from hf_model_stock.cli import main
-from hf_model_stock.resume import JOURNAL_NAME, read_journal
+from hf_model_stock.merge.journal import JOURNAL_NAME, read_journal
 from tests.modelgen import finetunes, write_checkpoint
 
 PARTIAL = ".hfms-partial-out"
@@ -202,7 +202,7 @@ def test_killed_then_resumed_in_a_subprocess(tmp_path, sig, code):
 
 
 def test_a_second_merge_into_the_same_output_is_refused_while_the_first_runs(setup, capsys):
-    from hf_model_stock.output import claim_partial
+    from hf_model_stock.publish.output_dir import claim_partial
 
     args, root = setup
     _, lock, _ = claim_partial(root / "out", resume=False)  # a merge in progress holds the lock

@@ -9,7 +9,7 @@ Tests build the repos themselves (``add_commit``), inspect what was served (``lo
 
 Bounded: at most ``max_threads`` requests at once, a socket timeout per connection, one request per
 connection (``Connection: close``), bound to 127.0.0.1 only. Point huggingface_hub at it with the
-``hub_env`` fixture (tests/hub/conftest.py).
+``hub_env`` fixture (tests/hub_fixtures.py).
 """
 
 from __future__ import annotations

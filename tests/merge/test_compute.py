@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from hf_model_stock.compute import UnitCompute
+from hf_model_stock.merge.compute import UnitCompute
 from hf_model_stock.io.buffers import host_buffer
 from hf_model_stock.io.reader import DIRECT_ALIGN, Checkpoint, ShardFiles
-from hf_model_stock.merge import UNIT_ALIGN, read_unit, unit_buffer_bytes
+from hf_model_stock.merge.executor import UNIT_ALIGN, read_unit, unit_buffer_bytes
 from hf_model_stock.methods import fused_cpu
 from hf_model_stock.methods.model_stock import ModelStockParams, ratio_from_gram
-from hf_model_stock.plan import MergeOptions, build_plan
+from hf_model_stock.merge.plan import MergeOptions, build_plan
 from hf_model_stock.recipe import ModelEntry
-from hf_model_stock.sources import resolve
+from hf_model_stock.sources.resolve import resolve
 from tests.modelgen import finetunes, write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,7 @@ def test_read_unit_puts_every_input_on_a_cache_line(tmp_path):
 def test_read_unit_places_cold_inputs_on_their_file_block_grid(tmp_path):
     """Inputs read with O_DIRECT sit where their address agrees with their file offset modulo 4096
     (whole blocks are read straight into them), within the buffer's slack, with the right bytes."""
-    from tests.test_reader import evict
+    from tests.io.test_reader import evict
 
     gen = torch.Generator().manual_seed(5)
     base = {"w": torch.randn(3 * 4096 + 77, generator=gen).to(torch.bfloat16)}

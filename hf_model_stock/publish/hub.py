@@ -34,7 +34,7 @@ class PushError(ModelStockError):
 
 
 def _report(directory: Path) -> Optional[dict[str, Any]]:
-    from hf_model_stock.report import REPORT_NAME, load_report
+    from hf_model_stock.publish.report import REPORT_NAME, load_report
 
     if not (directory / REPORT_NAME).is_file():
         return None
@@ -52,7 +52,7 @@ def prepare_card(directory: Path, repo_id: str, report: Optional[dict[str, Any]]
     """
     from huggingface_hub import ModelCard
 
-    from hf_model_stock.card import card_text, retitle_card
+    from hf_model_stock.publish.card import card_text, retitle_card
 
     path = directory / CARD_NAME
     if path.is_file():
@@ -125,7 +125,7 @@ def push_model(
     """
     from huggingface_hub import HfApi, constants
 
-    from hf_model_stock.sources import transport_errors
+    from hf_model_stock.sources.resolve import transport_errors
 
     directory = Path(directory).expanduser()
     if not REPO_ID.match(repo_id):

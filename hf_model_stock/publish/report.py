@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from hf_model_stock.analysis import layer_key, layer_sort_key
-from hf_model_stock.merge import ExecutionResult, TensorStats
-from hf_model_stock.plan import MergePlan
-from hf_model_stock.sources import ResolvedModel
+from hf_model_stock.analysis.inspect import layer_key, layer_sort_key
+from hf_model_stock.merge.executor import ExecutionResult, TensorStats
+from hf_model_stock.merge.plan import MergePlan
+from hf_model_stock.sources.resolve import ResolvedModel
 from hf_model_stock.versions import installed_version
 
 REPORT_NAME = "merge_report.json"

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 import yaml
 from huggingface_hub import EvalResult, ModelCardData
 
-from hf_model_stock.merge import TensorStats
-from hf_model_stock.report import layer_summary
+from hf_model_stock.merge.executor import TensorStats
+from hf_model_stock.publish.report import layer_summary
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard

@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # the merger loads on first use: the command line starts fast
 
     from hf_model_stock.methods.model_stock import ModelStockParams
     from hf_model_stock.recipe import Recipe
-    from hf_model_stock.sources import ResolvedModel
+    from hf_model_stock.sources.resolve import ResolvedModel
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +183,13 @@ def inspect_resolved(
     import numpy as np
     from tqdm.auto import tqdm
 
-    from hf_model_stock.compute import UnitCompute
+    from hf_model_stock.merge.compute import UnitCompute
     from hf_model_stock.io.buffers import host_buffer
     from hf_model_stock.io.reader import ShardFiles
-    from hf_model_stock.merge import read_unit, unit_buffer_bytes
+    from hf_model_stock.merge.executor import read_unit, unit_buffer_bytes
     from hf_model_stock.methods.model_stock import ModelStockParams, ratio_from_gram
     from hf_model_stock.pipeline import plan_merge
-    from hf_model_stock.plan import MergeOptions
+    from hf_model_stock.merge.plan import MergeOptions
 
     params = params or ModelStockParams()
     plan = plan_merge(base, models, MergeOptions(params=params, chunk_bytes=chunk_bytes))
@@ -243,7 +243,7 @@ def inspect_models(
 ) -> InspectReport:
     """Inspect fine-tunes of ``base`` (local directories or Hub ids ``org/name[@rev]``)."""
     from hf_model_stock.recipe import ModelEntry
-    from hf_model_stock.sources import resolve
+    from hf_model_stock.sources.resolve import resolve
 
     return inspect_resolved(
         resolve(ModelEntry.model_validate(str(base))),
@@ -255,7 +255,7 @@ def inspect_models(
 def inspect_recipe(recipe: Recipe, *, thresholds: Thresholds = Thresholds(), progress: bool = False) -> InspectReport:
     """Inspect the models of a recipe, with its parameters and chunk size."""
     from hf_model_stock.methods.model_stock import ModelStockParams
-    from hf_model_stock.sources import resolve
+    from hf_model_stock.sources.resolve import resolve
 
     return inspect_resolved(
         resolve(recipe.base_model, allow_pickle=recipe.allow_pickle),
@@ -274,7 +274,7 @@ def write_inspect_outputs(report: InspectReport, out_dir: Path) -> list[Path]:
     path.write_text(json.dumps(report.to_dict(), indent=1) + "\n", encoding="utf-8")
     written = [path]
     try:
-        from hf_model_stock import plots
+        from hf_model_stock.publish import plots
     except ImportError:
         log.warning("matplotlib is not installed: no plots (pip install 'hf-model-stock[plots]')")
         return written
