@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from hf_model_stock import __version__
-from hf_model_stock.analysis.inspect import add_inspect_parser
-from hf_model_stock.evaluation.cli import add_eval_parser
-from hf_model_stock.publish.hub import add_push_parser
-from hf_model_stock.leaderboard.cli import add_leaderboard_parser
+from hf_model_stock.analysis.inspect_cli import add_inspect_parser
 from hf_model_stock.errors import ModelStockError
+from hf_model_stock.evaluation.cli import add_eval_parser
+from hf_model_stock.leaderboard.cli import add_leaderboard_parser
+from hf_model_stock.methods.registry import METHODS
+from hf_model_stock.publish.hub import add_push_parser
 
 
 def _sigterm(signum: int, frame: object) -> None:
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--model", action="append", required=True, dest="models", help="a fine-tune (repeat)")
     merge.add_argument("--out", type=Path, required=True, help="output directory")
     merge.add_argument("--dtype", help="output dtype (default: the base's)")
-    merge.add_argument("--method", choices=["model_stock", "linear"], default="model_stock",
+    merge.add_argument("--method", choices=list(METHODS), default="model_stock",
                        help="linear: the uniform average of the fine-tunes (Model Soup), for comparison")
     merge.add_argument("--granularity", choices=["layer", "filter"], default="layer")
     merge.add_argument("--no-clamp-t", action="store_true", help="do not clamp t to [0, 1] (reference behaviour)")
@@ -121,8 +122,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from hf_model_stock.sources.preflight import preflight
     from hf_model_stock.recipe import load_recipe
+    from hf_model_stock.sources.preflight import preflight
 
     report = preflight(load_recipe(args.recipe), check=False)
     print(report.describe())

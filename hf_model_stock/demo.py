@@ -16,7 +16,6 @@ from typing import Optional
 
 import torch
 
-
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FINETUNES = ("ft-a", "ft-b", "ft-c")
 PROMPT = "What is the capital of France?"
@@ -52,7 +51,12 @@ def _smollm2_dir() -> Optional[Path]:
 
 def build_base(dest: Path) -> str:
     """Write the demo's base model to ``dest`` (kept across runs); returns a description."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     marker = dest / "demo-source.txt"
     if marker.is_file() and (dest / "config.json").is_file():

@@ -14,16 +14,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from hf_model_stock.publish import output_dir
 from hf_model_stock.errors import ModelStockError
 from hf_model_stock.io.reader import INDEX_NAME
 from hf_model_stock.io.writer import write_index
-from hf_model_stock.merge.executor import ExecutionResult, TensorStats, execute
-from hf_model_stock.methods.model_stock import ModelStockParams
+from hf_model_stock.merge.executor import execute
+from hf_model_stock.merge.journal import (
+    JOURNAL_NAME,
+    Journal,
+    plan_fingerprint,
+    verified_tensors,
+)
 from hf_model_stock.merge.plan import MergeOptions, MergePlan, build_plan
+from hf_model_stock.merge.stats import ExecutionResult, TensorStats
+from hf_model_stock.publish import output_dir
+from hf_model_stock.publish.report import (
+    REPORT_NAME,
+    MergeReport,
+    build_report,
+    write_report,
+)
 from hf_model_stock.recipe import ModelEntry, Recipe
-from hf_model_stock.publish.report import REPORT_NAME, build_report, write_report
-from hf_model_stock.merge.journal import JOURNAL_NAME, Journal, plan_fingerprint, verified_tensors
 from hf_model_stock.sources.resolve import ResolvedModel, resolve
 
 T_PLOT_NAME = "t_by_layer.png"
@@ -36,7 +46,7 @@ class MergeOutcome:
     """Where the merged model was written, and its report."""
 
     path: Path
-    report: dict[str, Any]
+    report: MergeReport
 
 
 def resolve_device(name: str) -> str:
@@ -57,7 +67,7 @@ def resolve_device(name: str) -> str:
 def options_from_recipe(recipe: Recipe, device: Optional[str] = None) -> MergeOptions:
     """Merge options from a recipe, with an optional device override."""
     return MergeOptions(
-        params=ModelStockParams(**recipe.parameters.model_dump()),
+        params=recipe.parameters,
         method=recipe.method,
         dtype=recipe.dtype,
         device=resolve_device(device or recipe.compute.device),
@@ -146,7 +156,7 @@ def _writing(path: Path) -> Iterator[None]:
 
 
 def _write_metadata(plan: MergePlan, result: ExecutionResult, tmp: Path, tokenizer_dir: Path,
-                    recipe: Optional[dict[str, Any]], started: float) -> dict[str, Any]:
+                    recipe: Optional[dict[str, Any]], started: float) -> MergeReport:
     """Index, config, tokenizer, merge_report.json, t plot and model card beside the merged shards."""
     with _writing(tmp / INDEX_NAME):
         write_index(tmp, plan.shards)
@@ -161,7 +171,9 @@ def _write_metadata(plan: MergePlan, result: ExecutionResult, tmp: Path, tokeniz
         write_report(tmp, report)
     with _writing(tmp / T_PLOT_NAME):
         plot = _t_plot(report, tmp)
-    from hf_model_stock.publish.card import card_text  # the Hub client's card data: imported while the merge runs (cli)
+    from hf_model_stock.publish.card import (
+        card_text,  # the Hub client's card data: imported while the merge runs (cli)
+    )
 
     with _writing(tmp / "README.md"):
         (tmp / "README.md").write_text(card_text(report, t_plot=plot), encoding="utf-8")
@@ -177,14 +189,14 @@ def _resumable(plan: MergePlan, partial: Path) -> dict[str, TensorStats]:
     return done
 
 
-def _t_plot(report: dict[str, Any], directory: Path) -> Optional[str]:
+def _t_plot(report: MergeReport, directory: Path) -> Optional[str]:
     """Draw t by layer for the model card; None when matplotlib is not installed."""
     try:
         from hf_model_stock.publish.plots import t_plot_png
     except ImportError:
         return None
     try:
-        t_plot_png(report["tensors"], directory / T_PLOT_NAME)
+        t_plot_png(report.tensors, directory / T_PLOT_NAME)
     except ImportError:
         return None
     return T_PLOT_NAME

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from hf_model_stock.errors import RecipeError
 from hf_model_stock.evaluation.spec import EvalSpec
 from hf_model_stock.io.dtypes import parse_dtype_name
-from hf_model_stock.methods.model_stock import DEFAULT_EPS
+from hf_model_stock.methods.model_stock import ModelStockParams
+from hf_model_stock.methods.registry import METHODS
 from hf_model_stock.yaml_schema import validate_yaml
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
@@ -69,14 +70,6 @@ def split_revision(text: str) -> dict[str, Optional[str]]:
     return {"model": text, "revision": None}
 
 
-class Parameters(_Strict):
-    """Model Stock options."""
-
-    granularity: Literal["layer", "filter"] = "layer"
-    clamp_t: bool = True
-    eps: float = Field(default=DEFAULT_EPS, ge=0.0)
-
-
 class Compute(_Strict):
     """Where and in what memory the merge runs."""
 
@@ -120,8 +113,8 @@ class Recipe(_Strict):
 
     base_model: ModelEntry
     models: list[ModelEntry]
-    method: Literal["model_stock", "linear"] = "model_stock"  # linear: uniform average (Model Soup)
-    parameters: Parameters = Parameters()
+    method: str = "model_stock"  # a name in methods.registry.METHODS; linear: uniform average (Model Soup)
+    parameters: ModelStockParams = ModelStockParams()
     dtype: Optional[str] = None
     compute: Compute = Compute()
     output: Output = Output()
@@ -129,6 +122,13 @@ class Recipe(_Strict):
     allow_pickle: bool = False
     on_nonfinite: Literal["error", "warn"] = "error"
     evals: Optional[EvalSpec] = None
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method {value!r} (one of {', '.join(METHODS)})")
+        return value
 
     @field_validator("dtype")
     @classmethod

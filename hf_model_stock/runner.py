@@ -6,12 +6,17 @@ from pathlib import Path
 from typing import Optional
 
 from hf_model_stock.errors import RecipeError
+from hf_model_stock.merge.stats import layer_summary
+from hf_model_stock.pipeline import (
+    MergeOutcome,
+    execute_plan,
+    options_from_recipe,
+    plan_merge,
+    tokenizer_dir_for,
+)
 from hf_model_stock.publish.hub import push_recipe_output
-from hf_model_stock.sources.preflight import preflight
-from hf_model_stock.pipeline import MergeOutcome, execute_plan, options_from_recipe, plan_merge, tokenizer_dir_for
 from hf_model_stock.recipe import Recipe
-from hf_model_stock.publish.report import layer_summary
-from hf_model_stock.merge.executor import TensorStats
+from hf_model_stock.sources.preflight import preflight
 from hf_model_stock.sources.resolve import resolve
 
 
@@ -72,10 +77,9 @@ def run_recipe(
 
 def print_summary(outcome: MergeOutcome) -> None:
     """Print where the merge went and its per-layer t."""
-    s = outcome.report["summary"]
-    print(f"merged {s['merged']} tensors, copied {s['copied']}, clamped {s['clamped']} in {s['seconds']:.1f} s "
-          f"-> {outcome.path}")
-    rows = layer_summary([TensorStats(**t) for t in outcome.report["tensors"]])
+    s = outcome.report.summary
+    print(f"merged {s.merged} tensors, copied {s.copied}, clamped {s.clamped} in {s.seconds:.1f} s -> {outcome.path}")
+    rows = layer_summary(outcome.report.tensors)
     print(f"{'layer':>6} {'tensors':>7} {'mean t':>7} {'min t':>7} {'max t':>7} {'cos':>7}")
     for r in rows:
         print(f"{r.layer:>6} {r.tensors:>7} {r.t_mean:7.4f} {r.t_min:7.4f} {r.t_max:7.4f} {r.cos_mean:7.4f}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from importlib.metadata import PackageNotFoundError, version
 from typing import Optional
 
@@ -12,3 +13,12 @@ def installed_version(package: str) -> Optional[str]:
         return version(package)
     except PackageNotFoundError:
         return None
+
+
+def merge_versions() -> dict[str, str]:
+    """Versions of the packages that determine the bytes of a merge."""
+    out = {"python": platform.python_version()}
+    for pkg in ("hf-model-stock", "numpy", "torch", "safetensors", "huggingface_hub", "transformers"):
+        if (found := installed_version(pkg)) is not None:
+            out[pkg] = found
+    return out

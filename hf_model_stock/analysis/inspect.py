@@ -12,16 +12,14 @@ chunk size whatever the model.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from hf_model_stock.errors import ModelStockError, RecipeError
+from hf_model_stock.merge.stats import layer_key, layer_sort_key
 
 if TYPE_CHECKING:  # the merger loads on first use: the command line starts fast
     import numpy as np
@@ -33,7 +31,6 @@ if TYPE_CHECKING:  # the merger loads on first use: the command line starts fast
 log = logging.getLogger(__name__)
 
 INSPECT_NAME = "inspect.json"
-_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")  # the layer index in a tensor name
 
 
 @dataclass(frozen=True)
@@ -78,7 +75,7 @@ class TensorRow:
 
 
 @dataclass(frozen=True)
-class LayerRow:
+class InspectLayer:
     """One layer: pair statistics of its concatenated deltas and the range of its tensors' t."""
 
     layer: str
@@ -99,24 +96,13 @@ class InspectReport:
     thresholds: Thresholds
     pairs: list[tuple[int, int]]
     tensors: list[TensorRow]
-    layers: list[LayerRow]
+    layers: list[InspectLayer]
     warnings: list[InspectWarning]
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """The content of inspect.json."""
         return {"format": "hf-model-stock/inspect", "format_version": 1, **asdict(self)}
-
-
-def layer_key(name: str) -> str:
-    """The layer index of a tensor name, as in the merge report ("other" outside numbered layers)."""
-    m = _LAYER.search(name)
-    return m.group(1) if m else "other"
-
-
-def layer_sort_key(key: str) -> tuple[bool, int]:
-    """Numbered layers in order, then "other"."""
-    return (not key.isdigit(), int(key) if key.isdigit() else 0)
 
 
 def pair_stats(gram: np.ndarray) -> PairStats:
@@ -157,7 +143,7 @@ def check_tensor(row: TensorRow, pairs: list[tuple[int, int]], th: Thresholds) -
     return out
 
 
-def _layer_rows(rows: list[TensorRow], grams: list[np.ndarray]) -> list[LayerRow]:
+def _layer_rows(rows: list[TensorRow], grams: list[np.ndarray]) -> list[InspectLayer]:
     groups: dict[str, list[int]] = {}
     for k, row in enumerate(rows):
         groups.setdefault(row.layer, []).append(k)
@@ -165,7 +151,7 @@ def _layer_rows(rows: list[TensorRow], grams: list[np.ndarray]) -> list[LayerRow
     for key in sorted(groups, key=layer_sort_key):
         ts = [rows[k].t for k in groups[key]]
         gram = sum(grams[k] for k in groups[key])  # the Gram of the layer's concatenated deltas
-        out.append(LayerRow(key, len(ts), pair_stats(gram), sum(ts) / len(ts), min(ts), max(ts)))
+        out.append(InspectLayer(key, len(ts), pair_stats(gram), sum(ts) / len(ts), min(ts), max(ts)))
     return out
 
 
@@ -183,13 +169,13 @@ def inspect_resolved(
     import numpy as np
     from tqdm.auto import tqdm
 
-    from hf_model_stock.merge.compute import UnitCompute
     from hf_model_stock.io.buffers import host_buffer
     from hf_model_stock.io.reader import ShardFiles
-    from hf_model_stock.merge.executor import read_unit, unit_buffer_bytes
+    from hf_model_stock.merge.compute import UnitCompute
+    from hf_model_stock.merge.plan import MergeOptions
+    from hf_model_stock.merge.units import read_unit, unit_buffer_bytes
     from hf_model_stock.methods.model_stock import ModelStockParams, ratio_from_gram
     from hf_model_stock.pipeline import plan_merge
-    from hf_model_stock.merge.plan import MergeOptions
 
     params = params or ModelStockParams()
     plan = plan_merge(base, models, MergeOptions(params=params, chunk_bytes=chunk_bytes))
@@ -254,13 +240,12 @@ def inspect_models(
 
 def inspect_recipe(recipe: Recipe, *, thresholds: Thresholds = Thresholds(), progress: bool = False) -> InspectReport:
     """Inspect the models of a recipe, with its parameters and chunk size."""
-    from hf_model_stock.methods.model_stock import ModelStockParams
     from hf_model_stock.sources.resolve import resolve
 
     return inspect_resolved(
         resolve(recipe.base_model, allow_pickle=recipe.allow_pickle),
         [resolve(m, allow_pickle=recipe.allow_pickle) for m in recipe.models],
-        params=ModelStockParams(**recipe.parameters.model_dump()),
+        params=recipe.parameters,
         chunk_bytes=recipe.compute.chunk_size,
         thresholds=thresholds,
         progress=progress,
@@ -274,84 +259,10 @@ def write_inspect_outputs(report: InspectReport, out_dir: Path) -> list[Path]:
     path.write_text(json.dumps(report.to_dict(), indent=1) + "\n", encoding="utf-8")
     written = [path]
     try:
-        from hf_model_stock.publish import plots
+        from hf_model_stock.analysis import plots
     except ImportError:
         log.warning("matplotlib is not installed: no plots (pip install 'hf-model-stock[plots]')")
         return written
     written.append(plots.angle_t_png(report, out_dir / "angle_t.png"))
     written.append(plots.norms_png(report, out_dir / "delta_norms.png"))
     return written
-
-
-def format_report(report: InspectReport, max_warnings: int = 20) -> str:
-    """Per-layer table and the warnings, as printed by the command."""
-    n = len(report.models)
-    lines = [f"base: {report.base}", *[f"model {i}: {m}" for i, m in enumerate(report.models)]]
-    head = " ".join(f"{'|d' + str(i) + '|':>10}" for i in range(n))
-    lines.append(f"{'layer':>6} {'tensors':>7} {head} {'min ang':>8} {'max ang':>8} {'mean t':>7} {'min t':>7} {'max t':>7}")
-    for r in report.layers:
-        angles = [a for a in r.stats.angles if a is not None]
-        lo, hi = (f"{min(angles):8.2f}", f"{max(angles):8.2f}") if angles else (f"{'-':>8}", f"{'-':>8}")
-        norms = " ".join(f"{x:10.4g}" for x in r.stats.norms)
-        lines.append(f"{r.layer:>6} {r.tensors:>7} {norms} {lo} {hi} {r.t_mean:7.4f} {r.t_min:7.4f} {r.t_max:7.4f}")
-    lines += [f"note: {x}" for x in report.notes]
-    counts: dict[str, int] = {}
-    for w in report.warnings:
-        counts[w.kind] = counts.get(w.kind, 0) + 1
-    if counts:
-        lines.append("warnings: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-        lines += [f"  {w.message}" for w in report.warnings[:max_warnings]]
-        if len(report.warnings) > max_warnings:
-            lines.append(f"  ... and {len(report.warnings) - max_warnings} more (see {INSPECT_NAME})")
-    else:
-        lines.append("warnings: none")
-    return "\n".join(lines)
-
-
-def add_inspect_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``inspect RECIPE | --base B --model M ...`` to the command line."""
-    p = subparsers.add_parser("inspect", help="per-layer delta norms, pairwise angles and t; assumption checks")
-    p.add_argument("recipe", nargs="?", type=Path, help="a recipe (or give --base and --model)")
-    p.add_argument("--base", help="pre-trained model: local dir or org/name[@rev]")
-    p.add_argument("--model", action="append", dest="models", help="a fine-tune (repeat)")
-    p.add_argument("--out", type=Path, help="write inspect.json and PNG plots into this directory")
-    p.add_argument("--chunk-size", help="input bytes per read, e.g. 128MiB (default: recipe's, else 128MiB)")
-    p.add_argument("--max-warnings", type=int, default=20, help="warnings printed (all go to inspect.json)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_inspect)
-    return p
-
-
-def _chunk_size(text: str) -> int:
-    from hf_model_stock.recipe import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise RecipeError(f"--chunk-size: {exc}") from None
-
-
-def _cmd_inspect(args: argparse.Namespace) -> int:
-    if (args.recipe is None) == (args.base is None):
-        raise ModelStockError("inspect: give either a recipe or --base with --model (at least two)")
-    if args.base is not None and len(args.models or []) < 2:
-        raise ModelStockError("inspect: Model Stock needs at least 2 fine-tuned models (repeat --model)")
-    if args.recipe is not None and args.models:
-        raise ModelStockError("inspect: --model goes with --base, not with a recipe")
-    from hf_model_stock.recipe import load_recipe
-
-    progress = not args.quiet
-    if args.recipe is not None:
-        recipe = load_recipe(args.recipe)
-        if args.chunk_size:
-            compute = recipe.compute.model_copy(update={"chunk_size": _chunk_size(args.chunk_size)})
-            recipe = recipe.model_copy(update={"compute": compute})
-        report = inspect_recipe(recipe, progress=progress)
-    else:
-        chunk = _chunk_size(args.chunk_size) if args.chunk_size else 128 << 20
-        report = inspect_models(args.base, args.models, chunk_bytes=chunk, progress=progress)
-    print(format_report(report, args.max_warnings))
-    if args.out is not None:
-        for path in write_inspect_outputs(report, args.out):
-            print(f"wrote {path}")
-    return 0

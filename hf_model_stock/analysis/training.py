@@ -27,8 +27,8 @@ from transformers import TrainerCallback
 from hf_model_stock.errors import ModelStockError
 from hf_model_stock.io.dtypes import is_floating
 from hf_model_stock.io.reader import INDEX_NAME, Checkpoint
-from hf_model_stock.methods.model_stock import ModelStockParams, Ratio, ratio_from_gram
 from hf_model_stock.merge.plan import MergeOptions
+from hf_model_stock.methods.model_stock import ModelStockParams, Ratio, ratio_from_gram
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
@@ -235,7 +235,7 @@ def merge_checkpoints(
     result into every one of them (optimizer and trainer state are kept), so that each run resumes
     from the merged weights with ``trainer.train(resume_from_checkpoint=dir)``.
 
-    The merged weights keep the checkpoints' floating dtype. Returns the merge report.
+    The merged weights keep the checkpoints' floating dtype. Returns the merge report (``publish.report.MergeReport``).
     """
     from hf_model_stock.pipeline import merge_models
 

@@ -25,9 +25,18 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from hf_model_stock.evaluation.data import TaskData, resolve_data
 from hf_model_stock.evaluation.errors import EvalError
-from hf_model_stock.evaluation.lm_tasks import run_task_manager, subsets, write_task_config
+from hf_model_stock.evaluation.lm_tasks import (
+    run_task_manager,
+    subsets,
+    write_task_config,
+)
 from hf_model_stock.evaluation.spec import EvalSpec
-from hf_model_stock.evaluation.summary import EvalSummary, Score, lm_eval_scores, normalised
+from hf_model_stock.evaluation.summary import (
+    EvalSummary,
+    Score,
+    lm_eval_scores,
+    normalised,
+)
 from hf_model_stock.evaluation.tasks import BENCHMARKS, GSM8K_FEWSHOT_POOL, Benchmark
 from hf_model_stock.versions import installed_version
 
@@ -91,7 +100,11 @@ class PreparedRun:
         return results
 
     def _judge(self, samples: list[dict[str, Any]], judge: Optional["Judge"], summary: EvalSummary) -> Score:
-        from hf_model_stock.evaluation.harmbench import attack_success_rate, judge_samples, write_judgements
+        from hf_model_stock.evaluation.harmbench import (
+            attack_success_rate,
+            judge_samples,
+            write_judgements,
+        )
 
         if judge is None:
             judge = _classifier(self.spec)

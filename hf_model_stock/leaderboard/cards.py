@@ -9,9 +9,9 @@ from typing import Optional, TextIO
 
 from huggingface_hub import ModelCard
 
-from hf_model_stock.publish.card import card_with_evals
 from hf_model_stock.leaderboard.board import Leaderboard
 from hf_model_stock.leaderboard.store import write_atomically
+from hf_model_stock.publish.card import card_with_evals
 
 
 def write_model_cards(board: Leaderboard, stream: Optional[TextIO] = None) -> list[Path]:

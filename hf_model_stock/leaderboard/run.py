@@ -21,13 +21,24 @@ from hf_model_stock.errors import LeaderboardError
 from hf_model_stock.evaluation.evaluate import check_request
 from hf_model_stock.leaderboard.board import Leaderboard, Row
 from hf_model_stock.leaderboard.contenders import Contender, expand, slug
-from hf_model_stock.leaderboard.executors import (Evaluate, Job, JobResult, LocalExecutor, RayExecutor,
-                                                   evaluate_job, one_line)
+from hf_model_stock.leaderboard.executors import (
+    Evaluate,
+    Job,
+    JobResult,
+    LocalExecutor,
+    RayExecutor,
+    evaluate_job,
+    one_line,
+)
 from hf_model_stock.leaderboard.keys import DigestMemo, model_identity, task_keys
 from hf_model_stock.leaderboard.progress import BatchProgress
 from hf_model_stock.leaderboard.render import write_csv, write_html, write_markdown
 from hf_model_stock.leaderboard.spec import LeaderboardSpec
-from hf_model_stock.leaderboard.store import ResultStore, results_from_summary, write_atomically
+from hf_model_stock.leaderboard.store import (
+    ResultStore,
+    results_from_summary,
+    write_atomically,
+)
 
 
 @dataclass

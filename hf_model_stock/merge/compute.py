@@ -16,10 +16,10 @@ import numpy as np
 
 from hf_model_stock.io.buffers import host_buffer
 from hf_model_stock.io.dtypes import torch_dtype
+from hf_model_stock.merge.plan import TensorTask
 from hf_model_stock.methods import fused_cpu
 from hf_model_stock.methods.model_stock import DEFAULT_BLOCK, ModelStockParams, Ratio
 from hf_model_stock.methods.registry import RatioFn
-from hf_model_stock.merge.plan import TensorTask
 
 if TYPE_CHECKING:
     from hf_model_stock.methods.torch_kernels import ParallelKernel

@@ -17,65 +17,30 @@ import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
-from zlib_ng import zlib_ng  # CRC-32 with carry-less multiply: 8 GB/s here against zlib's 2.6
+from zlib_ng import (
+    zlib_ng,  # CRC-32 with carry-less multiply: 8 GB/s here against zlib's 2.6
+)
 
-from hf_model_stock.merge.compute import UnitCompute
 from hf_model_stock.errors import ModelStockError
 from hf_model_stock.io.buffers import host_buffer
 from hf_model_stock.io.dtypes import itemsize, storage_dtype
-from hf_model_stock.io.reader import DIRECT_ALIGN, ShardFiles
+from hf_model_stock.io.reader import ShardFiles
 from hf_model_stock.io.writer import ShardWriter
+from hf_model_stock.merge.compute import UnitCompute
+from hf_model_stock.merge.plan import OUT_BUFFERS, MergePlan, TensorTask
+from hf_model_stock.merge.stats import ExecutionResult, TensorStats
+from hf_model_stock.merge.units import read_unit, unit_buffer_bytes
 from hf_model_stock.methods.model_stock import Ratio, concat_ratios
 from hf_model_stock.methods.registry import METHODS
-from hf_model_stock.merge.plan import OUT_BUFFERS, MergePlan, TensorTask
 
 if TYPE_CHECKING:
     from hf_model_stock.merge.journal import Journal
-
-# Every input of a unit read into a buffer starts on a cache line of the page-aligned buffer: the
-# kernel's copy into a destination 8 to 24 bytes past a cache line ran at 1.6 GB/s instead of 7 on the
-# project's machine. An input read with O_DIRECT instead starts where its address agrees with its file
-# offset modulo the block (DIRECT_ALIGN), so that whole blocks are read straight into it.
-UNIT_ALIGN = 64
-
-
-def unit_buffer_bytes(plan: MergePlan) -> int:
-    """Size of one input buffer: the largest unit and each input's alignment slack (``read_unit``)."""
-    return plan.max_unit_in_bytes + (DIRECT_ALIGN + UNIT_ALIGN) * (len(plan.models) + 1)
-
-
-@dataclass
-class TensorStats:
-    """What the merge did to one tensor (one row of merge_report.json)."""
-
-    name: str
-    shape: list[int]
-    dtype_in: list[str]
-    dtype_out: str
-    action: str  # "merge" | "copy"
-    granularity: Optional[str] = None
-    t: Optional[float] = None  # layer-wise t, or the mean of the rows' t (filter-wise)
-    cos: Optional[float] = None
-    delta_norms: Optional[list[float]] = None
-    clamped: bool = False
-    t_min: Optional[float] = None
-    t_max: Optional[float] = None
-    rows_clamped: Optional[int] = None
-    nonfinite: Optional[list[str]] = None  # inputs holding NaN or Inf (on_nonfinite: warn)
-
-
-@dataclass
-class ExecutionResult:
-    """Per-tensor statistics and each shard's sha256."""
-
-    tensors: list[TensorStats]
-    shard_sha256: dict[str, str] = field(default_factory=dict)
-
 
 class _Pool:
     """A fixed set of reusable byte buffers; ``acquire`` blocks until one is free."""
@@ -101,42 +66,24 @@ class _Cancelled(Exception):
     pass
 
 
+class Phase(Enum):
+    """What the compute thread does with a unit of work."""
+
+    COPY = "copy"  # a non-floating tensor: the base's bytes go out as they are
+    FULL = "full"  # a tensor merged in one pass: its Gram matrix and its output from the same units
+    GRAM = "gram"  # first pass over a tensor too big for one unit: accumulate its Gram matrix
+    WRITE = "write"  # second pass: write w_0 + t/N sum_i d_i with the t of the first pass
+
+
 @dataclass
 class _Unit:
     task: TensorTask
-    phase: str  # "copy" | "full" | "stats" | "write"
+    phase: Phase
     start: int
     stop: int
     last: bool
     views: list[np.ndarray]
     release: Callable[[], None]  # gives the buffer back and the mapped pages up, once the views are used
-
-
-def read_unit(buf: np.ndarray, task: TensorTask, start: int, stop: int, files: ShardFiles,
-              mapped: Optional[list[tuple[Path, np.ndarray]]] = None) -> list[np.ndarray]:
-    """Views of the bits (``io.dtypes.storage_dtype``: bfloat16 as uint16) of elements [start, stop)
-    of each input of ``task`` (base first; only the base for copied tensors). Inputs that ``files``
-    maps are viewed where they lie, and listed in ``mapped`` for ``files.release`` once used (given
-    ``mapped``); the others are read into ``buf`` (of ``unit_buffer_bytes``), each where ``UNIT_ALIGN``
-    says. A tensor merged in two passes is read through the page cache even from a cold shard, so
-    that its second pass finds it there instead of reading the disk again."""
-    views, pos = [], 0
-    for info in task.inputs if task.merge else task.inputs[:1]:
-        size = itemsize(info.dtype)
-        nbytes = (stop - start) * size
-        region = files.mapped(info, start * size, nbytes, size) if mapped is not None else None
-        if region is not None:
-            mapped.append((info.path, region))  # type: ignore[union-attr]
-        else:
-            offset = info.offset + start * size
-            if not task.two_pass and offset % size == 0 and files.reads_direct(info.path):
-                pos += (offset - buf.ctypes.data - pos) % DIRECT_ALIGN
-            region = buf[pos : pos + nbytes]
-            files.read_into(info, start * size, memoryview(region), keep_cached=task.two_pass)
-            pos += nbytes
-            pos += -pos % UNIT_ALIGN
-        views.append(region.view(storage_dtype(info.dtype)))
-    return views
 
 
 def _put(q: queue.Queue, item: object, cancelled: threading.Event) -> None:
@@ -154,7 +101,7 @@ def _read_units(
     """Reader thread: every unit of every task, in output order, two passes where needed."""
     try:
         for task in plan.tasks:
-            phases = ["stats", "write"] if task.two_pass else ["full" if task.merge else "copy"]
+            phases = [Phase.GRAM, Phase.WRITE] if task.two_pass else [Phase.FULL if task.merge else Phase.COPY]
             units = list(task.units())
             for phase in phases:
                 for k, (start, stop) in enumerate(units):
@@ -294,9 +241,62 @@ def _frozen_gc() -> Iterator[None]:
 
 
 def _progress_bar(total: int) -> Any:
-    from tqdm.auto import tqdm  # imported only when shown: it brings asyncio along (0.1 s)
+    from tqdm.auto import (
+        tqdm,  # imported only when shown: it brings asyncio along (0.1 s)
+    )
 
     return tqdm(total=total, unit="B", unit_scale=True, desc="merging")
+
+
+class _UnitMerger:
+    """The compute side of the executor, one method per phase; holds the Gram matrix and t of the
+    tensor in progress between its units."""
+
+    def __init__(self, plan: MergePlan, compute: UnitCompute, writer: _Writer, out_pool: _Pool,
+                 cancelled: threading.Event, record: Callable[[TensorStats], None]):
+        self.plan, self.compute, self.writer, self.out_pool = plan, compute, writer, out_pool
+        self.cancelled, self.record = cancelled, record
+        self.ratio_fn = METHODS[plan.options.method]
+        self.gram_sum: Optional[np.ndarray] = None
+        self.ratio: Optional[Ratio] = None
+
+    def _finish(self, task: TensorTask, ratio: Ratio, granularity: str) -> None:
+        self.record(_check_finite(self.plan, task, _stats(task, ratio, granularity)))
+
+    def copy(self, unit: _Unit) -> None:
+        task = unit.task
+        self.writer.submit(task.name, unit.start * itemsize(task.out_dtype), unit.views[0].view(np.uint8), unit.release)
+        self.record(TensorStats(task.name, list(task.shape), [task.inputs[0].dtype], task.out_dtype, "copy"))
+
+    def gram(self, unit: _Unit) -> None:
+        task = unit.task
+        part = self.compute.gram(task, unit.views)
+        self.gram_sum = part if unit.start == 0 or self.gram_sum is None else self.gram_sum + part
+        unit.release()
+        if unit.last:
+            self.ratio = self.ratio_fn(self.gram_sum, self.plan.options.params)
+            self._finish(task, self.ratio, "layer")
+
+    def merge(self, unit: _Unit) -> None:
+        """A unit of a one-pass tensor (``FULL``) or of a second pass (``WRITE``): compute and write it."""
+        task, params = unit.task, self.plan.options.params
+        out_buf = self.out_pool.acquire(self.cancelled)
+        out_bytes = (unit.stop - unit.start) * itemsize(task.out_dtype)
+        out = out_buf[:out_bytes].view(storage_dtype(task.out_dtype))
+        if task.filter_wise:
+            part = self.compute.merge_filter(task, unit.views, out, self.ratio_fn, params)
+            self.ratio = part if unit.start == 0 or self.ratio is None else concat_ratios([self.ratio, part])
+            if unit.last:
+                self._finish(task, self.ratio, "filter")
+        elif unit.phase is Phase.FULL:
+            self.ratio = self.compute.merge(task, unit.views, out, self.ratio_fn, params)
+            self._finish(task, self.ratio, "layer")
+        else:
+            assert self.ratio is not None
+            self.compute.merge_second_pass(task, unit.views, float(self.ratio.t), out)
+        unit.release()
+        self.writer.submit(task.name, unit.start * itemsize(task.out_dtype), out_buf[:out_bytes],
+                           lambda b=out_buf: self.out_pool.release(b))
 
 
 def execute(plan: MergePlan, directory: Path, progress: bool = True, *, journal: Optional["Journal"] = None,
@@ -313,7 +313,6 @@ def _execute(plan: MergePlan, directory: Path, progress: bool, journal: Optional
     order = [t.name for t in plan.tasks]
     plan = dataclasses.replace(plan, tasks=[t for t in plan.tasks if t.name not in done])
     opts = plan.options
-    ratio_fn = METHODS[opts.method]
     compute = UnitCompute(len(plan.models), opts.workers, opts.device, plan.max_single_unit_elems)
     in_pool = _Pool(opts.prefetch + 1, unit_buffer_bytes(plan), pin=opts.device != "cpu")
     out_pool = _Pool(OUT_BUFFERS, plan.max_unit_out_bytes)
@@ -332,47 +331,17 @@ def _execute(plan: MergePlan, directory: Path, progress: bool, journal: Optional
         if journal is not None:
             journal.stats(stats)
 
-    gram: Optional[np.ndarray] = None
-    ratio: Optional[Ratio] = None
+    merger = _UnitMerger(plan, compute, writer, out_pool, cancelled, record)
+    handlers = {Phase.COPY: merger.copy, Phase.GRAM: merger.gram, Phase.FULL: merger.merge, Phase.WRITE: merger.merge}
     bar = _progress_bar(plan.bytes_read) if progress else None
     reader.start()
     try:
         while (unit := units.get()) is not None:
             if isinstance(unit, BaseException):
                 raise unit
-            task = unit.task
             if bar is not None:
                 bar.update(sum(v.nbytes for v in unit.views))
-            if unit.phase == "copy":
-                writer.submit(task.name, unit.start * itemsize(task.out_dtype), unit.views[0].view(np.uint8),
-                              unit.release)
-                record(TensorStats(task.name, list(task.shape), [task.inputs[0].dtype], task.out_dtype, "copy"))
-                continue
-            if unit.phase == "stats":
-                part = compute.gram(task, unit.views)
-                gram = part if unit.start == 0 or gram is None else gram + part
-                unit.release()
-                if unit.last:
-                    ratio = ratio_fn(gram, opts.params)
-                    record(_check_finite(plan, task, _stats(task, ratio, "layer")))
-                continue
-            out_buf = out_pool.acquire(cancelled)
-            out_bytes = (unit.stop - unit.start) * itemsize(task.out_dtype)
-            out = out_buf[:out_bytes].view(storage_dtype(task.out_dtype))
-            if task.filter_wise:
-                part_ratio = compute.merge_filter(task, unit.views, out, ratio_fn, opts.params)
-                ratio = part_ratio if unit.start == 0 or ratio is None else concat_ratios([ratio, part_ratio])
-                if unit.last:
-                    record(_check_finite(plan, task, _stats(task, ratio, "filter")))
-            elif unit.phase == "full":
-                ratio = compute.merge(task, unit.views, out, ratio_fn, opts.params)
-                record(_check_finite(plan, task, _stats(task, ratio, "layer")))
-            else:
-                assert ratio is not None
-                compute.merge_second_pass(task, unit.views, float(ratio.t), out)
-            unit.release()
-            writer.submit(task.name, unit.start * itemsize(task.out_dtype), out_buf[:out_bytes],
-                          lambda b=out_buf: out_pool.release(b))
+            handlers[unit.phase](unit)
     except BaseException:
         cancelled.set()
         raise

@@ -24,9 +24,9 @@ from typing import Any, Optional
 from zlib_ng import zlib_ng
 
 from hf_model_stock.errors import ModelStockError
-from hf_model_stock.merge.executor import TensorStats
 from hf_model_stock.merge.plan import MergePlan
-from hf_model_stock.publish.report import versions
+from hf_model_stock.merge.stats import TensorStats
+from hf_model_stock.versions import merge_versions
 
 JOURNAL_NAME = ".hfms-journal.jsonl"
 JOURNAL_VERSION = 1
@@ -47,7 +47,7 @@ def plan_fingerprint(plan: MergePlan) -> str:
     tasks = [[t.name, t.out_dtype, t.merge, t.filter_wise, t.unit_elems,
               [[str(i.path), i.offset, i.dtype] for i in t.inputs]] for t in plan.tasks]
     shards = [[s.filename, hashlib.sha256(s.header).hexdigest()] for s in plan.shards]
-    doc = {"versions": versions(), "options": options, "sources": sources,
+    doc = {"versions": merge_versions(), "options": options, "sources": sources,
            "files": files, "tasks": tasks, "shards": shards}
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -15,11 +15,11 @@ from hf_model_stock.io.dtypes import is_floating, itemsize
 from hf_model_stock.io.reader import Checkpoint, TensorInfo
 from hf_model_stock.io.writer import OutputTensor, ShardLayout, layout_shards
 from hf_model_stock.methods.model_stock import DEFAULT_BLOCK, ModelStockParams
+from hf_model_stock.sources.compat import check_tensors, config_problems, headers_of
 from hf_model_stock.sources.resolve import ResolvedModel
 
 BASELINE_RSS = 200 * 2**20  # interpreter, numpy and libraries; torch adds ~180 MB where a tensor needs it
 OUT_BUFFERS = 3  # merged units waiting for the writer: it may lag the compute by two units
-TIED_OUTPUT_EMBEDDING = "lm_head.weight"
 MAX_LISTED_PROBLEMS = 20
 
 
@@ -146,24 +146,6 @@ class MergePlan:
         return "\n".join(lines)
 
 
-def is_tied(config: dict) -> bool:
-    """Whether a config ties the output embeddings to the input ones."""
-    # PretrainedConfig defaults tie_word_embeddings to True; most configs state it explicitly.
-    return bool(config.get("tie_word_embeddings", True))
-
-
-def check_configs(base: ResolvedModel, models: list[ResolvedModel]) -> list[str]:
-    """Architecture-level mismatches between each model's config.json and the base's."""
-    problems = []
-    base_cfg = base.config()
-    for m in models:
-        cfg = m.config()
-        for key in ("model_type", "architectures"):
-            if key in base_cfg and key in cfg and cfg[key] != base_cfg[key]:
-                problems.append(f"config {key}: {cfg[key]!r} in {m.label} vs {base_cfg[key]!r} in base")
-    return problems
-
-
 def build_plan(base: ResolvedModel, models: list[ResolvedModel], options: MergeOptions) -> MergePlan:
     """Check that the models can be merged and plan the merge, reading headers only.
 
@@ -173,49 +155,17 @@ def build_plan(base: ResolvedModel, models: list[ResolvedModel], options: MergeO
         raise CompatibilityError(f"Model Stock needs at least 2 fine-tuned models, got {len(models)}")
     base_ckpt = Checkpoint.open(base.path)
     ckpts = [Checkpoint.open(m.path) for m in models]
-    problems = check_configs(base, models)
-    notes: list[str] = []
-
-    names = set(base_ckpt.tensors)
-    if is_tied(base.config()):
-        holders = [c for c in [base_ckpt, *ckpts] if TIED_OUTPUT_EMBEDDING in c.tensors]
-        if holders and len(holders) < len(ckpts) + 1:
-            names.discard(TIED_OUTPUT_EMBEDDING)
-            notes.append(
-                f"{TIED_OUTPUT_EMBEDDING} is tied to the input embeddings (tie_word_embeddings) and stored "
-                "by only some models: it is left out, transformers ties it on load"
-            )
-    for m, c in zip(models, ckpts):
-        theirs = set(c.tensors) - ({TIED_OUTPUT_EMBEDDING} if TIED_OUTPUT_EMBEDDING not in names else set())
-        for name in sorted(names - theirs):
-            problems.append(f"tensor {name!r}: missing in {m.label}")
-        for name in sorted(theirs - names):
-            problems.append(f"tensor {name!r}: in {m.label} but not in the base")
-
-    tasks: list[TensorTask] = []
-    order = sorted(names, key=lambda n: (str(base_ckpt.tensors[n].path), base_ckpt.tensors[n].offset))
-    for name in order:
-        b = base_ckpt.tensors[name]
-        inputs = [b]
-        for m, c in zip(models, ckpts):
-            info = c.tensors.get(name)
-            if info is None:
-                continue
-            if info.shape != b.shape:
-                problems.append(f"tensor {name!r}: shape {list(info.shape)} in {m.label} vs {list(b.shape)} in base")
-            elif is_floating(info.dtype) != is_floating(b.dtype):
-                problems.append(f"tensor {name!r}: dtype {info.dtype} in {m.label} vs {b.dtype} in base")
-            inputs.append(info)
-        if len(inputs) != len(models) + 1:
-            continue
-        tasks.append(_task(name, inputs, options))
+    problems = config_problems(base.config(), [(m.label, m.config()) for m in models])
+    check = check_tensors(base.config(), headers_of(base_ckpt), [(m.label, headers_of(c)) for m, c in zip(models, ckpts)])
+    problems += check.problems
     if problems:
         more = len(problems) - MAX_LISTED_PROBLEMS
         listed = "; ".join(problems[:MAX_LISTED_PROBLEMS]) + (f"; and {more} more" if more > 0 else "")
         raise CompatibilityError(f"{len(problems)} incompatibilities with base {base.label}: {listed}")
-
+    order = sorted(check.names, key=lambda n: (str(base_ckpt.tensors[n].path), base_ckpt.tensors[n].offset))
+    tasks = [_task(name, [base_ckpt.tensors[name], *(c.tensors[name] for c in ckpts)], options) for name in order]
     shards = layout_shards([OutputTensor(t.name, t.out_dtype, t.shape) for t in tasks], options.shard_bytes)
-    return MergePlan(base=base, models=models, options=options, tasks=tasks, shards=shards, notes=notes)
+    return MergePlan(base=base, models=models, options=options, tasks=tasks, shards=shards, notes=check.notes)
 
 
 def _task(name: str, inputs: list[TensorInfo], options: MergeOptions) -> TensorTask:

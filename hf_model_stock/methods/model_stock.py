@@ -17,9 +17,10 @@ averaging the raw weights).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
+from annotated_types import Ge
 
 DEFAULT_EPS = 1e-8  # the authors' reference code adds this to the product of norms
 DEFAULT_BLOCK = 1 << 18  # elements per block of the torch kernels: the inputs and float32 scratch stay in L2
@@ -29,11 +30,17 @@ Granularity = Literal["layer", "filter"]
 
 @dataclass(frozen=True)
 class ModelStockParams:
-    """Options of the method (recipe ``parameters``)."""
+    """Options of the method: the recipe's ``parameters`` (validated there as they are declared here)."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # a recipe's unknown key under parameters is an error
 
     granularity: Granularity = "layer"
     clamp_t: bool = True
-    eps: float = DEFAULT_EPS
+    eps: Annotated[float, Ge(0.0)] = DEFAULT_EPS  # Ge: the recipe's error names parameters.eps
+
+    def __post_init__(self) -> None:
+        if not self.eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {self.eps}")
 
 
 @dataclass(frozen=True)

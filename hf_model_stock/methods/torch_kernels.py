@@ -13,7 +13,13 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from hf_model_stock.methods.model_stock import DEFAULT_BLOCK, ModelStockParams, Ratio, concat_ratios, ratio_from_gram
+from hf_model_stock.methods.model_stock import (
+    DEFAULT_BLOCK,
+    ModelStockParams,
+    Ratio,
+    concat_ratios,
+    ratio_from_gram,
+)
 from hf_model_stock.methods.registry import RatioFn
 from hf_model_stock.methods.workers import Workers
 

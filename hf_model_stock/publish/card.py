@@ -13,28 +13,24 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
 import yaml
 from huggingface_hub import EvalResult, ModelCardData
 
-from hf_model_stock.merge.executor import TensorStats
-from hf_model_stock.publish.report import layer_summary
+from hf_model_stock.merge.stats import layer_summary
+from hf_model_stock.publish.report import MergeReport
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
-
-
-def _source_id(src: dict[str, Any]) -> str:
-    return src.get("repo_id") or src["model"]
 
 
 DEFAULT_TITLE = "Model Stock merge"
 EVAL_HEADING = "## Evaluation"
 
 
-def card_text(report: dict[str, Any], repo_id: Optional[str] = None, t_plot: Optional[str] = None) -> str:
+def card_text(report: MergeReport, repo_id: Optional[str] = None, t_plot: Optional[str] = None) -> str:
     """The README.md of a merged model: merge metadata (base_model list, relation, tags) and a reproducible body;
     ``t_plot`` names a picture of t by layer beside the card."""
-    sources = [report["sources"]["base"], *report["sources"]["models"]]
+    sources = [report.sources.base, *report.sources.models]
     # base_model metadata must name Hub repos (the Hub rejects a card naming a local path there);
     # local sources are listed in the body only
-    hub_ids = [s["repo_id"] for s in sources if s.get("repo_id")]
+    hub_ids = [s.repo_id for s in sources if s.repo_id]
     data = ModelCardData(
         base_model=hub_ids or None,
         library_name="transformers",
@@ -43,9 +39,8 @@ def card_text(report: dict[str, Any], repo_id: Optional[str] = None, t_plot: Opt
     )
     if hub_ids:
         data.base_model_relation = "merge"
-    stats = [TensorStats(**t) for t in report["tensors"]]
-    rows = layer_summary(stats)
-    summary = report["summary"]
+    rows = layer_summary(report.tensors)
+    summary = report.summary
     lines = [
         f"# {repo_id or DEFAULT_TITLE}",
         "",
@@ -61,32 +56,32 @@ def card_text(report: dict[str, Any], repo_id: Optional[str] = None, t_plot: Opt
         "|---|---|---|---|",
     ]
     for role, s in [("base", sources[0])] + [("fine-tune", s) for s in sources[1:]]:
-        lines.append(f"| {role} | {_source_id(s)} | {s.get('revision') or ''} | {s.get('commit') or ''} |")
-    params = report["parameters"]
+        lines.append(f"| {role} | {s.display_id} | {s.revision or ''} | {s.commit or ''} |")
+    params = report.parameters
     lines += [
         "",
         "## Merge",
         "",
-        f"method `{report['method']}`, granularity `{params['granularity']}`, clamp_t `{params['clamp_t']}`, eps `{params['eps']:g}`, "
-        f"output dtype `{report.get('dtype') or 'as base'}`; {summary['merged']} tensors merged, "
-        f"{summary['copied']} copied from the base, {summary['clamped']} with t clamped to [0, 1].",
+        f"method `{report.method}`, granularity `{params.granularity}`, clamp_t `{params.clamp_t}`, eps `{params.eps:g}`, "
+        f"output dtype `{report.dtype or 'as base'}`; {summary.merged} tensors merged, "
+        f"{summary.copied} copied from the base, {summary.clamped} with t clamped to [0, 1].",
         "",
         "| layer | tensors | mean t | min t | max t | mean cos |",
         "|---|---|---|---|---|---|",
         *[f"| {r.layer} | {r.tensors} | {r.t_mean:.4f} | {r.t_min:.4f} | {r.t_max:.4f} | {r.cos_mean:.4f} |" for r in rows],
         *(["", f"![t by layer]({t_plot})"] if t_plot else []),
     ]
-    if report.get("recipe"):
-        lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(report["recipe"], sort_keys=False).rstrip(), "```"]
+    if report.recipe:
+        lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(report.recipe, sort_keys=False).rstrip(), "```"]
     lines += [
         "",
         "## Reproducibility",
         "",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in report.versions.items()) + ".",
         "",
         "| file | sha256 |",
         "|---|---|",
-        *[f"| {name} | `{digest}` |" for name, digest in sorted(report["shards"].items())],
+        *[f"| {name} | `{digest}` |" for name, digest in sorted(report.shards.items())],
         "",
     ]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)

@@ -19,9 +19,12 @@ import glob
 import logging
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from hf_model_stock.errors import ModelStockError
+
+if TYPE_CHECKING:
+    from hf_model_stock.publish.report import MergeReport
 
 logger = logging.getLogger(__name__)
 
@@ -33,18 +36,18 @@ class PushError(ModelStockError):
     """The Hub refused or failed a push (names the repo and what to do next)."""
 
 
-def _report(directory: Path) -> Optional[dict[str, Any]]:
+def _report(directory: Path) -> Optional[MergeReport]:
     from hf_model_stock.publish.report import REPORT_NAME, load_report
 
     if not (directory / REPORT_NAME).is_file():
         return None
     try:
         return load_report(directory)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise PushError(f"{directory / REPORT_NAME}: unreadable ({exc})") from None
 
 
-def prepare_card(directory: Path, repo_id: str, report: Optional[dict[str, Any]]) -> None:
+def prepare_card(directory: Path, repo_id: str, report: Optional[MergeReport]) -> None:
     """Make sure ``directory/README.md`` is our model card, titled with ``repo_id``.
 
     A card already there is kept (it may carry evaluation results) and only retitled; without one,
@@ -65,7 +68,7 @@ def prepare_card(directory: Path, repo_id: str, report: Optional[dict[str, Any]]
 
 
 def unchanged_shards(api: Any, repo_id: str, revision: Optional[str], directory: Path,
-                     report: Optional[dict[str, Any]]) -> list[str]:
+                     report: Optional[MergeReport]) -> list[str]:
     """Shards whose sha256 in merge_report.json equals the LFS sha256 (and size) of the remote file."""
     from huggingface_hub.hf_api import RepoFile
 
@@ -85,10 +88,10 @@ def unchanged_shards(api: Any, repo_id: str, revision: Optional[str], directory:
     return same
 
 
-def _default_message(report: Optional[dict[str, Any]]) -> str:
+def _default_message(report: Optional[MergeReport]) -> str:
     if not report:
         return "Upload model with hf-model-stock"
-    n = len(report.get("sources", {}).get("models", []))
+    n = len(report.sources.models)
     return f"Model Stock merge of {n} fine-tunes (hf-model-stock)"
 
 

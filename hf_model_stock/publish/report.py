@@ -1,60 +1,113 @@
-"""merge_report.json: per-tensor t / cosine / delta norms, shard checksums, sources, versions, recipe."""
+"""merge_report.json: per-tensor t / cosine / delta norms, shard checksums, sources, versions, recipe.
+
+``MergeReport`` is the typed form; ``to_json``/``from_json`` keep the file's format (format_version 1).
+"""
 
 from __future__ import annotations
 
 import json
-import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from hf_model_stock.analysis.inspect import layer_key, layer_sort_key
-from hf_model_stock.merge.executor import ExecutionResult, TensorStats
 from hf_model_stock.merge.plan import MergePlan
+from hf_model_stock.merge.stats import ExecutionResult, TensorStats
+from hf_model_stock.methods.model_stock import ModelStockParams
 from hf_model_stock.sources.resolve import ResolvedModel
-from hf_model_stock.versions import installed_version
+from hf_model_stock.versions import merge_versions
 
 REPORT_NAME = "merge_report.json"
-
-
-def versions() -> dict[str, str]:
-    """Versions of the packages that determine the bytes of a merge."""
-    out = {"python": platform.python_version()}
-    for pkg in ("hf-model-stock", "numpy", "torch", "safetensors", "huggingface_hub", "transformers"):
-        if (found := installed_version(pkg)) is not None:
-            out[pkg] = found
-    return out
-
-
-def _source(m: ResolvedModel) -> dict[str, Any]:
-    return {"model": m.entry.model, "revision": m.entry.revision, "path": str(m.path),
-            "repo_id": m.repo_id, "commit": m.commit}
+REPORT_FORMAT = "hf-model-stock/merge-report"
+REPORT_VERSION = 1
 
 
 @dataclass(frozen=True)
-class LayerRow:
-    """t and cosine aggregated over the merged tensors of one transformer layer."""
+class SourceRecord:
+    """One input model as the report names it: the recipe's reference, where it was read, its commit."""
 
-    layer: str
+    model: str
+    revision: Optional[str]
+    path: str
+    repo_id: Optional[str]
+    commit: Optional[str]
+
+    @property
+    def display_id(self) -> str:
+        """The Hub repo id, else the recipe's reference."""
+        return self.repo_id or self.model
+
+
+@dataclass(frozen=True)
+class ReportSources:
+    base: SourceRecord
+    models: list[SourceRecord]
+
+
+@dataclass(frozen=True)
+class ReportSummary:
+    """Counts and sizes over the whole merge."""
+
     tensors: int
-    t_mean: float
-    t_min: float
-    t_max: float
-    cos_mean: float
+    merged: int
+    copied: int
+    clamped: int
+    nonfinite: list[str]
+    t_mean: Optional[float]
+    bytes_in: int
+    bytes_out: int
+    seconds: float
 
 
-def layer_summary(tensors: list[TensorStats]) -> list[LayerRow]:
-    """Group merged tensors by layer index (tensors outside numbered layers form the group "other")."""
-    groups: dict[str, list[TensorStats]] = {}
-    for s in tensors:
-        if s.action == "merge" and s.t is not None:
-            groups.setdefault(layer_key(s.name), []).append(s)
-    rows = []
-    for key in sorted(groups, key=layer_sort_key):
-        ts = [s.t for s in groups[key] if s.t is not None]
-        cs = [s.cos for s in groups[key] if s.cos is not None]
-        rows.append(LayerRow(key, len(ts), sum(ts) / len(ts), min(ts), max(ts), sum(cs) / max(len(cs), 1)))
-    return rows
+@dataclass(frozen=True)
+class MergeReport:
+    """The content of merge_report.json."""
+
+    method: str
+    parameters: ModelStockParams
+    dtype: Optional[str]
+    device: str
+    sources: ReportSources
+    summary: ReportSummary
+    shards: dict[str, str]
+    tokenizer_files: list[str]
+    notes: list[str]
+    versions: dict[str, str]
+    recipe: Optional[dict[str, Any]]
+    tensors: list[TensorStats] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object written to merge_report.json (keys in the file's order)."""
+        return {"format": REPORT_FORMAT, "format_version": REPORT_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MergeReport:
+        """Read the JSON object of merge_report.json back."""
+        if data.get("format") != REPORT_FORMAT or data.get("format_version") != REPORT_VERSION:
+            raise ValueError(f"not a {REPORT_FORMAT} version {REPORT_VERSION} document")
+        src = data["sources"]
+        return cls(
+            method=data["method"],
+            parameters=ModelStockParams(**data["parameters"]),
+            dtype=data.get("dtype"),
+            device=data["device"],
+            sources=ReportSources(SourceRecord(**src["base"]), [SourceRecord(**m) for m in src["models"]]),
+            summary=ReportSummary(**data["summary"]),
+            shards=dict(data["shards"]),
+            tokenizer_files=list(data.get("tokenizer_files", [])),
+            notes=list(data.get("notes", [])),
+            versions=dict(data["versions"]),
+            recipe=data.get("recipe"),
+            tensors=[TensorStats(**t) for t in data["tensors"]],
+        )
+
+    def tensor(self, name: str) -> TensorStats:
+        """The statistics of the tensor ``name``."""
+        return next(t for t in self.tensors if t.name == name)
+
+
+def _source(m: ResolvedModel) -> SourceRecord:
+    return SourceRecord(model=m.entry.model, revision=m.entry.revision, path=str(m.path), repo_id=m.repo_id,
+                        commit=m.commit)
 
 
 def build_report(
@@ -64,44 +117,43 @@ def build_report(
     seconds: float,
     recipe: Optional[dict[str, Any]] = None,
     tokenizer_files: Optional[list[str]] = None,
-) -> dict[str, Any]:
-    """The content of merge_report.json."""
+) -> MergeReport:
+    """The report of an executed plan."""
     merged = [s for s in result.tensors if s.action == "merge"]
     t_values = [s.t for s in merged if s.t is not None]
-    return {
-        "format": "hf-model-stock/merge-report",
-        "format_version": 1,
-        "method": plan.options.method,
-        "parameters": asdict(plan.options.params),
-        "dtype": plan.options.dtype,
-        "device": plan.options.device,
-        "sources": {"base": _source(plan.base), "models": [_source(m) for m in plan.models]},
-        "summary": {
-            "tensors": len(result.tensors),
-            "merged": len(merged),
-            "copied": len(result.tensors) - len(merged),
-            "clamped": sum(s.clamped for s in merged),
-            "nonfinite": [s.name for s in merged if s.nonfinite],
-            "t_mean": sum(t_values) / len(t_values) if t_values else None,
-            "bytes_in": plan.bytes_in,
-            "bytes_out": plan.bytes_out,
-            "seconds": round(seconds, 3),
-        },
-        "shards": result.shard_sha256,
-        "tokenizer_files": tokenizer_files or [],
-        "notes": plan.notes,
-        "versions": versions(),
-        "recipe": recipe,
-        "tensors": [asdict(s) for s in result.tensors],
-    }
+    return MergeReport(
+        method=plan.options.method,
+        parameters=plan.options.params,
+        dtype=plan.options.dtype,
+        device=plan.options.device,
+        sources=ReportSources(_source(plan.base), [_source(m) for m in plan.models]),
+        summary=ReportSummary(
+            tensors=len(result.tensors),
+            merged=len(merged),
+            copied=len(result.tensors) - len(merged),
+            clamped=sum(s.clamped for s in merged),
+            nonfinite=[s.name for s in merged if s.nonfinite],
+            t_mean=sum(t_values) / len(t_values) if t_values else None,
+            bytes_in=plan.bytes_in,
+            bytes_out=plan.bytes_out,
+            seconds=round(seconds, 3),
+        ),
+        shards=result.shard_sha256,
+        tokenizer_files=tokenizer_files or [],
+        notes=plan.notes,
+        versions=merge_versions(),
+        recipe=recipe,
+        tensors=list(result.tensors),
+    )
 
 
-def write_report(directory: Path, report: dict[str, Any]) -> Path:
+def write_report(directory: Path, report: MergeReport) -> Path:
+    """Write ``directory/merge_report.json``."""
     path = directory / REPORT_NAME
-    path.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(report.to_json(), indent=1) + "\n", encoding="utf-8")
     return path
 
 
-def load_report(directory: Path) -> dict[str, Any]:
+def load_report(directory: Path) -> MergeReport:
     """Read the merge_report.json of a merged model directory."""
-    return json.loads((directory / REPORT_NAME).read_text(encoding="utf-8"))
+    return MergeReport.from_json(json.loads((directory / REPORT_NAME).read_text(encoding="utf-8")))

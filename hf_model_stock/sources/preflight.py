@@ -23,12 +23,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from hf_model_stock.errors import CheckpointError, CompatibilityError, ModelStockError, SourceError
+from hf_model_stock.errors import (
+    CheckpointError,
+    CompatibilityError,
+    ModelStockError,
+    SourceError,
+)
 from hf_model_stock.io.dtypes import is_floating, itemsize
-from hf_model_stock.io.reader import Checkpoint, check_header_length, parse_header, read_header
+from hf_model_stock.io.reader import (
+    Checkpoint,
+    check_header_length,
+    parse_header,
+    read_header,
+)
 from hf_model_stock.recipe import ModelEntry, Recipe
 from hf_model_stock.sources import resolve as sources
-from hf_model_stock.merge.plan import TIED_OUTPUT_EMBEDDING, is_tied
+from hf_model_stock.sources.compat import check_tensors, config_problems, headers_of
 from hf_model_stock.sources.resolve import (
     CONVERTED_MARKER,
     INDEX_NAME,
@@ -67,10 +77,6 @@ class SourceInfo:
     @property
     def label(self) -> str:
         return self.entry.label
-
-    def config(self) -> dict[str, Any]:
-        """The source's config.json (same interface as ``ResolvedModel.config`` for ``check_configs``)."""
-        return self.config_data
 
 
 @dataclass(frozen=True)
@@ -230,10 +236,6 @@ def inspect_source(entry: ModelEntry, role: str, *, allow_pickle: bool = False) 
     return info
 
 
-def _headers_of(ckpt: Checkpoint) -> dict[str, tuple[str, Shape]]:
-    return {name: (t.dtype, t.shape) for name, t in ckpt.tensors.items()}
-
-
 def _inspect_local(info: SourceInfo, allow_pickle: bool) -> None:
     info.kind = "local"
     path = Path(info.entry.model).expanduser().resolve()
@@ -255,7 +257,7 @@ def _inspect_local(info: SourceInfo, allow_pickle: bool) -> None:
         info.convert_bytes = info.weight_bytes
         return
     ckpt = Checkpoint.open(path)
-    info.tensors = _headers_of(ckpt)
+    info.tensors = headers_of(ckpt)
     info.weight_files = [p.name for p in ckpt.files]
     info.weight_bytes = sum(p.stat().st_size for p in ckpt.files)
 
@@ -277,7 +279,13 @@ def _cached_commit(repo_id: str, revision: Optional[str]) -> Optional[str]:
 
 
 def _inspect_hub(info: SourceInfo, allow_pickle: bool) -> None:
-    from huggingface_hub import HfApi, constants, get_cached_repo_tree, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import (
+        HfApi,
+        constants,
+        get_cached_repo_tree,
+        hf_hub_download,
+        try_to_load_from_cache,
+    )
     from huggingface_hub.errors import CachedRepoTreeNotFoundError
     from huggingface_hub.hf_api import RepoFile
 
@@ -379,7 +387,7 @@ def _inspect_hub_pickle(info: SourceInfo, files: dict[str, Any], allow_pickle: b
     if (converted / CONVERTED_MARKER).is_file():
         info.path = converted
         info.weight_format = "pickle (converted)"
-        info.tensors = _headers_of(Checkpoint.open(converted))
+        info.tensors = headers_of(Checkpoint.open(converted))
         info.download_bytes = _bytes_to_download(files, _small_files(files), cached)
         return
     info.convert_bytes = info.weight_bytes
@@ -437,11 +445,9 @@ def _read_range(url: str, start: int, length: int, where: str, timeout: float) -
 
 def compare(report: PreflightReport) -> None:
     """Append to ``report`` every mismatch between a model and the base (configs, names, shapes, dtypes)."""
-    from hf_model_stock.merge.plan import check_configs
-
     base = report.base
     ok_models = [m for m in report.models if not m.error]
-    report.problems += check_configs(base, ok_models)  # type: ignore[arg-type]  # duck-typed: label, config()
+    report.problems += config_problems(base.config_data, [(m.label, m.config_data) for m in ok_models])
     vocab = base.config_data.get("vocab_size")
     for m in ok_models:
         theirs = m.config_data.get("vocab_size")
@@ -450,34 +456,10 @@ def compare(report: PreflightReport) -> None:
                                    "vocabulary: embedding and output shapes differ)")
     if base.tensors is None:
         return
-    known = [m for m in ok_models if m.tensors is not None]
-    names = set(base.tensors)
-    if is_tied(base.config_data):
-        holders = [s for s in [base, *known] if TIED_OUTPUT_EMBEDDING in (s.tensors or {})]
-        if holders and len(holders) < len(known) + 1:
-            names.discard(TIED_OUTPUT_EMBEDDING)
-            report.notes.append(f"{TIED_OUTPUT_EMBEDDING} is tied to the input embeddings and stored by only some "
-                                "models: it is left out, transformers ties it on load")
-    for m in known:
-        assert m.tensors is not None
-        theirs = set(m.tensors) - ({TIED_OUTPUT_EMBEDDING} if TIED_OUTPUT_EMBEDDING not in names else set())
-        for name in sorted(names - theirs):
-            report.problems.append(f"tensor {name!r}: missing in {m.label}")
-        for name in sorted(theirs - names):
-            report.problems.append(f"tensor {name!r}: in {m.label} but not in the base")
-        float_dtypes: set[str] = set()
-        for name in sorted(names & theirs):
-            b_dtype, b_shape = base.tensors[name]
-            dtype, shape = m.tensors[name]
-            if shape != b_shape:
-                report.problems.append(f"tensor {name!r}: shape {list(shape)} in {m.label} vs {list(b_shape)} in base")
-            elif is_floating(dtype) != is_floating(b_dtype):
-                report.problems.append(f"tensor {name!r}: dtype {dtype} in {m.label} vs {b_dtype} in base")
-            elif dtype != b_dtype:
-                float_dtypes.add(f"{dtype} vs {b_dtype}")
-        if float_dtypes:
-            report.notes.append(f"{m.label}: floating dtypes differ from the base ({', '.join(sorted(float_dtypes))}); "
-                                "merged in float32")
+    known = [(m.label, m.tensors) for m in ok_models if m.tensors is not None]
+    check = check_tensors(base.config_data, base.tensors, known)
+    report.problems += check.problems
+    report.notes += check.notes
 
 
 def _output_bytes(base: SourceInfo, out_dtype: Optional[str]) -> int:

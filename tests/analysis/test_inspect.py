@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import hf_model_stock
+import hf_model_stock.analysis
 from hf_model_stock.analysis.inspect import (
     InspectReport,
-    add_inspect_parser,
     inspect_models,
     write_inspect_outputs,
 )
+from hf_model_stock.analysis.inspect_cli import add_inspect_parser
 from hf_model_stock.errors import CompatibilityError, ModelStockError
 from hf_model_stock.pipeline import merge_models
 from tests.modelgen import write_checkpoint
@@ -207,8 +207,8 @@ def test_outputs_json_and_pngs(constructed, tmp_path):
 
 def test_without_matplotlib_only_the_json_is_written(constructed, tmp_path, monkeypatch, caplog):
     root, _, _ = constructed
-    monkeypatch.setitem(sys.modules, "hf_model_stock.publish.plots", None)  # makes the import fail
-    monkeypatch.delattr(hf_model_stock, "plots", raising=False)
+    monkeypatch.setitem(sys.modules, "hf_model_stock.analysis.plots", None)  # makes the import fail
+    monkeypatch.delattr(hf_model_stock.analysis, "plots", raising=False)
     assert write_inspect_outputs(run_inspect(root), tmp_path) == [tmp_path / "inspect.json"]
     assert "pip install 'hf-model-stock[plots]'" in caplog.text
 
@@ -218,7 +218,7 @@ def test_t_plot_from_a_merge_report(constructed, tmp_path):
 
     root, _, _ = constructed
     outcome = merge_models(root / "base", [root / f"ft{i}" for i in range(3)], tmp_path / "merged")
-    path = t_plot_png(outcome.report["tensors"], tmp_path / "t.png")
+    path = t_plot_png(outcome.report.tensors, tmp_path / "t.png")
     assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
 
 

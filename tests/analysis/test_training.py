@@ -11,10 +11,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
+from hf_model_stock.analysis.training import (
+    PeriodicModelStock,
+    merge_checkpoints,
+    train_in_lockstep,
+)
 from hf_model_stock.errors import ModelStockError
-from hf_model_stock.analysis.training import PeriodicModelStock, merge_checkpoints, train_in_lockstep
 
 VOCAB, SEQ = 48, 12
 
@@ -182,10 +193,10 @@ def test_merge_checkpoints_then_resume(tmp_path):
 
     merged = [load_file(c / "model.safetensors") for c in ckpts]
     assert set(merged[0]) == set(w0)
-    by_name = {r["name"]: r for r in report["tensors"]}
+    by_name = {r.name: r for r in report.tensors}
     for name, w in w0.items():
         ref, t = reference(w, [m[name] for m in trained])
-        assert by_name[name]["t"] == pytest.approx(t, abs=1e-5)
+        assert by_name[name].t == pytest.approx(t, abs=1e-5)
         got = merged[0][name]
         assert got.dtype == torch.float32
         # the merger evaluates w0 + t/N * sum_i d_i in float32: its error is a few eps of those terms

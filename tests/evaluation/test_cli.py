@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from hf_model_stock.evaluation.cli import add_eval_parser, run_eval_command, spec_from_args
+from hf_model_stock.evaluation.cli import (
+    add_eval_parser,
+    run_eval_command,
+    spec_from_args,
+)
 from hf_model_stock.evaluation.errors import EvalError
 
 

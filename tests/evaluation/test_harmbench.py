@@ -10,8 +10,15 @@ import pytest
 
 from hf_model_stock.evaluation.errors import EvalError
 from hf_model_stock.evaluation.harmbench import (
-    JUDGE_PROMPT, JUDGE_PROMPT_CONTEXTUAL, AttackSuccess, Judgement, attack_success_rate, doc_to_text, judge_prompt,
-    judge_samples, parse_label,
+    JUDGE_PROMPT,
+    JUDGE_PROMPT_CONTEXTUAL,
+    AttackSuccess,
+    Judgement,
+    attack_success_rate,
+    doc_to_text,
+    judge_prompt,
+    judge_samples,
+    parse_label,
 )
 from tests.evaluation.conftest import KeywordJudge, run_scripted
 from tests.evaluation.scripted import gold

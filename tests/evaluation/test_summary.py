@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from hf_model_stock.evaluation.errors import EvalError
-from hf_model_stock.evaluation.summary import EvalSummary, Score, format_table, lm_eval_scores, normalised
+from hf_model_stock.evaluation.summary import (
+    EvalSummary,
+    Score,
+    format_table,
+    lm_eval_scores,
+    normalised,
+)
 from hf_model_stock.evaluation.tasks import BENCHMARKS
 
 

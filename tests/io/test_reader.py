@@ -11,7 +11,13 @@ import torch
 from safetensors.torch import save_file
 
 from hf_model_stock.errors import CheckpointError
-from hf_model_stock.io.reader import DIRECT_PIECE, Checkpoint, ShardFiles, cached_fraction, read_header
+from hf_model_stock.io.reader import (
+    DIRECT_PIECE,
+    Checkpoint,
+    ShardFiles,
+    cached_fraction,
+    read_header,
+)
 
 
 def raw_file(path: Path, header: dict, data: bytes = b"", header_len: int | None = None) -> Path:

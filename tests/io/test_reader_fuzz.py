@@ -19,7 +19,12 @@ from hypothesis import strategies as st
 
 from hf_model_stock.errors import CheckpointError
 from hf_model_stock.io.dtypes import SAFETENSORS_DTYPES, itemsize
-from hf_model_stock.io.reader import MAX_HEADER_BYTES, check_header_length, parse_header, read_header
+from hf_model_stock.io.reader import (
+    MAX_HEADER_BYTES,
+    check_header_length,
+    parse_header,
+    read_header,
+)
 
 FUZZ = settings(max_examples=150, derandomize=True, database=None, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

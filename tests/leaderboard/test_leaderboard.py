@@ -15,7 +15,12 @@ from safetensors.torch import load_file
 from hf_model_stock.errors import LeaderboardError
 from hf_model_stock.leaderboard.run import run_leaderboard
 from hf_model_stock.leaderboard.spec import parse_leaderboard_spec
-from tests.leaderboard.scripted import calls, make_model, scripted_evaluate, write_script
+from tests.leaderboard.scripted import (
+    calls,
+    make_model,
+    scripted_evaluate,
+    write_script,
+)
 
 TASKS = ["gsm8k", "mmlu_pro", "harmbench"]
 

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from hf_model_stock.merge.compute import UnitCompute
 from hf_model_stock.io.buffers import host_buffer
 from hf_model_stock.io.reader import DIRECT_ALIGN, Checkpoint, ShardFiles
-from hf_model_stock.merge.executor import UNIT_ALIGN, read_unit, unit_buffer_bytes
+from hf_model_stock.merge.compute import UnitCompute
+from hf_model_stock.merge.plan import MergeOptions, build_plan
+from hf_model_stock.merge.units import UNIT_ALIGN, read_unit, unit_buffer_bytes
 from hf_model_stock.methods import fused_cpu
 from hf_model_stock.methods.model_stock import ModelStockParams, ratio_from_gram
-from hf_model_stock.merge.plan import MergeOptions, build_plan
 from hf_model_stock.recipe import ModelEntry
 from hf_model_stock.sources.resolve import resolve
 from tests.modelgen import finetunes, write_checkpoint
@@ -189,11 +189,11 @@ def test_cuda_merge_agrees_with_the_cpu_merge(tmp_path, granularity):
     for device in ("cpu", "cuda"):
         opts = MergeOptions(params=ModelStockParams(granularity=granularity), device=device)
         out = merge_models(base, models, tmp_path / device, opts)
-        merged[device] = (load_file(out.path / "model.safetensors"), {t["name"]: t for t in out.report["tensors"]})
+        merged[device] = (load_file(out.path / "model.safetensors"), {t.name: t for t in out.report.tensors})
     (cpu, cpu_stats), (gpu, gpu_stats) = merged["cpu"], merged["cuda"]
     for name, want in cpu.items():
         # the GPU sums its Gram blocks in float64, the CPU in float32 blocks: t may differ in its last
         # bits, which moves an output element by at most one bf16 step
         step = torch.ldexp(torch.ones_like(want.float()), torch.frexp(want.float())[1] - 8)  # one bf16 step
         assert bool(((gpu[name].float() - want.float()).abs() <= step).all()), name
-        assert gpu_stats[name]["t"] == pytest.approx(cpu_stats[name]["t"], abs=1e-6)
+        assert gpu_stats[name].t == pytest.approx(cpu_stats[name].t, abs=1e-6)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hf_model_stock.merge.plan import MergeOptions
 from hf_model_stock.methods.model_stock import ModelStockParams
 from hf_model_stock.pipeline import merge_models
-from hf_model_stock.merge.plan import MergeOptions
 from tests.modelgen import finetunes, write_checkpoint
 from tests.reference import reference_merge
 
@@ -86,8 +86,8 @@ def test_merge_matches_reference(tmp_path, n, dtype, granularity):
     ref_t = reference_merge(base["model.layers.0.self_attn.q_proj.weight"],
                             [f["model.layers.0.self_attn.q_proj.weight"] for f in fts],
                             filter_wise=granularity == "filter")[1]
-    entry = next(t for t in out.report["tensors"] if t["name"] == "model.layers.0.self_attn.q_proj.weight")
-    assert entry["t"] == pytest.approx(ref_t.mean().item(), abs=1e-6)  # float32 block dots
+    entry = out.report.tensor("model.layers.0.self_attn.q_proj.weight")
+    assert entry.t == pytest.approx(ref_t.mean().item(), abs=1e-6)  # float32 block dots
 
 
 @pytest.mark.parametrize("granularity", ["layer", "filter"])
@@ -123,10 +123,10 @@ def test_tiny_deltas_are_merged_with_the_authors_formula(tmp_path):
     models = [tmp_path / f"ft{i}" for i in range(3)]
     out = merge_models(tmp_path / "base", models, tmp_path / "out")
     assert_matches_reference(load_dir(out.path), base, fts)
-    t_default = out.report["tensors"][0]["t"]
+    t_default = out.report.tensors[0].t
     exact = merge_models(tmp_path / "base", models, tmp_path / "exact",
                          MergeOptions(params=ModelStockParams(eps=0.0)))
-    t_exact = exact.report["tensors"][0]["t"]
+    t_exact = exact.report.tensors[0].t
     _, ref_t = reference_merge(base["w"], [f["w"] for f in fts], eps=0.0)
     assert t_exact == pytest.approx(ref_t.item(), abs=1e-6)
     assert t_exact - t_default > 0.1  # the epsilon matters at these norms, as the design notes say
@@ -141,7 +141,7 @@ def test_all_zero_deltas_return_the_base_exactly(tmp_path):
     merged = load_dir(out.path)
     for name in base:
         assert torch.equal(merged[name], base[name])
-    assert all(t["t"] == 0.0 for t in out.report["tensors"] if t["action"] == "merge")
+    assert all(t.t == 0.0 for t in out.report.tensors if t.action == "merge")
 
 
 def test_negatively_correlated_deltas_clamp_on_and_off(tmp_path):
@@ -155,14 +155,14 @@ def test_negatively_correlated_deltas_clamp_on_and_off(tmp_path):
         write_checkpoint(tmp_path / f"ft{i}", ft)
     models = [tmp_path / "ft0", tmp_path / "ft1"]
     on = merge_models(tmp_path / "base", models, tmp_path / "on")
-    assert on.report["tensors"][0]["t"] == 0.0 and on.report["tensors"][0]["clamped"]
-    assert on.report["summary"]["clamped"] == 1
+    assert on.report.tensors[0].t == 0.0 and on.report.tensors[0].clamped
+    assert on.report.summary.clamped == 1
     assert torch.equal(load_dir(on.path)["w"], w)
     off = merge_models(tmp_path / "base", models, tmp_path / "off",
                        MergeOptions(params=ModelStockParams(clamp_t=False)))
     ref, ref_t = reference_merge(w, [f["w"] for f in fts], clamp_t=False)
     assert -2.5 < ref_t.item() < -1.0
-    assert off.report["tensors"][0]["t"] == pytest.approx(ref_t.item(), rel=1e-6)
+    assert off.report.tensors[0].t == pytest.approx(ref_t.item(), rel=1e-6)
     assert_matches_reference(load_dir(off.path), base, fts, clamp_t=False)
 
 
@@ -217,7 +217,7 @@ def test_tied_lm_head_stored_by_only_some_models_is_left_out(tmp_path):
         write_checkpoint(tmp_path / f"ft{i}", ft, config=cfg)
     out = merge_models(tmp_path / "base", [tmp_path / "ft0", tmp_path / "ft1"], tmp_path / "out")
     assert "lm_head.weight" not in load_dir(out.path)
-    assert any("lm_head.weight" in n for n in out.report["notes"])
+    assert any("lm_head.weight" in n for n in out.report.notes)
 
 
 @pytest.mark.parametrize("granularity", ["layer", "filter"])
@@ -239,5 +239,5 @@ def test_linear_method_is_the_uniform_average(tmp_path, granularity, dtype):
         diff = (merged[name].double() - mean.double()).abs()
         assert bool((diff <= ulp(mean)).all()), name
         assert (diff > 0).float().mean().item() < 0.01, name
-    assert out.report["method"] == "linear"
-    assert all(t["t"] == 1.0 and not t["clamped"] for t in out.report["tensors"] if t["action"] == "merge")
+    assert out.report.method == "linear"
+    assert all(t.t == 1.0 and not t.clamped for t in out.report.tensors if t.action == "merge")

@@ -1,9 +1,8 @@
 """The fused C kernels give the same bytes as the torch kernels (and the float64 reference)."""
 
+import numpy as np
 import pytest
 import torch
-
-import numpy as np
 
 from hf_model_stock.methods import fused_cpu
 from hf_model_stock.methods.torch_kernels import BlockKernel

@@ -11,11 +11,16 @@ import pytest
 from huggingface_hub import ModelCard
 
 from hf_model_stock.publish.card import card_with_evals
-from hf_model_stock.publish.hub import PushError, add_push_parser, push_model, push_recipe_output
+from hf_model_stock.publish.hub import (
+    PushError,
+    add_push_parser,
+    push_model,
+    push_recipe_output,
+)
 from hf_model_stock.recipe import parse_recipe
 from hf_model_stock.runner import run_recipe
-from tests.hub_fixtures import set_hub_env
 from tests.fake_hub import FakeHub
+from tests.hub_fixtures import set_hub_env
 
 # huggingface_hub passes upload bodies as data=, which httpx2 deprecates: not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:Use .content=<...>. to upload raw bytes:DeprecationWarning")

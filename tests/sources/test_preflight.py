@@ -10,11 +10,11 @@ import pytest
 import torch
 from huggingface_hub import constants
 
-from hf_model_stock.sources import preflight as preflight_module
 from hf_model_stock.errors import CompatibilityError, ModelStockError, SourceError
 from hf_model_stock.merge.plan import MergeOptions, build_plan
-from hf_model_stock.sources.preflight import preflight
 from hf_model_stock.recipe import parse_recipe
+from hf_model_stock.sources import preflight as preflight_module
+from hf_model_stock.sources.preflight import preflight
 from hf_model_stock.sources.resolve import resolve
 from tests.hub_fixtures import CONFIG, set_offline, tiny_llama
 from tests.modelgen import finetunes, write_checkpoint

@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 
 from hf_model_stock.errors import SourceError
 from hf_model_stock.io.reader import Checkpoint
-from hf_model_stock.sources.preflight import preflight
 from hf_model_stock.recipe import ModelEntry, parse_recipe
+from hf_model_stock.sources.preflight import preflight
 from hf_model_stock.sources.resolve import resolve
-from tests.hub_fixtures import CONFIG, set_hub_env, set_offline, tiny_llama
 from tests.fake_hub import FakeHub
+from tests.hub_fixtures import CONFIG, set_hub_env, set_offline, tiny_llama
 
 SHARD = "model-00001-of-00002.safetensors"
 

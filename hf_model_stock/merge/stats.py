@@ -1,0 +1,75 @@
+"""What a merge did, tensor by tensor and layer by layer: the types that the executor produces and
+the report, the card, the journal and ``inspect`` read."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")  # the layer index in a tensor name
+
+
+@dataclass
+class TensorStats:
+    """What the merge did to one tensor (one row of merge_report.json)."""
+
+    name: str
+    shape: list[int]
+    dtype_in: list[str]
+    dtype_out: str
+    action: str  # "merge" | "copy"
+    granularity: Optional[str] = None
+    t: Optional[float] = None  # layer-wise t, or the mean of the rows' t (filter-wise)
+    cos: Optional[float] = None
+    delta_norms: Optional[list[float]] = None
+    clamped: bool = False
+    t_min: Optional[float] = None
+    t_max: Optional[float] = None
+    rows_clamped: Optional[int] = None
+    nonfinite: Optional[list[str]] = None  # inputs holding NaN or Inf (on_nonfinite: warn)
+
+
+@dataclass
+class ExecutionResult:
+    """Per-tensor statistics and each shard's sha256."""
+
+    tensors: list[TensorStats]
+    shard_sha256: dict[str, str] = field(default_factory=dict)
+
+
+def layer_key(name: str) -> str:
+    """The layer index of a tensor name, as in the merge report ("other" outside numbered layers)."""
+    m = _LAYER.search(name)
+    return m.group(1) if m else "other"
+
+
+def layer_sort_key(key: str) -> tuple[bool, int]:
+    """Numbered layers in order, then "other"."""
+    return (not key.isdigit(), int(key) if key.isdigit() else 0)
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """t and cosine aggregated over the merged tensors of one transformer layer."""
+
+    layer: str
+    tensors: int
+    t_mean: float
+    t_min: float
+    t_max: float
+    cos_mean: float
+
+
+def layer_summary(tensors: list[TensorStats]) -> list[LayerSummary]:
+    """Group merged tensors by layer index (tensors outside numbered layers form the group "other")."""
+    groups: dict[str, list[TensorStats]] = {}
+    for s in tensors:
+        if s.action == "merge" and s.t is not None:
+            groups.setdefault(layer_key(s.name), []).append(s)
+    rows = []
+    for key in sorted(groups, key=layer_sort_key):
+        ts = [s.t for s in groups[key] if s.t is not None]
+        cs = [s.cos for s in groups[key] if s.cos is not None]
+        rows.append(LayerSummary(key, len(ts), sum(ts) / len(ts), min(ts), max(ts), sum(cs) / max(len(cs), 1)))
+    return rows
