@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from hf_model_stock.errors import ModelStockError
-from hf_model_stock.io.reader import INDEX_NAME
+from hf_model_stock.io.index import INDEX_NAME
 from hf_model_stock.io.writer import write_index
 from hf_model_stock.merge.executor import execute
 from hf_model_stock.merge.journal import (

@@ -26,7 +26,8 @@ from transformers import TrainerCallback
 
 from hf_model_stock.errors import ModelStockError
 from hf_model_stock.io.dtypes import is_floating
-from hf_model_stock.io.reader import INDEX_NAME, Checkpoint
+from hf_model_stock.io.index import INDEX_NAME
+from hf_model_stock.io.reader import Checkpoint
 from hf_model_stock.merge.plan import MergeOptions
 from hf_model_stock.methods.model_stock import ModelStockParams, Ratio, ratio_from_gram
 

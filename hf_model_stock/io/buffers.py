@@ -1,10 +1,12 @@
-"""Page-aligned host buffers for the merge's pools and scratch."""
+"""Page-aligned host buffers for the merge's pools and scratch, and the alignment that direct I/O needs."""
 
 from __future__ import annotations
 
 import mmap
 
 import numpy as np
+
+DIRECT_ALIGN = 4096  # file offset, length and buffer address alignment that O_DIRECT accepts on common filesystems
 
 
 def host_buffer(nbytes: int, pin: bool = False) -> np.ndarray:

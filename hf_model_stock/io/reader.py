@@ -29,19 +29,18 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
 from hf_model_stock.errors import CheckpointError
+from hf_model_stock.io.buffers import DIRECT_ALIGN
 from hf_model_stock.io.dtypes import SAFETENSORS_DTYPES, itemsize
+from hf_model_stock.io.index import INDEX_NAME, SINGLE_NAME, read_weight_map, shard_name
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
-DIRECT_ALIGN = 4096  # file offset, length and buffer address alignment that O_DIRECT accepts
 DIRECT_PIECE = 16 << 20  # bytes per direct read (the bounce buffer)
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -167,12 +166,7 @@ def _validate_entry(where: str, name: str, entry: Any) -> tuple[int, int, str, t
 
 def _shard_path(root: Path, index_path: Path, name: Any) -> Path:
     """Resolve a shard named by an index, refusing anything that escapes the model directory."""
-    if not isinstance(name, str) or not name:
-        raise CheckpointError(f"{index_path}: weight_map values must be file names, got {name!r}")
-    rel = PurePosixPath(name)
-    if rel.is_absolute() or ".." in rel.parts or "\\" in name:
-        raise CheckpointError(f"{index_path}: shard {name!r} is outside the model directory")
-    path = root / rel
+    path = root / shard_name(index_path, name)
     if not path.is_file():
         raise CheckpointError(f"{index_path}: shard {name!r} is missing")
     resolved, real_root = path.resolve(), root.resolve()
@@ -226,13 +220,7 @@ class Checkpoint:
 
     @classmethod
     def _open_indexed(cls, root: Path, index_path: Path) -> "Checkpoint":
-        try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise CheckpointError(f"{index_path}: unreadable index ({exc})") from None
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index_path}: no weight_map")
+        weight_map = read_weight_map(index_path)
         by_file: dict[Path, list[str]] = {}
         paths: dict[str, Path] = {}  # each shard is resolved once, not once per tensor
         for name, shard in weight_map.items():

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hf_model_stock.errors import ModelStockError
+from hf_model_stock.io.buffers import DIRECT_ALIGN
 from hf_model_stock.io.dtypes import itemsize
-from hf_model_stock.io.reader import INDEX_NAME, SINGLE_NAME
+from hf_model_stock.io.index import INDEX_NAME, SINGLE_NAME
 
-DIRECT_ALIGN = 4096  # offset, length and address alignment that O_DIRECT accepts on common filesystems
 STAGE_BYTES = 16 << 20  # per buffer (two of them); a multiple of DIRECT_ALIGN
 
 

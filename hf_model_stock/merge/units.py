@@ -8,8 +8,9 @@ from typing import Optional
 
 import numpy as np
 
+from hf_model_stock.io.buffers import DIRECT_ALIGN
 from hf_model_stock.io.dtypes import itemsize, storage_dtype
-from hf_model_stock.io.reader import DIRECT_ALIGN, ShardFiles
+from hf_model_stock.io.reader import ShardFiles
 from hf_model_stock.merge.plan import MergePlan, TensorTask
 
 # Every input of a unit read into a buffer starts on a cache line of the page-aligned buffer: the

@@ -72,7 +72,7 @@ def unchanged_shards(api: Any, repo_id: str, revision: Optional[str], directory:
     """Shards whose sha256 in merge_report.json equals the LFS sha256 (and size) of the remote file."""
     from huggingface_hub.hf_api import RepoFile
 
-    shards: dict[str, str] = (report or {}).get("shards") or {}
+    shards = report.shards if report is not None else {}
     if not shards:
         return []
     remote = {
@@ -89,7 +89,7 @@ def unchanged_shards(api: Any, repo_id: str, revision: Optional[str], directory:
 
 
 def _default_message(report: Optional[MergeReport]) -> str:
-    if not report:
+    if report is None:
         return "Upload model with hf-model-stock"
     n = len(report.sources.models)
     return f"Model Stock merge of {n} fine-tunes (hf-model-stock)"

@@ -30,6 +30,7 @@ from hf_model_stock.errors import (
     SourceError,
 )
 from hf_model_stock.io.dtypes import is_floating, itemsize
+from hf_model_stock.io.index import INDEX_NAME, SINGLE_NAME, read_weight_map
 from hf_model_stock.io.reader import (
     Checkpoint,
     check_header_length,
@@ -41,9 +42,7 @@ from hf_model_stock.sources import resolve as sources
 from hf_model_stock.sources.compat import check_tensors, config_problems, headers_of
 from hf_model_stock.sources.resolve import (
     CONVERTED_MARKER,
-    INDEX_NAME,
     PICKLE_INDEX_NAME,
-    SINGLE_NAME,
     SMALL_FILE_PATTERNS,
     read_json_object,
 )
@@ -322,7 +321,7 @@ def _inspect_hub(info: SourceInfo, allow_pickle: bool) -> None:
     if "config.json" in files:
         info.config_data = read_json_object(fetch("config.json"))
     if INDEX_NAME in files:
-        shards = sorted(set(sources._weight_map(fetch(INDEX_NAME)).values()))
+        shards = sorted(set(read_weight_map(fetch(INDEX_NAME)).values()))
         missing = [s for s in shards if s not in files]
         if missing:
             raise CheckpointError(f"{entry.label}: {INDEX_NAME} names shard(s) not in the repo: {', '.join(missing)}")
@@ -349,7 +348,7 @@ def _inspect_hub(info: SourceInfo, allow_pickle: bool) -> None:
                 raise CheckpointError(f"{entry.label}: tensor {name!r} is stored in more than one shard")
             tensors[name] = value
     if INDEX_NAME in files:
-        index_names = set(sources._weight_map(fetch(INDEX_NAME)))
+        index_names = set(read_weight_map(fetch(INDEX_NAME)))
         absent = sorted(index_names - set(tensors))
         if absent:
             raise CheckpointError(f"{entry.label}: {INDEX_NAME} names tensors its shards lack: {', '.join(absent[:5])}")
@@ -378,7 +377,7 @@ def _inspect_hub_pickle(info: SourceInfo, files: dict[str, Any], allow_pickle: b
         raise SourceError(sources.pickle_refusal(entry, listing))
     info.weight_format = "pickle"
     if chosen == [PICKLE_INDEX_NAME]:
-        shards = sorted(set(sources._weight_map(fetch(PICKLE_INDEX_NAME)).values()))
+        shards = sorted(set(read_weight_map(fetch(PICKLE_INDEX_NAME)).values()))
     else:
         shards = chosen
     info.weight_files = shards

@@ -19,14 +19,12 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from hf_model_stock.errors import CheckpointError, SourceError
+from hf_model_stock.errors import SourceError
+from hf_model_stock.io.index import INDEX_NAME, SINGLE_NAME, read_weight_map
 from hf_model_stock.recipe import ModelEntry
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
 
 # Small files a merge reads or carries over: configs, the index, tokenizer files.
 SMALL_FILE_PATTERNS = [
@@ -216,22 +214,7 @@ def safetensors_shards(directory: Path) -> Optional[list[str]]:
     index_path = directory / INDEX_NAME
     if not index_path.is_file():
         return None
-    return sorted(set(_weight_map(index_path).values()))
-
-
-def _weight_map(index_path: Path) -> dict[str, str]:
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{index_path}: unreadable index ({exc})") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise CheckpointError(f"{index_path}: no weight_map")
-    for shard in weight_map.values():
-        rel = PurePosixPath(shard) if isinstance(shard, str) else None
-        if rel is None or not shard or rel.is_absolute() or ".." in rel.parts or "\\" in shard:
-            raise CheckpointError(f"{index_path}: shard {shard!r} is outside the model directory")
-    return weight_map
+    return sorted(set(read_weight_map(index_path).values()))
 
 
 def repo_file_names(entry: ModelEntry, commit: str) -> set[str]:
@@ -282,12 +265,8 @@ def local_pickle_weights(directory: Path) -> list[str]:
     if chosen is None:
         return []
     if chosen == [PICKLE_INDEX_NAME]:
-        return [PICKLE_INDEX_NAME, *sorted(set(_pickle_index_map(directory / PICKLE_INDEX_NAME).values()))]
+        return [PICKLE_INDEX_NAME, *sorted(set(read_weight_map(directory / PICKLE_INDEX_NAME).values()))]
     return chosen
-
-
-def _pickle_index_map(index_path: Path) -> dict[str, str]:
-    return _weight_map(index_path)
 
 
 def _resolve_pickle(
@@ -305,7 +284,7 @@ def _resolve_pickle(
         return ResolvedModel(entry=entry, path=dest, repo_id=entry.model, commit=commit)
     path = _snapshot(entry, commit, chosen)
     if chosen == [PICKLE_INDEX_NAME]:
-        shards = sorted(set(_pickle_index_map(path / PICKLE_INDEX_NAME).values()))
+        shards = sorted(set(read_weight_map(path / PICKLE_INDEX_NAME).values()))
         path = _snapshot(entry, commit, [PICKLE_INDEX_NAME, *shards])
         files = [PICKLE_INDEX_NAME, *shards]
     else:
@@ -340,7 +319,7 @@ def convert_pickle(src: Path, files: list[str], dest: Path, *, small_files_from:
     tmp.mkdir()
     try:
         if files[0] == PICKLE_INDEX_NAME:
-            weight_map = _pickle_index_map(src / PICKLE_INDEX_NAME)
+            weight_map = read_weight_map(src / PICKLE_INDEX_NAME)
             shards = sorted(set(weight_map.values()))
             out_name = {s: f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i, s in enumerate(shards)}
             if len(shards) == 1:

@@ -171,8 +171,7 @@ def test_a_cold_file_is_never_mapped(tmp_path):
 def test_direct_reads_go_straight_into_a_destination_on_the_block_grid(tmp_path, monkeypatch):
     """Where the destination's address agrees with the file offset modulo the block, whole blocks are
     read into it in one request (no bounce copy); the unaligned head and tail still come out right."""
-    from hf_model_stock.io.buffers import host_buffer
-    from hf_model_stock.io.reader import DIRECT_ALIGN
+    from hf_model_stock.io.buffers import DIRECT_ALIGN, host_buffer
 
     path, data, _ = odd_file(tmp_path)
     found, _ = read_header(path)

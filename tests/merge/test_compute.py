@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from hf_model_stock.io.buffers import host_buffer
-from hf_model_stock.io.reader import DIRECT_ALIGN, Checkpoint, ShardFiles
+from hf_model_stock.io.buffers import DIRECT_ALIGN, host_buffer
+from hf_model_stock.io.reader import Checkpoint, ShardFiles
 from hf_model_stock.merge.compute import UnitCompute
 from hf_model_stock.merge.plan import MergeOptions, build_plan
 from hf_model_stock.merge.units import UNIT_ALIGN, read_unit, unit_buffer_bytes
