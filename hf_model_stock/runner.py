@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from hf_model_stock.errors import RecipeError
 from hf_model_stock.merge.stats import layer_summary
@@ -23,14 +22,14 @@ from hf_model_stock.sources.resolve import resolve
 def run_recipe(
     recipe: Recipe,
     *,
-    out_dir: Optional[Path] = None,
-    device: Optional[str] = None,
+    out_dir: Path | None = None,
+    device: str | None = None,
     dry_run: bool = False,
     overwrite: bool = False,
     resume: bool = False,
-    on_interrupt: Optional[str] = None,
+    on_interrupt: str | None = None,
     progress: bool = True,
-) -> Optional[MergeOutcome]:
+) -> MergeOutcome | None:
     """Check every source from headers (nothing downloaded yet), then merge as the recipe says and
     push when it asks; with ``dry_run`` print the checks and the plan and stop. ``resume`` continues an
     interrupted merge into the same output; ``on_interrupt`` (default: the recipe's ``output.on_interrupt``)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import platform
 from importlib.metadata import PackageNotFoundError, version
-from typing import Optional
 
 
-def installed_version(package: str) -> Optional[str]:
+def installed_version(package: str) -> str | None:
     """The installed version of ``package`` (a distribution name), or None when it is not installed."""
     try:
         return version(package)

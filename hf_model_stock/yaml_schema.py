@@ -8,7 +8,8 @@ one line such as ``recipe.yaml:5: models[1].revison: unknown key``.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Optional, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -25,7 +26,7 @@ def validate_yaml(
     *,
     error: type[ModelStockError],
     not_a_mapping: str,
-    prepare: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None,
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     with_lines: bool = True,
 ) -> M:
     """``model`` validated from the YAML mapping in ``text``; problems raise ``error`` in one line
@@ -49,7 +50,7 @@ def validate_yaml(
         raise error(_describe(exc, source, lines if with_lines else None)) from None
 
 
-def _describe(exc: ValidationError, source: str, lines: Optional[dict]) -> str:
+def _describe(exc: ValidationError, source: str, lines: dict | None) -> str:
     err = exc.errors()[0]
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
@@ -65,7 +66,7 @@ def _describe(exc: ValidationError, source: str, lines: Optional[dict]) -> str:
     return f"{where}: {prefix}{msg}{more}"
 
 
-def _line_map(node: yaml.Node, path: tuple[Any, ...] = (), out: Optional[dict] = None) -> dict:
+def _line_map(node: yaml.Node, path: tuple[Any, ...] = (), out: dict | None = None) -> dict:
     """Map each key path in the YAML document to the (1-based) line it starts on."""
     out = {} if out is None else out
     out[path] = node.start_mark.line + 1
@@ -79,7 +80,7 @@ def _line_map(node: yaml.Node, path: tuple[Any, ...] = (), out: Optional[dict] =
     return out
 
 
-def _line_of(lines: dict, loc: tuple[Any, ...]) -> Optional[int]:
+def _line_of(lines: dict, loc: tuple[Any, ...]) -> int | None:
     while loc:
         if loc in lines:
             return lines[loc]

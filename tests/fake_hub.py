@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
@@ -68,7 +68,7 @@ class Repo:
     branches: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
 
-    def resolve(self, rev: str) -> Optional[str]:
+    def resolve(self, rev: str) -> str | None:
         if rev in self.branches:
             return self.branches[rev]
         if rev in self.tags:
@@ -93,7 +93,7 @@ class Fault:
 class Logged:
     method: str
     path: str
-    range: Optional[str]
+    range: str | None
     status: int
     body_bytes: int
 
@@ -101,7 +101,7 @@ class Logged:
 class FakeHub:
     """In-memory repos served over HTTP. ``with FakeHub() as hub: hub.url ...``"""
 
-    def __init__(self, *, token: Optional[str] = None, max_threads: int = 16, timeout: float = 10.0):
+    def __init__(self, *, token: str | None = None, max_threads: int = 16, timeout: float = 10.0):
         self.token = token
         self.repos: dict[str, Repo] = {}
         self.lfs_store: dict[str, bytes] = {}
@@ -114,12 +114,12 @@ class FakeHub:
         self._counter = 0
         self._slots = threading.BoundedSemaphore(max_threads)
         self._timeout = timeout
-        self._server: Optional[ThreadingHTTPServer] = None
-        self._thread: Optional[threading.Thread] = None
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> FakeHub:
         hub = self
 
         class Handler(_Handler):
@@ -210,12 +210,12 @@ class FakeHub:
             self.lfs_bytes_received = 0
             self.lfs_offered.clear()
 
-    def requests(self, method: Optional[str] = None, contains: str = "") -> list[Logged]:
+    def requests(self, method: str | None = None, contains: str = "") -> list[Logged]:
         return [r for r in list(self.log) if (method is None or r.method == method) and contains in r.path]
 
     # -- used by the handler -------------------------------------------------------------------
 
-    def _take_fault(self, method: str, path: str, mode: str) -> Optional[Fault]:
+    def _take_fault(self, method: str, path: str, mode: str) -> Fault | None:
         with self._lock:
             for fault in self.faults:
                 if (fault.times > 0 and fault.mode == mode and fault.method == method
@@ -241,8 +241,8 @@ def _weight_span(path: str, data: bytes) -> tuple[int, int]:
 
 
 class _Error(Exception):
-    def __init__(self, status: int, code: Optional[str], message: str, headers: Optional[dict[str, str]] = None,
-                 body: Optional[dict[str, Any]] = None):
+    def __init__(self, status: int, code: str | None, message: str, headers: dict[str, str] | None = None,
+                 body: dict[str, Any] | None = None):
         super().__init__(message)
         self.status, self.code, self.headers, self.body = status, code, headers or {}, body or {}
 
@@ -271,7 +271,7 @@ class _Handler(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n else b""
 
-    def _send(self, status: int, body: bytes = b"", headers: Optional[dict[str, str]] = None,
+    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
               content_type: str = "application/json", weight_span: tuple[int, int] = (0, 0), offset: int = 0,
               lfs_bytes: int = 0) -> None:
         self.send_response(status)
@@ -294,7 +294,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
         self.close_connection = True
 
-    def _json(self, status: int, obj: Any, headers: Optional[dict[str, str]] = None) -> None:
+    def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), headers)
 
     def _dispatch(self) -> None:
@@ -316,7 +316,7 @@ class _Handler(BaseHTTPRequestHandler):
                 headers["X-Error-Code"] = err.code
             headers["X-Error-Message"] = str(err)
             self._json(err.status, {"error": str(err), **err.body}, headers)
-        except (ConnectionError, socket.timeout):
+        except (TimeoutError, ConnectionError):
             self.close_connection = True
 
     do_GET = do_HEAD = do_POST = do_PUT = _dispatch

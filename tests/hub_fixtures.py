@@ -11,8 +11,8 @@ HF_TOKEN is read from the environment at call time.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
 import torch
@@ -48,7 +48,7 @@ def tiny_llama(seed: int = 0, *, vocab: int = 64, hidden: int = 16, inter: int =
 
 
 def set_hub_env(monkeypatch: pytest.MonkeyPatch, url: str, root: Path, *, offline: bool = False,
-                token: Optional[str] = None) -> None:
+                token: str | None = None) -> None:
     """Point the already-imported huggingface_hub at ``url`` with caches under ``root``."""
     from huggingface_hub import constants
 

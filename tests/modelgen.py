@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import save_file
@@ -15,7 +14,7 @@ def write_checkpoint(
     tensors: dict[str, torch.Tensor],
     *,
     shards: int = 1,
-    config: Optional[dict] = None,
+    config: dict | None = None,
 ) -> Path:
     """Save ``tensors`` as ``shards`` safetensors files (+ index when > 1) and an optional config."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,8 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import pytest
 import torch
@@ -22,7 +22,7 @@ A = {"dtype": "BF16", "shape": [8, 4], "data_offsets": [0, 64]}
 B = {"dtype": "BF16", "shape": [4], "data_offsets": [64, 72]}
 
 
-def raw(header: object, data: bytes = b"\0" * 72, header_len: Optional[int] = None, text: Optional[bytes] = None) -> bytes:
+def raw(header: object, data: bytes = b"\0" * 72, header_len: int | None = None, text: bytes | None = None) -> bytes:
     body = json.dumps(header).encode() if text is None else text
     return struct.pack("<Q", len(body) if header_len is None else header_len) + body + data
 
@@ -42,7 +42,7 @@ def with_fragment(make: Callable[[Path], tuple[Path, str]], fragment: str) -> Ca
     return wrapped
 
 
-def sharded_index(weight_map: object, raw_index: Optional[str] = None) -> Callable[[Path], tuple[Path, str]]:
+def sharded_index(weight_map: object, raw_index: str | None = None) -> Callable[[Path], tuple[Path, str]]:
     """ft1 as two shards, with an index whose weight_map is ``weight_map``."""
     def make(ft: Path) -> tuple[Path, str]:
         from safetensors.torch import load_file, save_file

@@ -15,9 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING
 
 from hf_model_stock.merge.stats import layer_key, layer_sort_key
 
@@ -48,7 +49,7 @@ class InspectWarning:
     kind: str  # "cos_spread" | "negative_cos" | "near_zero_delta"
     tensor: str
     message: str
-    model: Optional[int] = None
+    model: int | None = None
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,8 @@ class PairStats:
     zero delta has no angle (None)."""
 
     norms: list[float]
-    pair_cos: list[Optional[float]]
-    angles: list[Optional[float]]
+    pair_cos: list[float | None]
+    angles: list[float | None]
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def pair_stats(gram: np.ndarray) -> PairStats:
     """Norms and exact (eps 0) pairwise cosines and angles of the deltas behind a float64 Gram."""
     n = gram.shape[0]
     norms = [math.sqrt(max(float(gram[i, i]), 0.0)) for i in range(n)]
-    cos: list[Optional[float]] = []
+    cos: list[float | None] = []
     for i in range(n):
         for j in range(i + 1, n):
             denom = norms[i] * norms[j]
@@ -159,7 +160,7 @@ def inspect_resolved(
     base: ResolvedModel,
     models: Sequence[ResolvedModel],
     *,
-    params: Optional[ModelStockParams] = None,
+    params: ModelStockParams | None = None,
     chunk_bytes: int = 128 << 20,
     thresholds: Thresholds = Thresholds(),
     progress: bool = False,
@@ -223,7 +224,7 @@ def inspect_models(
     models: Sequence[str | Path],
     *,
     chunk_bytes: int = 128 << 20,
-    params: Optional[ModelStockParams] = None,
+    params: ModelStockParams | None = None,
     thresholds: Thresholds = Thresholds(),
     progress: bool = False,
 ) -> InspectReport:

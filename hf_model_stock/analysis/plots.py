@@ -4,11 +4,14 @@ and t by layer, and delta norms by layer. Imported lazily, like ``publish.plots`
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from matplotlib.figure import Figure
 
-from hf_model_stock.analysis.inspect import InspectReport
 from hf_model_stock.publish.plots import layer_axis, save_png
+
+if TYPE_CHECKING:  # inspect imports this module when it writes its plots
+    from hf_model_stock.analysis.inspect import InspectReport
 
 
 def angle_t_png(report: InspectReport, path: Path) -> Path:

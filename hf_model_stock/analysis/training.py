@@ -17,9 +17,10 @@ from __future__ import annotations
 import shutil
 import tempfile
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
@@ -102,7 +103,7 @@ class PeriodicModelStock:
         *,
         params: ModelStockParams = ModelStockParams(),
         merge_at_end: bool = True,
-        timeout: Optional[float] = 3600.0,
+        timeout: float | None = 3600.0,
         chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     ):
         if n_runs < 2:
@@ -113,13 +114,13 @@ class PeriodicModelStock:
         self.n_runs, self.every, self.params = n_runs, every, params
         self.merge_at_end, self.timeout, self.chunk_elems = merge_at_end, timeout, chunk_elems
         self.history: list[MergeEvent] = []
-        self._models: list[Optional[torch.nn.Module]] = []
+        self._models: list[torch.nn.Module | None] = []
         self._steps: dict[int, int] = {}
-        self._error: Optional[BaseException] = None
+        self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._barrier = threading.Barrier(n_runs, action=self._merge_all)
 
-    def callback(self) -> "ModelStockCallback":
+    def callback(self) -> ModelStockCallback:
         """A callback for one more run (call once per Trainer, at most ``n_runs`` times)."""
         with self._lock:
             if len(self._models) == self.n_runs:
@@ -185,7 +186,7 @@ class ModelStockCallback(TrainerCallback):
         self.run = run
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model: Optional[torch.nn.Module] = None, **kwargs: Any) -> None:
+                       model: torch.nn.Module | None = None, **kwargs: Any) -> None:
         if model is None:
             raise ModelStockError("ModelStockCallback: the Trainer passed no model")
         self.coordinator.register(self.run, model)

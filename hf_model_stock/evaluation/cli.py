@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -70,7 +70,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _batch_size(value: str) -> Union[str, int]:
+def _batch_size(value: str) -> str | int:
     if value == "auto":
         return value
     try:

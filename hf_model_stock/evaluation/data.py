@@ -10,9 +10,9 @@ With ``--data-dir`` the Hub is never used: a benchmark missing there must have p
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 from hf_model_stock.evaluation.errors import EvalError
 from hf_model_stock.evaluation.tasks import Benchmark, Split
@@ -44,7 +44,7 @@ class TaskData:
         return tests[0] if len(tests) == 1 else f"{Path(tests[0]).parent.parent} ({len(tests)} subsets)"
 
 
-def find_split(directory: Path, split: str) -> Optional[Path]:
+def find_split(directory: Path, split: str) -> Path | None:
     """``directory/<split>.<ext>`` for the one supported extension present, else None."""
     found = [directory / f"{split}{ext}" for ext in LOADERS if (directory / f"{split}{ext}").is_file()]
     if len(found) > 1:
@@ -53,7 +53,7 @@ def find_split(directory: Path, split: str) -> Optional[Path]:
     return found[0] if found else None
 
 
-def packaged_file(split: Split) -> Optional[Path]:
+def packaged_file(split: Split) -> Path | None:
     """The split's file inside its installed PyPI package (located without importing it), or None."""
     if split.package is None:
         return None
@@ -65,7 +65,7 @@ def packaged_file(split: Split) -> Optional[Path]:
     return path if path.is_file() else None
 
 
-def resolve_data(benchmark: Benchmark, data_dir: Optional[Path], subsets: Sequence[str] = ()) -> TaskData:
+def resolve_data(benchmark: Benchmark, data_dir: Path | None, subsets: Sequence[str] = ()) -> TaskData:
     """Where ``benchmark`` reads its data from; ``subsets`` are the subject directories of a
     per-subset benchmark (MATH)."""
     if data_dir is not None:

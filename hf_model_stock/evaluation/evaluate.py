@@ -18,10 +18,11 @@ import importlib.util
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 from hf_model_stock.evaluation.data import TaskData, resolve_data
 from hf_model_stock.evaluation.errors import EvalError
@@ -60,8 +61,8 @@ class PreparedRun:
     data: dict[str, TaskData]
     notes: list[str] = field(default_factory=list)
 
-    def execute(self, make_lm: Callable[[], "LM"], *, revision: Optional[str] = None, sha: Optional[str] = None,
-                path: str = "", judge: Optional["Judge"] = None) -> EvalSummary:
+    def execute(self, make_lm: Callable[[], LM], *, revision: str | None = None, sha: str | None = None,
+                path: str = "", judge: Judge | None = None) -> EvalSummary:
         """Run the evaluations on ``make_lm()``; HarmBench is judged by ``judge``, else by the
         classifier named in the spec (loaded after the evaluated model is released)."""
         summary = EvalSummary(model=self.model, revision=revision, sha=sha, path=path,
@@ -87,7 +88,7 @@ class PreparedRun:
         summary.write(self.run_dir / "summary.json")
         return summary
 
-    def _lm_eval(self, lm: "LM", tasks: list[str], manager: Any, chat_template: bool) -> dict[str, Any]:
+    def _lm_eval(self, lm: LM, tasks: list[str], manager: Any, chat_template: bool) -> dict[str, Any]:
         import lm_eval
 
         results = lm_eval.simple_evaluate(
@@ -99,7 +100,7 @@ class PreparedRun:
             raise EvalError(f"lm-eval returned no results for {', '.join(tasks)} (not the main process?)")
         return results
 
-    def _judge(self, samples: list[dict[str, Any]], judge: Optional["Judge"], summary: EvalSummary) -> Score:
+    def _judge(self, samples: list[dict[str, Any]], judge: Judge | None, summary: EvalSummary) -> Score:
         from hf_model_stock.evaluation.harmbench import (
             attack_success_rate,
             judge_samples,
@@ -134,7 +135,7 @@ def check_request(spec: EvalSpec) -> list[Benchmark]:
     return benchmarks
 
 
-def prepare_run(model: str, spec: EvalSpec, output_dir: Optional[Path] = None) -> PreparedRun:
+def prepare_run(model: str, spec: EvalSpec, output_dir: Path | None = None) -> PreparedRun:
     """Check ``spec`` for ``model`` and write the task configs; touches no weights."""
     benchmarks = check_request(spec)
     run_dir = (output_dir or spec.output or DEFAULT_OUTPUT) / _slug(model)
@@ -147,7 +148,7 @@ def prepare_run(model: str, spec: EvalSpec, output_dir: Optional[Path] = None) -
     return PreparedRun(model, spec, run_dir, benchmarks, data, _notes(spec, data))
 
 
-def evaluate_model(model: str, spec: EvalSpec, *, output_dir: Optional[Path] = None) -> EvalSummary:
+def evaluate_model(model: str, spec: EvalSpec, *, output_dir: Path | None = None) -> EvalSummary:
     """Evaluate ``model`` (a local directory or a Hub repo ``org/name[@revision]``) as ``spec`` says;
     write lm-eval's JSON and ``summary.json`` under ``<output>/<model>/`` and return the summary.
     ``<output>`` is ``output_dir``, else ``spec.output``, else ``./eval-results``.
@@ -162,7 +163,7 @@ def evaluate_model(model: str, spec: EvalSpec, *, output_dir: Optional[Path] = N
                        sha=resolved.commit, path=str(resolved.path))
 
 
-def _classifier(spec: EvalSpec) -> "Judge":
+def _classifier(spec: EvalSpec) -> Judge:
     from hf_model_stock.evaluation.harmbench import ClassifierJudge
     from hf_model_stock.evaluation.loading import default_device, resolve_model
 

@@ -25,14 +25,14 @@ if TYPE_CHECKING:
 
 
 @functools.lru_cache(maxsize=1)
-def registry() -> "TaskManager":
+def registry() -> TaskManager:
     """lm-eval's task index plus ``evals/tasks``; built once per process (about 20 s)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(EVALS_DIR / "tasks"))
 
 
-def run_task_manager(config_dir: Path) -> "TaskManager":
+def run_task_manager(config_dir: Path) -> TaskManager:
     """A task manager that knows only the overlays in ``config_dir`` (fast to build)."""
     from lm_eval.tasks import TaskManager
 

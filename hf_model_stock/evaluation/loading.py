@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from hf_model_stock.evaluation.errors import EvalError
 
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from hf_model_stock.sources.resolve import ResolvedModel
 
 
-def resolve_model(model: str) -> "ResolvedModel":
+def resolve_model(model: str) -> ResolvedModel:
     """A local snapshot of ``model`` (a directory, or a Hub repo with an optional ``@revision``)."""
     from hf_model_stock.recipe import ModelEntry
     from hf_model_stock.sources.resolve import resolve
@@ -22,7 +22,7 @@ def resolve_model(model: str) -> "ResolvedModel":
     return resolve(ModelEntry.model_validate(model))
 
 
-def default_device(device: Optional[str]) -> str:
+def default_device(device: str | None) -> str:
     """``device``, else ``cuda`` when available, else ``cpu``."""
     if device:
         return device
@@ -42,7 +42,7 @@ def load_causal_lm(path: Path, *, device: str, dtype: str, trust_remote_code: bo
     return model.to(device).eval(), tokenizer
 
 
-def build_lm(path: Path, spec: "EvalSpec") -> "LM":
+def build_lm(path: Path, spec: EvalSpec) -> LM:
     """The lm-eval model for ``spec.backend``: HFLM around a model we load, or vLLM on ``path``."""
     if spec.backend == "vllm":
         try:

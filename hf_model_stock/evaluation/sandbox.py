@@ -19,7 +19,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from hf_model_stock.evaluation._sandbox_child import MARKER
 from hf_model_stock.evaluation.errors import EvalError
@@ -45,7 +45,7 @@ class ExecResult:
     """What happened to one program."""
 
     status: Status
-    returncode: Optional[int]
+    returncode: int | None
     stdout: str
     stderr: str
     layers: tuple[str, ...]  # isolation layers the child put in place
@@ -68,7 +68,7 @@ def run_program(source: str, limits: Limits = Limits()) -> ExecResult:
                                              "LANG": "C.UTF-8"},
             )
             try:
-                returncode: Optional[int] = proc.wait(timeout=limits.timeout_s)
+                returncode: int | None = proc.wait(timeout=limits.timeout_s)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)  # not yet reaped, so the id is still ours
                 proc.wait()
@@ -82,7 +82,7 @@ def run_program(source: str, limits: Limits = Limits()) -> ExecResult:
     return ExecResult(_status(returncode, capped), returncode, stdout, stderr, layers)
 
 
-def _status(returncode: Optional[int], capped: bool) -> Status:
+def _status(returncode: int | None, capped: bool) -> Status:
     if returncode is None or returncode in _CPU_SIGNALS:
         return "timeout"
     if capped:

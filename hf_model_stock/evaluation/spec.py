@@ -9,7 +9,7 @@ Imports nothing heavy (no lm_eval, torch or transformers), so recipes validate i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -34,7 +34,7 @@ class JudgeSpec(_Strict):
     """The HarmBench classifier that labels each completion (local dir or Hub repo[@rev])."""
 
     model: str = Field(default=HARMBENCH_CLASSIFIER, min_length=1)
-    device: Optional[str] = None  # default: the evaluated model's device
+    device: str | None = None  # default: the evaluated model's device
     dtype: DType = "auto"
     batch_size: PositiveInt = 8
     max_completion_tokens: PositiveInt = 512  # HarmBench cuts completions to 512 classifier tokens
@@ -44,19 +44,19 @@ class EvalSpec(_Strict):
     """Evaluations to run on one model. ``tasks`` and ``suite`` are exclusive; neither means the
     ``core`` suite. Every field has the lm-eval default unless noted."""
 
-    tasks: Optional[list[TaskName]] = None
-    suite: Optional[str] = None
-    limit: Optional[PositiveInt] = None  # items per task (per subtask for MATH): for smoke tests only
-    batch_size: Union[Literal["auto"], PositiveInt] = 1
-    device: Optional[str] = None  # default: cuda if available, else cpu
+    tasks: list[TaskName] | None = None
+    suite: str | None = None
+    limit: PositiveInt | None = None  # items per task (per subtask for MATH): for smoke tests only
+    batch_size: Literal["auto"] | PositiveInt = 1
+    device: str | None = None  # default: cuda if available, else cpu
     dtype: DType = "auto"
     backend: Literal["hf", "vllm"] = "hf"
-    data_dir: Optional[Path] = None
+    data_dir: Path | None = None
     allow_code_execution: bool = False
-    output: Optional[Path] = None
+    output: Path | None = None
     apply_chat_template: bool = False  # for the lm-eval tasks; HarmBench always uses the model's template
     trust_remote_code: bool = False
-    max_gen_toks: Optional[PositiveInt] = None  # caps every generation: smoke tests only, changes scores
+    max_gen_toks: PositiveInt | None = None  # caps every generation: smoke tests only, changes scores
     judge: JudgeSpec = JudgeSpec()
 
     @field_validator("tasks", mode="before")
@@ -68,7 +68,7 @@ class EvalSpec(_Strict):
 
     @field_validator("tasks")
     @classmethod
-    def _known_unique(cls, value: Optional[list[str]]) -> Optional[list[str]]:
+    def _known_unique(cls, value: list[str] | None) -> list[str] | None:
         if value is not None:
             if not value:
                 raise ValueError(f"give at least one of {', '.join(get_args(TaskName))}")
@@ -79,13 +79,13 @@ class EvalSpec(_Strict):
 
     @field_validator("suite")
     @classmethod
-    def _known_suite(cls, value: Optional[str]) -> Optional[str]:
+    def _known_suite(cls, value: str | None) -> str | None:
         if value is not None:
             load_suite(value)  # raises with the known names
         return value
 
     @model_validator(mode="after")
-    def _tasks_or_suite(self) -> "EvalSpec":
+    def _tasks_or_suite(self) -> EvalSpec:
         if self.tasks is not None and self.suite is not None:
             raise ValueError("give either tasks or suite, not both")
         return self

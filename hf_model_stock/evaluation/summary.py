@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hf_model_stock.evaluation.errors import EvalError
 from hf_model_stock.evaluation.tasks import Benchmark
@@ -26,7 +26,7 @@ class Score:
     lm_eval_task: str
     metric: str
     value: float
-    stderr: Optional[float]
+    stderr: float | None
     n: int
     normalised: float
     higher_is_better: bool
@@ -38,8 +38,8 @@ class EvalSummary:
     """Everything a leaderboard or model card needs about one model's run."""
 
     model: str
-    revision: Optional[str]
-    sha: Optional[str]  # the commit a Hub revision resolved to; None for a local directory
+    revision: str | None
+    sha: str | None  # the commit a Hub revision resolved to; None for a local directory
     path: str
     created: str
     versions: dict[str, str]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 
@@ -44,8 +44,8 @@ class Split:
     """One data split: its file stem (and lm-eval split name), and where it comes from otherwise."""
 
     name: str
-    package: Optional[tuple[str, str]] = None  # (installed package, file inside it): real data on PyPI
-    fallback: Optional[Path] = None  # used when a local data set lacks this split
+    package: tuple[str, str] | None = None  # (installed package, file inside it): real data on PyPI
+    fallback: Path | None = None  # used when a local data set lacks this split
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ DIRECT_ALIGN = 4096  # file offset, length and buffer address alignment that O_D
 def host_buffer(nbytes: int, pin: bool = False) -> np.ndarray:
     """A page-aligned byte buffer in host memory; page-locked (through torch) for fast copies to a GPU.
 
-    Private, not shared, anonymous memory: its pages are first touched a third faster (44 against
-    66 ms per 64 MiB on the project's VM). Transparent huge pages were slower there (150 ms)."""
+    Private, not shared, anonymous memory: its pages are first touched faster than shared ones (and
+    than with transparent huge pages); see tests/benchmarks/README.md."""
     if not pin:
         flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
         return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags) if flags else mmap.mmap(-1, nbytes), np.uint8)

@@ -60,7 +60,7 @@ def storage_dtype(code: str) -> np.dtype:
     return np.dtype(_DTYPES[code][1])
 
 
-def torch_dtype(code: str) -> "torch.dtype":
+def torch_dtype(code: str) -> torch.dtype:
     """The torch dtype of a safetensors dtype code (imports torch)."""
     import torch
 

@@ -5,14 +5,12 @@ safetensors specification allows raises ``CheckpointError`` naming the file. Ten
 reached later in one of three ways, chosen per file when it is first read:
 
 - a shard mostly in the page cache is mapped (``map_cached``), and the merge reads its pages where
-  they are: no copy at all. Copying 3.9 GB of cached shards into buffers with ``pread`` cost 2 s of
-  CPU on the project's VM; touching the same pages through a mapping cost 0.06 s. The pages a unit
-  used are dropped from the mapping (``release``) once it is merged, so resident memory stays
-  bounded by the units in flight, as with buffers;
+  they are: no copy at all (copying cached pages into buffers costs far more CPU than touching them
+  through a mapping). The pages a unit used are dropped from the mapping (``release``) once it is
+  merged, so resident memory stays bounded by the units in flight, as with buffers;
 - a shard mostly not in the cache is read with ``O_DIRECT`` into caller-owned buffers, bypassing the
-  cache: a merge reads each input once, so caching it only costs memory and CPU (filling the page
-  cache cost over a second of system time per GB there, and 3.7 GB of cold shards took 6 to 8 s
-  through it against 2 s direct);
+  cache: a merge reads each input once, so caching it only costs memory and the system time of
+  filling the page cache;
 - otherwise (tmpfs, no ``O_DIRECT``), ``pread`` into those buffers.
 
 A mapped shard must not be truncated while it is read (the process would get SIGBUS); shards in
@@ -30,7 +28,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +66,7 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def check_header_length(where: str, header_len: int, file_size: Optional[int]) -> None:
+def check_header_length(where: str, header_len: int, file_size: int | None) -> None:
     """Refuse a header length over the limit or past the end of the file (when its size is known)."""
     if header_len > MAX_HEADER_BYTES:
         raise CheckpointError(f"{where}: header claims {header_len} bytes, more than the {MAX_HEADER_BYTES} allowed")
@@ -77,7 +75,7 @@ def check_header_length(where: str, header_len: int, file_size: Optional[int]) -
 
 
 def parse_header(
-    where: str, raw: bytes, data_size: Optional[int]
+    where: str, raw: bytes, data_size: int | None
 ) -> tuple[dict[str, tuple[int, int, str, tuple[int, ...]]], dict[str, str]]:
     """Validate a safetensors header (the JSON after the length prefix): every tensor's
     (begin, end, dtype, shape) relative to the data section, and ``__metadata__``. Offsets must lie
@@ -199,7 +197,7 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
     @classmethod
-    def open(cls, root: Path) -> "Checkpoint":
+    def open(cls, root: Path) -> Checkpoint:
         """Read the headers of a model directory or a single ``.safetensors`` file."""
         root = Path(root)
         if root.is_file():
@@ -219,7 +217,7 @@ class Checkpoint:
         raise CheckpointError(f"{root}: no {SINGLE_NAME} or {INDEX_NAME}{hint}")
 
     @classmethod
-    def _open_indexed(cls, root: Path, index_path: Path) -> "Checkpoint":
+    def _open_indexed(cls, root: Path, index_path: Path) -> Checkpoint:
         weight_map = read_weight_map(index_path)
         by_file: dict[Path, list[str]] = {}
         paths: dict[str, Path] = {}  # each shard is resolved once, not once per tensor
@@ -287,10 +285,10 @@ class ShardFiles:
         self._direct_fds: dict[Path, int] = {}  # -1: read this file through the page cache
         self._direct = direct and hasattr(os, "O_DIRECT")
         self._map_cached = map_cached
-        self._maps: dict[Path, Optional[mmap.mmap]] = {}  # None: this file is read, not mapped
-        self._bounce: Optional[mmap.mmap] = None
+        self._maps: dict[Path, mmap.mmap | None] = {}  # None: this file is read, not mapped
+        self._bounce: mmap.mmap | None = None
 
-    def mapped(self, info: TensorInfo, start: int, nbytes: int, align: int) -> Optional[np.ndarray]:
+    def mapped(self, info: TensorInfo, start: int, nbytes: int, align: int) -> np.ndarray | None:
         """``nbytes`` of ``info`` from ``start`` bytes into the tensor, as a uint8 view of the file's
         mapping; None where the file is not mapped or the bytes do not start on ``align`` (the caller
         reads them instead). The view must not be written to."""
@@ -311,7 +309,7 @@ class ShardFiles:
         end = min(len(mapping), -(-(offset + view.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE)
         mapping.madvise(mmap.MADV_DONTNEED, first, end - first)
 
-    def _mapping(self, path: Path) -> Optional[mmap.mmap]:
+    def _mapping(self, path: Path) -> mmap.mmap | None:
         if path not in self._maps:
             mapping = None
             if self._map_cached and self._direct_fd(path) < 0:
@@ -422,7 +420,7 @@ class ShardFiles:
             self._bounce.close()
             self._bounce = None
 
-    def __enter__(self) -> "ShardFiles":
+    def __enter__(self) -> ShardFiles:
         return self
 
     def __exit__(self, *exc: object) -> None:

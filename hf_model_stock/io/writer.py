@@ -5,8 +5,8 @@ No shard is ever held in memory. Writes normally arrive in file order, so the sh
 is computed on the fly; out-of-order writes fall back to hashing the finished file.
 
 In-order bytes go through a small aligned staging buffer and are written with ``O_DIRECT`` where the
-filesystem allows it: filling fresh page-cache pages cost up to 3 s of system time per GB on the
-project's VM, direct writes about 0.2 s. The unaligned tail, out-of-order writes and filesystems
+filesystem allows it: filling fresh page-cache pages costs far more system time than direct writes
+(figures in tests/benchmarks/README.md). The unaligned tail, out-of-order writes and filesystems
 without ``O_DIRECT`` (tmpfs) use ordinary buffered writes.
 """
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hf_model_stock.evaluation.tasks import BENCHMARKS
 from hf_model_stock.leaderboard.store import TaskResult
@@ -28,17 +28,17 @@ class Row:
     name: str
     roles: list[str]
     ref: str
-    identity: Optional[str] = None
+    identity: str | None = None
     results: dict[str, TaskResult] = field(default_factory=dict)
-    error: Optional[str] = None
+    error: str | None = None
     cached: list[str] = field(default_factory=list)  # tasks whose result came from the cache
 
-    def score(self, task: str) -> Optional[dict[str, Any]]:
+    def score(self, task: str) -> dict[str, Any] | None:
         """The task's headline score, or None."""
         result = self.results.get(task)
         return result.headline() if result else None
 
-    def average(self, tasks: list[str]) -> Optional[float]:
+    def average(self, tasks: list[str]) -> float | None:
         """Mean normalised headline score over the capability tasks among ``tasks``; None unless the
         row has all of them."""
         scores = [self.score(task) for task in capability_tasks(tasks)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import TextIO
 
 from huggingface_hub import ModelCard
 
@@ -14,7 +14,7 @@ from hf_model_stock.leaderboard.store import write_atomically
 from hf_model_stock.publish.card import card_with_evals
 
 
-def write_model_cards(board: Leaderboard, stream: Optional[TextIO] = None) -> list[Path]:
+def write_model_cards(board: Leaderboard, stream: TextIO | None = None) -> list[Path]:
     """Update README.md of every local model with results; returns the cards written."""
     written = []
     for row in board.rows:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from hf_model_stock.errors import LeaderboardError, ModelStockError
 from hf_model_stock.leaderboard.spec import LeaderboardSpec
@@ -29,8 +28,8 @@ class Contender:
     name: str
     ref: str
     roles: list[str] = field(default_factory=list)
-    recipe: Optional[Recipe] = None
-    recipe_path: Optional[Path] = None
+    recipe: Recipe | None = None
+    recipe_path: Path | None = None
 
     @property
     def is_local(self) -> bool:
@@ -51,8 +50,8 @@ def expand(spec: LeaderboardSpec) -> list[Contender]:
     """The spec's contenders in order of first mention; recipes contribute base, fine-tunes, merge."""
     found: dict[str, Contender] = {}
 
-    def add(entry: ModelEntry, role: str, name: Optional[str] = None, recipe: Optional[Recipe] = None,
-            recipe_path: Optional[Path] = None) -> None:
+    def add(entry: ModelEntry, role: str, name: str | None = None, recipe: Recipe | None = None,
+            recipe_path: Path | None = None) -> None:
         key = _key(entry)
         contender = found.get(key)
         if contender is None:

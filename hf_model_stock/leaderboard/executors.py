@@ -22,9 +22,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Protocol
 
 from hf_model_stock.errors import LeaderboardError
 
@@ -46,8 +47,8 @@ class JobResult:
     """How a job ended: ``summary`` (an ``EvalSummary`` dict) or ``error`` (one line)."""
 
     job: Job
-    summary: Optional[dict[str, Any]] = None
-    error: Optional[str] = None
+    summary: dict[str, Any] | None = None
+    error: str | None = None
     seconds: float = 0.0
 
     @property
@@ -151,8 +152,8 @@ class _Child:
 class LocalExecutor:
     """Child processes on this machine; see the module docstring."""
 
-    def __init__(self, evaluate: Evaluate = evaluate_job, *, parallel: Optional[int] = None,
-                 gpus_per_model: Optional[float] = None, gpu_ids: Optional[Sequence[str]] = None) -> None:
+    def __init__(self, evaluate: Evaluate = evaluate_job, *, parallel: int | None = None,
+                 gpus_per_model: float | None = None, gpu_ids: Sequence[str] | None = None) -> None:
         self.evaluate = evaluate
         ids = list(gpu_ids) if gpu_ids is not None else visible_gpus()
         self.gpus_per_model = int(gpus_per_model if gpus_per_model is not None else (1 if ids else 0))
@@ -215,7 +216,7 @@ class LocalExecutor:
         job, returncode = child.job, child.process.returncode
         try:
             with (child.workdir / "outcome.pkl").open("rb") as fh:
-                outcome: Optional[Outcome] = pickle.load(fh)
+                outcome: Outcome | None = pickle.load(fh)
         except (OSError, EOFError, pickle.UnpicklingError):
             outcome = None
         shutil.rmtree(child.workdir, ignore_errors=True)
@@ -258,9 +259,9 @@ def _ray_task(evaluate: Evaluate, job: Job, board: Any) -> Outcome:
 class RayExecutor:
     """One Ray task per model; see the module docstring."""
 
-    def __init__(self, evaluate: Evaluate = evaluate_job, *, address: Optional[str] = None,
-                 gpus_per_model: Optional[float] = None, cpus_per_model: float = 1.0,
-                 init_options: Optional[dict[str, Any]] = None) -> None:
+    def __init__(self, evaluate: Evaluate = evaluate_job, *, address: str | None = None,
+                 gpus_per_model: float | None = None, cpus_per_model: float = 1.0,
+                 init_options: dict[str, Any] | None = None) -> None:
         try:
             import ray
         except ImportError:

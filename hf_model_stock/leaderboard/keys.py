@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hf_model_stock.evaluation.data import packaged_file
 from hf_model_stock.evaluation.spec import EvalSpec
@@ -97,7 +97,7 @@ def task_keys(spec: EvalSpec) -> dict[str, str]:
     return keys
 
 
-def data_digest(benchmark: Benchmark, data_dir: Optional[Path]) -> str:
+def data_digest(benchmark: Benchmark, data_dir: Path | None) -> str:
     """Digest of the files ``benchmark`` would read (``hub`` for lm-eval's own Hub data set)."""
     files: list[Path] = []
     root = data_dir / benchmark.name if data_dir is not None else None

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence, TextIO
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
 
 from hf_model_stock.leaderboard.executors import Job, JobResult
 
@@ -16,8 +17,8 @@ from hf_model_stock.leaderboard.executors import Job, JobResult
 class BatchProgress:
     """Tracks each model's state and shows it; also calls ``on_finished`` for every result."""
 
-    def __init__(self, names: Sequence[str], *, cached: Sequence[str] = (), stream: Optional[TextIO] = None,
-                 live: Optional[bool] = None, on_finished: Optional[Callable[[JobResult], None]] = None) -> None:
+    def __init__(self, names: Sequence[str], *, cached: Sequence[str] = (), stream: TextIO | None = None,
+                 live: bool | None = None, on_finished: Callable[[JobResult], None] | None = None) -> None:
         self.state: dict[str, str] = {name: "queued" for name in names}
         self.state.update({name: "cached" for name in cached})
         self.detail: dict[str, str] = {}
@@ -43,7 +44,7 @@ class BatchProgress:
         return (f"done {c['done'] + c['cached']} ({c['cached']} cached) | running {c['running']} | "
                 f"failed {c['failed']} | queued {c['queued']}")
 
-    def __enter__(self) -> "BatchProgress":
+    def __enter__(self) -> BatchProgress:
         if self._live is not None:
             self._live.start()
         else:

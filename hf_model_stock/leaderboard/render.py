@@ -11,7 +11,7 @@ import base64
 import csv
 import html
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hf_model_stock.evaluation.tasks import BENCHMARKS
 from hf_model_stock.leaderboard.board import Leaderboard, Row, capability_tasks
@@ -19,7 +19,7 @@ from hf_model_stock.leaderboard.board import Leaderboard, Row, capability_tasks
 MISSING = "—"
 
 
-def _num(value: Optional[float], digits: int) -> str:
+def _num(value: float | None, digits: int) -> str:
     return MISSING if value is None else f"{value:.{digits}f}"
 
 
@@ -89,7 +89,7 @@ def _intro(board: Leaderboard) -> list[str]:
     return lines
 
 
-def write_markdown(board: Leaderboard, path: Path, chart: Optional[str] = None) -> Path:
+def write_markdown(board: Leaderboard, path: Path, chart: str | None = None) -> Path:
     """``leaderboard.md``; ``chart`` is the PNG's file name beside it, if one was drawn."""
     tables = _tables(board)
     lines = [f"# {board.title}", "", *_intro(board), ""]
@@ -147,7 +147,7 @@ th:nth-child(-n+3),td:nth-child(-n+3){text-align:left}thead{background:#f3f3f3}i
 .failed{color:#b00}"""
 
 
-def write_html(board: Leaderboard, path: Path, chart_png: Optional[Path] = None) -> Path:
+def write_html(board: Leaderboard, path: Path, chart_png: Path | None = None) -> Path:
     """A static, self-contained ``leaderboard.html`` (the chart is embedded)."""
     tables = _tables(board)
     body = [f"<h1>{html.escape(board.title)}</h1>", *[f"<p>{html.escape(line)}</p>" for line in _intro(board)]]

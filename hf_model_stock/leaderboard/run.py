@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import Any, TextIO
 
 from hf_model_stock.errors import LeaderboardError
 from hf_model_stock.evaluation.evaluate import check_request
@@ -56,15 +56,15 @@ class LeaderboardRun:
 def run_leaderboard(
     spec: LeaderboardSpec,
     *,
-    executor: Optional[str] = None,
-    gpus_per_model: Optional[float] = None,
+    executor: str | None = None,
+    gpus_per_model: float | None = None,
     resume: bool = False,
-    output: Optional[Path] = None,
+    output: Path | None = None,
     evaluate: Evaluate = evaluate_job,
     merge_missing: bool = True,
-    stream: Optional[TextIO] = None,
-    live: Optional[bool] = None,
-    ray_init: Optional[dict[str, Any]] = None,
+    stream: TextIO | None = None,
+    live: bool | None = None,
+    ray_init: dict[str, Any] | None = None,
 ) -> LeaderboardRun:
     """Evaluate every model of ``spec`` (see the module docstring); ``executor`` and ``gpus_per_model``
     override the spec's. A model that fails is reported in its row; the batch goes on."""
@@ -130,7 +130,7 @@ def run_leaderboard(
     return LeaderboardRun(board, files)
 
 
-def _build_missing_merges(contenders: list[Contender], rows: dict[str, Row], stream: Optional[TextIO]) -> None:
+def _build_missing_merges(contenders: list[Contender], rows: dict[str, Row], stream: TextIO | None) -> None:
     """Merge each recipe whose output directory does not exist yet (no push, no evals)."""
     from hf_model_stock.runner import run_recipe
 
@@ -177,8 +177,8 @@ def _record(result: JobResult, row: Row, store: ResultStore, keys: dict[str, str
         row.error = f"the evaluation returned no score for {', '.join(missing)} (see {result.job.log})"
 
 
-def _executor(spec: LeaderboardSpec, kind: Optional[str], gpus_per_model: Optional[float], evaluate: Evaluate,
-              ray_init: Optional[dict[str, Any]]) -> Any:
+def _executor(spec: LeaderboardSpec, kind: str | None, gpus_per_model: float | None, evaluate: Evaluate,
+              ray_init: dict[str, Any] | None) -> Any:
     settings = spec.executor
     kind = kind or settings.kind
     gpus = gpus_per_model if gpus_per_model is not None else settings.gpus_per_model

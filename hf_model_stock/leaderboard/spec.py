@@ -16,7 +16,7 @@ Relative paths resolve against the spec's folder. Validation errors name the key
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -42,10 +42,10 @@ class Item(_Strict):
     """One entry of ``models``: a model (a local directory or a Hub repo[@revision], with an optional
     display ``name``), or a ``recipe`` whose base, fine-tunes and merged output all take part."""
 
-    model: Optional[str] = Field(default=None, min_length=1)
-    revision: Optional[str] = None
-    name: Optional[str] = Field(default=None, min_length=1)
-    recipe: Optional[Path] = None
+    model: str | None = Field(default=None, min_length=1)
+    revision: str | None = None
+    name: str | None = Field(default=None, min_length=1)
+    recipe: Path | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -53,7 +53,7 @@ class Item(_Strict):
         return split_revision(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
-    def _model_or_recipe(self) -> "Item":
+    def _model_or_recipe(self) -> Item:
         if (self.model is None) == (self.recipe is None):
             raise ValueError("give either model or recipe")
         if self.recipe is not None and (self.revision or self.name):
@@ -72,13 +72,13 @@ class ExecutorSpec(_Strict):
     GPU/CPU request, on the cluster at ``address`` (default: ``RAY_ADDRESS``, else a local Ray)."""
 
     kind: Literal["local", "ray"] = "local"
-    gpus_per_model: Optional[NonNegativeFloat] = None  # default: 1 where GPUs exist, else 0
+    gpus_per_model: NonNegativeFloat | None = None  # default: 1 where GPUs exist, else 0
     cpus_per_model: PositiveFloat = 1.0
-    parallel: Optional[PositiveInt] = None
-    address: Optional[str] = None
+    parallel: PositiveInt | None = None
+    address: str | None = None
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ExecutorSpec":
+    def _consistent(self) -> ExecutorSpec:
         if self.kind == "local" and self.address is not None:
             raise ValueError("executor.address: only the ray executor connects to a cluster")
         if self.kind == "ray" and self.parallel is not None:
@@ -99,7 +99,7 @@ class LeaderboardSpec(_Strict):
     model_cards: bool = False
 
     @model_validator(mode="after")
-    def _no_eval_output(self) -> "LeaderboardSpec":
+    def _no_eval_output(self) -> LeaderboardSpec:
         if self.evals.output is not None:
             raise ValueError("evals.output: a leaderboard keeps each model's results under its own output")
         return self
@@ -124,7 +124,7 @@ def _relative_to(base: Path, data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def parse_leaderboard_spec(text: str, source: str = "<leaderboard>", base_dir: Optional[Path] = None) -> LeaderboardSpec:
+def parse_leaderboard_spec(text: str, source: str = "<leaderboard>", base_dir: Path | None = None) -> LeaderboardSpec:
     """Validate spec YAML text; relative paths resolve against ``base_dir`` (default: cwd)."""
     return validate_yaml(
         text, LeaderboardSpec, source, error=LeaderboardError,

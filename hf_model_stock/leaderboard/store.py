@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class ResultStore:
         model = hashlib.sha256(identity.encode()).hexdigest()[:20]
         return self.root / model / f"{task}-{task_key}.json"
 
-    def get(self, identity: str, task: str, task_key: str) -> Optional[TaskResult]:
+    def get(self, identity: str, task: str, task_key: str) -> TaskResult | None:
         """The stored result, or None (also for an unreadable file, which is then redone)."""
         try:
             data = json.loads(self._path(identity, task, task_key).read_text(encoding="utf-8"))

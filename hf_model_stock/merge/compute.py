@@ -10,7 +10,8 @@ it: a plain CPU merge never pays its two-second import.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,9 +40,9 @@ class UnitCompute:
         self._fused = fused_cpu.FusedKernel(self._workers) if device == "cpu" and fused_cpu.available() else None
         self._scratch = host_buffer(4 * max(scratch_elems, 1)).view(np.float32) if device == "cpu" else None
         self._scratch_elems = scratch_elems
-        self._torch: Optional["ParallelKernel"] = None
+        self._torch: ParallelKernel | None = None
         self._torch_scratch: Any = None
-        self._torch_threads: Optional[int] = None
+        self._torch_threads: int | None = None
 
     def fused(self, task: TensorTask) -> bool:
         """Whether ``task`` runs on the fused CPU kernels."""
@@ -54,7 +55,7 @@ class UnitCompute:
             and all(i.dtype == code for i in task.inputs)
         )
 
-    def _fused_rows(self, task: TensorTask, views: Sequence[np.ndarray]) -> Optional[Sequence[np.ndarray]]:
+    def _fused_rows(self, task: TensorTask, views: Sequence[np.ndarray]) -> Sequence[np.ndarray] | None:
         """The unit's inputs as the fused kernels' rows, or None where the torch kernels run it."""
         return views if self.fused(task) else None
 
@@ -98,7 +99,7 @@ class UnitCompute:
         self._torch_out(task, out, lambda o: result.append(self._kernel().merge_filter(inputs, task.cols, params, o, ratio_fn)))
         return result[0]
 
-    def _kernel(self) -> "ParallelKernel":
+    def _kernel(self) -> ParallelKernel:
         if self._torch is None:
             import torch
 

@@ -15,16 +15,17 @@ import gc
 import math
 import queue
 import threading
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from zlib_ng import (
-    zlib_ng,  # CRC-32 with carry-less multiply: 8 GB/s here against zlib's 2.6
+    zlib_ng,  # CRC-32 with carry-less multiply, several times zlib's speed
 )
 
 from hf_model_stock.errors import ModelStockError
@@ -133,7 +134,7 @@ class _Writer:
     """Writer thread: writes results in place and finishes each shard once it is complete. Tensors in
     ``done`` are already in place (a resumed merge); each tensor completed here goes to ``journal``."""
 
-    def __init__(self, writers: dict[str, ShardWriter], journal: Optional["Journal"] = None,
+    def __init__(self, writers: dict[str, ShardWriter], journal: Journal | None = None,
                  done: frozenset[str] = frozenset()):
         self._writers = writers
         self._journal = journal
@@ -145,7 +146,7 @@ class _Writer:
         self.sha256: dict[str, str] = {}
         self._jobs: queue.Queue = queue.Queue()
         self._checksums = ThreadPoolExecutor(1, "hfms-crc32")
-        self._error: Optional[BaseException] = None
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="hfms-writer", daemon=True)
         self._thread.start()
         for w in set(writers.values()):
@@ -257,8 +258,8 @@ class _UnitMerger:
         self.plan, self.compute, self.writer, self.out_pool = plan, compute, writer, out_pool
         self.cancelled, self.record = cancelled, record
         self.ratio_fn = METHODS[plan.options.method]
-        self.gram_sum: Optional[np.ndarray] = None
-        self.ratio: Optional[Ratio] = None
+        self.gram_sum: np.ndarray | None = None
+        self.ratio: Ratio | None = None
 
     def _finish(self, task: TensorTask, ratio: Ratio, granularity: str) -> None:
         self.record(_check_finite(self.plan, task, _stats(task, ratio, granularity)))
@@ -299,8 +300,8 @@ class _UnitMerger:
                            lambda b=out_buf: self.out_pool.release(b))
 
 
-def execute(plan: MergePlan, directory: Path, progress: bool = True, *, journal: Optional["Journal"] = None,
-            done: Optional[Mapping[str, TensorStats]] = None) -> ExecutionResult:
+def execute(plan: MergePlan, directory: Path, progress: bool = True, *, journal: Journal | None = None,
+            done: Mapping[str, TensorStats] | None = None) -> ExecutionResult:
     """Merge every tensor of ``plan`` into pre-sized shards in ``directory``. Tensors in ``done`` are
     already there (a resumed merge) and keep their statistics; each tensor finished now is recorded in
     ``journal``."""
@@ -308,7 +309,7 @@ def execute(plan: MergePlan, directory: Path, progress: bool = True, *, journal:
         return _execute(plan, directory, progress, journal, done or {})
 
 
-def _execute(plan: MergePlan, directory: Path, progress: bool, journal: Optional["Journal"],
+def _execute(plan: MergePlan, directory: Path, progress: bool, journal: Journal | None,
              done: Mapping[str, TensorStats]) -> ExecutionResult:
     order = [t.name for t in plan.tasks]
     plan = dataclasses.replace(plan, tasks=[t for t in plan.tasks if t.name not in done])

@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from zlib_ng import zlib_ng
 
@@ -109,7 +109,7 @@ class Journal:
                     self._fh.close()
 
 
-def read_journal(path: Path) -> tuple[Optional[str], list[dict[str, Any]]]:
+def read_journal(path: Path) -> tuple[str | None, list[dict[str, Any]]]:
     """The plan fingerprint and the tensor entries of a journal; unparsable lines (a torn last line
     after a crash) are left out, so their tensors are merged again."""
     fingerprint, entries = None, []
@@ -129,7 +129,7 @@ def read_journal(path: Path) -> tuple[Optional[str], list[dict[str, Any]]]:
     return fingerprint, entries
 
 
-def crc32_range(fd: int, offset: int, nbytes: int, block: int = 16 << 20) -> Optional[int]:
+def crc32_range(fd: int, offset: int, nbytes: int, block: int = 16 << 20) -> int | None:
     """CRC-32 of ``nbytes`` at ``offset`` of an open file; None when the file is shorter."""
     crc, done = 0, 0
     while done < nbytes:

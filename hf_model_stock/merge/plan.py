@@ -7,8 +7,8 @@ error has surfaced) before the first byte of weights is read. ``--dry-run`` prin
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
 
 from hf_model_stock.errors import CompatibilityError
 from hf_model_stock.io.dtypes import is_floating, itemsize
@@ -29,7 +29,7 @@ class MergeOptions:
 
     params: ModelStockParams = ModelStockParams()
     method: str = "model_stock"  # a key of methods.registry.METHODS
-    dtype: Optional[str] = None  # safetensors code of the output dtype; None keeps the base's
+    dtype: str | None = None  # safetensors code of the output dtype; None keeps the base's
     device: str = "cpu"
     workers: int = 0  # compute threads on the CPU; 0: one per core
     chunk_bytes: int = 128 * 2**20  # input bytes (all models together) per unit of work

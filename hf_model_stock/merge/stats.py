@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Optional
 
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")  # the layer index in a tensor name
 
@@ -19,15 +18,15 @@ class TensorStats:
     dtype_in: list[str]
     dtype_out: str
     action: str  # "merge" | "copy"
-    granularity: Optional[str] = None
-    t: Optional[float] = None  # layer-wise t, or the mean of the rows' t (filter-wise)
-    cos: Optional[float] = None
-    delta_norms: Optional[list[float]] = None
+    granularity: str | None = None
+    t: float | None = None  # layer-wise t, or the mean of the rows' t (filter-wise)
+    cos: float | None = None
+    delta_norms: list[float] | None = None
     clamped: bool = False
-    t_min: Optional[float] = None
-    t_max: Optional[float] = None
-    rows_clamped: Optional[int] = None
-    nonfinite: Optional[list[str]] = None  # inputs holding NaN or Inf (on_nonfinite: warn)
+    t_min: float | None = None
+    t_max: float | None = None
+    rows_clamped: int | None = None
+    nonfinite: list[str] | None = None  # inputs holding NaN or Inf (on_nonfinite: warn)
 
 
 @dataclass

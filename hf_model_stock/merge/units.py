@@ -4,7 +4,6 @@ read into a reusable buffer."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -14,9 +13,9 @@ from hf_model_stock.io.reader import ShardFiles
 from hf_model_stock.merge.plan import MergePlan, TensorTask
 
 # Every input of a unit read into a buffer starts on a cache line of the page-aligned buffer: the
-# kernel's copy into a destination 8 to 24 bytes past a cache line ran at 1.6 GB/s instead of 7 on the
-# project's machine. An input read with O_DIRECT instead starts where its address agrees with its file
-# offset modulo the block (DIRECT_ALIGN), so that whole blocks are read straight into it.
+# kernel's copy into a destination a few bytes past a cache line is several times slower. An input
+# read with O_DIRECT instead starts where its address agrees with its file offset modulo the block
+# (DIRECT_ALIGN), so that whole blocks are read straight into it.
 UNIT_ALIGN = 64
 
 
@@ -26,7 +25,7 @@ def unit_buffer_bytes(plan: MergePlan) -> int:
 
 
 def read_unit(buf: np.ndarray, task: TensorTask, start: int, stop: int, files: ShardFiles,
-              mapped: Optional[list[tuple[Path, np.ndarray]]] = None) -> list[np.ndarray]:
+              mapped: list[tuple[Path, np.ndarray]] | None = None) -> list[np.ndarray]:
     """Views of the bits (``io.dtypes.storage_dtype``: bfloat16 as uint16) of elements [start, stop)
     of each input of ``task`` (base first; only the base for copied tensors). Inputs that ``files``
     maps are viewed where they lie, and listed in ``mapped`` for ``files.release`` once used (given

@@ -13,7 +13,7 @@ False and the CPU merge takes the torch kernels.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -33,7 +33,7 @@ def available() -> bool:
     return _fused is not None
 
 
-def gram(rows: Sequence[np.ndarray], start: int, stop: int, delta_sum: Optional[np.ndarray]) -> np.ndarray:
+def gram(rows: Sequence[np.ndarray], start: int, stop: int, delta_sum: np.ndarray | None) -> np.ndarray:
     """Float64 Gram matrix of the deltas over elements [start, stop) of ``rows`` (base first, bf16
     bits as uint16 or float32, one array each); stores sum_i d_i into ``delta_sum`` when given."""
     n = len(rows) - 1
@@ -61,7 +61,7 @@ class FusedKernel:
     def __init__(self, workers: int = 1):
         self._workers = Workers(workers)
 
-    def gram(self, rows: Sequence[np.ndarray], delta_sum: Optional[np.ndarray] = None) -> np.ndarray:
+    def gram(self, rows: Sequence[np.ndarray], delta_sum: np.ndarray | None = None) -> np.ndarray:
         """Float64 Gram matrix of the deltas of ``rows`` (base first, equal lengths); stores sum_i d_i
         into ``delta_sum`` (float32, at least as long as a row) when given."""
         ranges = self._workers.slices(rows[0].shape[0], SLICE_ALIGN)

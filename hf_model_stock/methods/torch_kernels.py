@@ -8,7 +8,7 @@ summed in float64, so big tensors never need a float32 copy of all N deltas at o
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -69,7 +69,7 @@ class BlockKernel:
         return g
 
     def gram(
-        self, sources: Sequence[torch.Tensor], start: int, stop: int, delta_sum: Optional[torch.Tensor] = None
+        self, sources: Sequence[torch.Tensor], start: int, stop: int, delta_sum: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Gram matrix (N x N, float64) of the deltas over [start, stop); optionally also store
         sum_i d_i (float32) into ``delta_sum[start:stop]`` for ``merge_from_sum``."""
@@ -135,7 +135,7 @@ class ParallelKernel:
         self._workers = Workers(workers)
         self.kernels = [BlockKernel(n_models, block, device) for _ in range(self._workers.count)]
 
-    def gram(self, sources: Sequence[torch.Tensor], delta_sum: Optional[torch.Tensor] = None) -> np.ndarray:
+    def gram(self, sources: Sequence[torch.Tensor], delta_sum: torch.Tensor | None = None) -> np.ndarray:
         """Gram matrix of the deltas of whole flat ``sources`` (float64, N x N); with ``delta_sum``
         (float32, at least as long), also store sum_i d_i there."""
         grams = self._workers.map(lambda w, s, e: self.kernels[w].gram(sources, s, e, delta_sum),

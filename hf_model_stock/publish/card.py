@@ -8,7 +8,8 @@ second), which writing a fresh card after a merge does not need.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from huggingface_hub import EvalResult, ModelCardData
@@ -24,7 +25,7 @@ DEFAULT_TITLE = "Model Stock merge"
 EVAL_HEADING = "## Evaluation"
 
 
-def card_text(report: MergeReport, repo_id: Optional[str] = None, t_plot: Optional[str] = None) -> str:
+def card_text(report: MergeReport, repo_id: str | None = None, t_plot: str | None = None) -> str:
     """The README.md of a merged model: merge metadata (base_model list, relation, tags) and a reproducible body;
     ``t_plot`` names a picture of t by layer beside the card."""
     sources = [report.sources.base, *report.sources.models]
@@ -87,7 +88,7 @@ def card_text(report: MergeReport, repo_id: Optional[str] = None, t_plot: Option
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
 
 
-EvalRow = Union[Sequence[Any], Any]  # (task, metric, value) or an object with .task, .metric, .value
+EvalRow = Sequence[Any] | Any  # (task, metric, value) or an object with .task, .metric, .value
 
 
 def _eval_triple(row: EvalRow) -> tuple[str, str, float]:
@@ -100,7 +101,7 @@ def _eval_triple(row: EvalRow) -> tuple[str, str, float]:
     return str(task), str(metric), float(value)
 
 
-def card_title(card: ModelCard) -> Optional[str]:
+def card_title(card: ModelCard) -> str | None:
     """The first level-1 heading of the card's body."""
     m = re.search(r"^# (.+)$", card.text, flags=re.MULTILINE)
     return m.group(1).strip() if m else None
@@ -118,7 +119,7 @@ def card_with_evals(
     card: ModelCard,
     results: Iterable[EvalRow],
     *,
-    model_name: Optional[str] = None,
+    model_name: str | None = None,
     task_type: str = "text-generation",
 ) -> ModelCard:
     """A copy of ``card`` with evaluation results: ``model-index`` metadata and an Evaluation table.
@@ -127,7 +128,8 @@ def card_with_evals(
     ``value``, such as ``evaluation.summary.Score``). Results for a (task, metric) already on the card
     are replaced; others are kept.
 
-    >>> card = card_with_evals(ModelCard.load("merged/README.md"), [("gsm8k", "exact_match,strict-match", 0.41)])  # doctest: +SKIP
+    >>> rows = [("gsm8k", "exact_match,strict-match", 0.41)]
+    >>> card = card_with_evals(ModelCard.load("merged/README.md"), rows)  # doctest: +SKIP
     """
     from huggingface_hub import ModelCard
 

@@ -19,7 +19,7 @@ import glob
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from hf_model_stock.errors import ModelStockError
 
@@ -36,7 +36,7 @@ class PushError(ModelStockError):
     """The Hub refused or failed a push (names the repo and what to do next)."""
 
 
-def _report(directory: Path) -> Optional[MergeReport]:
+def _report(directory: Path) -> MergeReport | None:
     from hf_model_stock.publish.report import REPORT_NAME, load_report
 
     if not (directory / REPORT_NAME).is_file():
@@ -47,7 +47,7 @@ def _report(directory: Path) -> Optional[MergeReport]:
         raise PushError(f"{directory / REPORT_NAME}: unreadable ({exc})") from None
 
 
-def prepare_card(directory: Path, repo_id: str, report: Optional[MergeReport]) -> None:
+def prepare_card(directory: Path, repo_id: str, report: MergeReport | None) -> None:
     """Make sure ``directory/README.md`` is our model card, titled with ``repo_id``.
 
     A card already there is kept (it may carry evaluation results) and only retitled; without one,
@@ -67,8 +67,8 @@ def prepare_card(directory: Path, repo_id: str, report: Optional[MergeReport]) -
         path.write_text(card_text(report, repo_id=repo_id), encoding="utf-8")
 
 
-def unchanged_shards(api: Any, repo_id: str, revision: Optional[str], directory: Path,
-                     report: Optional[MergeReport]) -> list[str]:
+def unchanged_shards(api: Any, repo_id: str, revision: str | None, directory: Path,
+                     report: MergeReport | None) -> list[str]:
     """Shards whose sha256 in merge_report.json equals the LFS sha256 (and size) of the remote file."""
     from huggingface_hub.hf_api import RepoFile
 
@@ -88,7 +88,7 @@ def unchanged_shards(api: Any, repo_id: str, revision: Optional[str], directory:
     return same
 
 
-def _default_message(report: Optional[MergeReport]) -> str:
+def _default_message(report: MergeReport | None) -> str:
     if report is None:
         return "Upload model with hf-model-stock"
     n = len(report.sources.models)
@@ -115,8 +115,8 @@ def push_model(
     repo_id: str,
     *,
     private: bool = False,
-    revision: Optional[str] = None,
-    message: Optional[str] = None,
+    revision: str | None = None,
+    message: str | None = None,
 ) -> str:
     """Upload a merged model directory to ``repo_id`` and return the commit URL (it ends with the sha).
 
@@ -159,7 +159,7 @@ def push_model(
     return str(info.commit_url)
 
 
-def push_recipe_output(recipe: Any, directory: Path) -> Optional[str]:
+def push_recipe_output(recipe: Any, directory: Path) -> str | None:
     """Push ``directory`` as the recipe's ``output.push_to_hub`` says; None when it says nothing."""
     target = recipe.output.push_to_hub
     if target is None:

@@ -10,7 +10,6 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Optional
 
 from hf_model_stock.errors import ModelStockError
 from hf_model_stock.io.dtypes import CONFIG_DTYPE_NAMES
@@ -100,12 +99,12 @@ def commit_dir(tmp: Path, out_dir: Path, overwrite: bool) -> None:
         os.rename(tmp, out_dir)
 
 
-def remove_dir(path: Optional[Path]) -> None:
+def remove_dir(path: Path | None) -> None:
     if path is not None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def write_config(base_dir: Path, dest: Path, out_dtype: Optional[str]) -> None:
+def write_config(base_dir: Path, dest: Path, out_dtype: str | None) -> None:
     """Copy config.json (dtype updated to the output's) and generation_config.json from the base."""
     config_path = base_dir / "config.json"
     if config_path.is_file():

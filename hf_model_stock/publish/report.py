@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hf_model_stock.merge.plan import MergePlan
 from hf_model_stock.merge.stats import ExecutionResult, TensorStats
@@ -26,10 +26,10 @@ class SourceRecord:
     """One input model as the report names it: the recipe's reference, where it was read, its commit."""
 
     model: str
-    revision: Optional[str]
+    revision: str | None
     path: str
-    repo_id: Optional[str]
-    commit: Optional[str]
+    repo_id: str | None
+    commit: str | None
 
     @property
     def display_id(self) -> str:
@@ -52,7 +52,7 @@ class ReportSummary:
     copied: int
     clamped: int
     nonfinite: list[str]
-    t_mean: Optional[float]
+    t_mean: float | None
     bytes_in: int
     bytes_out: int
     seconds: float
@@ -64,7 +64,7 @@ class MergeReport:
 
     method: str
     parameters: ModelStockParams
-    dtype: Optional[str]
+    dtype: str | None
     device: str
     sources: ReportSources
     summary: ReportSummary
@@ -72,7 +72,7 @@ class MergeReport:
     tokenizer_files: list[str]
     notes: list[str]
     versions: dict[str, str]
-    recipe: Optional[dict[str, Any]]
+    recipe: dict[str, Any] | None
     tensors: list[TensorStats] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -115,8 +115,8 @@ def build_report(
     result: ExecutionResult,
     *,
     seconds: float,
-    recipe: Optional[dict[str, Any]] = None,
-    tokenizer_files: Optional[list[str]] = None,
+    recipe: dict[str, Any] | None = None,
+    tokenizer_files: list[str] | None = None,
 ) -> MergeReport:
     """The report of an executed plan."""
     merged = [s for s in result.tensors if s.action == "merge"]

@@ -3,8 +3,9 @@ pre-flight (headers fetched before any download) and the merge plan (local heade
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from hf_model_stock.io.dtypes import is_floating
 from hf_model_stock.io.reader import Checkpoint

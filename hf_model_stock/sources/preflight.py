@@ -21,7 +21,7 @@ import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hf_model_stock.errors import (
     CheckpointError,
@@ -60,18 +60,18 @@ class SourceInfo:
     role: str  # "base" or "model"
     entry: ModelEntry
     kind: str = "hub"  # "hub" or "local"
-    repo_id: Optional[str] = None
-    commit: Optional[str] = None
-    path: Optional[Path] = None  # local directory (local sources, converted pickle checkpoints)
+    repo_id: str | None = None
+    commit: str | None = None
+    path: Path | None = None  # local directory (local sources, converted pickle checkpoints)
     config_data: dict[str, Any] = field(default_factory=dict)
-    tensors: Optional[dict[str, tuple[str, Shape]]] = None  # None: not known from headers (pickle)
+    tensors: dict[str, tuple[str, Shape]] | None = None  # None: not known from headers (pickle)
     weight_format: str = "safetensors"
     weight_files: list[str] = field(default_factory=list)
     weight_bytes: int = 0
     download_bytes: int = 0  # not yet in the HF cache
     convert_bytes: int = 0  # pickle weights to rewrite as safetensors in our cache
     header_bytes_fetched: int = 0  # bytes read over HTTP to get the safetensors headers
-    error: Optional[str] = None
+    error: str | None = None
 
     @property
     def label(self) -> str:
@@ -186,7 +186,7 @@ def _size(n: int) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def preflight(recipe: Recipe, *, check: bool = True, output: Optional[Path] = None) -> PreflightReport:
+def preflight(recipe: Recipe, *, check: bool = True, output: Path | None = None) -> PreflightReport:
     """Check the recipe's models against its base from headers only, before any weight is downloaded.
 
     Collects every problem (unreachable sources, pickle-only repos without ``allow_pickle``, tensor
@@ -267,7 +267,7 @@ def _repo_cache_dir(repo_id: str) -> Path:
     return Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
 
 
-def _cached_commit(repo_id: str, revision: Optional[str]) -> Optional[str]:
+def _cached_commit(repo_id: str, revision: str | None) -> str | None:
     import re
 
     rev = revision or "main"
@@ -309,7 +309,7 @@ def _inspect_hub(info: SourceInfo, allow_pickle: bool) -> None:
     def fetch(name: str) -> Path:
         return Path(hf_hub_download(repo_id, name, revision=commit))
 
-    def cached(name: str) -> Optional[Path]:
+    def cached(name: str) -> Path | None:
         found = try_to_load_from_cache(repo_id, name, revision=commit)
         if isinstance(found, str):
             return Path(found)
@@ -394,7 +394,7 @@ def _inspect_hub_pickle(info: SourceInfo, files: dict[str, Any], allow_pickle: b
 
 
 def remote_header(
-    repo_id: str, filename: str, revision: str, *, file_size: Optional[int] = None, timeout: float = HEADER_TIMEOUT_S
+    repo_id: str, filename: str, revision: str, *, file_size: int | None = None, timeout: float = HEADER_TIMEOUT_S
 ) -> tuple[dict[str, tuple[str, Shape]], int]:
     """The tensors (name -> (dtype, shape)) in a remote safetensors file's header, and the bytes fetched.
 
@@ -461,7 +461,7 @@ def compare(report: PreflightReport) -> None:
     report.notes += check.notes
 
 
-def _output_bytes(base: SourceInfo, out_dtype: Optional[str]) -> int:
+def _output_bytes(base: SourceInfo, out_dtype: str | None) -> int:
     if base.tensors is None:
         return base.weight_bytes
     total = 0
@@ -478,7 +478,7 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def disk_checks(report: PreflightReport, output: Optional[Path]) -> list[DiskCheck]:
+def disk_checks(report: PreflightReport, output: Path | None) -> list[DiskCheck]:
     """Bytes each filesystem must take (HF cache downloads, pickle conversions, the output) vs free space."""
     from huggingface_hub import constants
 

@@ -18,9 +18,10 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from hf_model_stock.errors import SourceError
 from hf_model_stock.io.index import INDEX_NAME, SINGLE_NAME, read_weight_map
@@ -56,8 +57,8 @@ class ResolvedModel:
 
     entry: ModelEntry
     path: Path
-    repo_id: Optional[str] = None
-    commit: Optional[str] = None
+    repo_id: str | None = None
+    commit: str | None = None
 
     @property
     def label(self) -> str:
@@ -140,7 +141,7 @@ def hub_error_message(entry: ModelEntry, exc: BaseException) -> str:
 def resolve(
     entry: ModelEntry,
     *,
-    allow_patterns: Optional[list[str]] = None,
+    allow_patterns: list[str] | None = None,
     allow_pickle: bool = False,
 ) -> ResolvedModel:
     """Return a local snapshot of ``entry``, downloading from the Hub if it is not a local path.
@@ -196,7 +197,7 @@ def _offline() -> bool:
     return constants.is_offline_mode()
 
 
-def _snapshot(entry: ModelEntry, revision: Optional[str], patterns: list[str]) -> Path:
+def _snapshot(entry: ModelEntry, revision: str | None, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
@@ -209,7 +210,7 @@ def _has_safetensors(directory: Path) -> bool:
     return (directory / INDEX_NAME).is_file() or (directory / SINGLE_NAME).is_file()
 
 
-def safetensors_shards(directory: Path) -> Optional[list[str]]:
+def safetensors_shards(directory: Path) -> list[str] | None:
     """The shard files named by ``directory``'s safetensors index, or None when it has no index."""
     index_path = directory / INDEX_NAME
     if not index_path.is_file():
@@ -236,7 +237,7 @@ def repo_file_names(entry: ModelEntry, commit: str) -> set[str]:
 # Pickle checkpoints
 
 
-def pickle_weight_files(names: Iterable[str]) -> Optional[list[str]]:
+def pickle_weight_files(names: Iterable[str]) -> list[str] | None:
     """Which of ``names`` form a convertible pickle checkpoint: [index] or [single file]; None if none."""
     names = set(names)
     if PICKLE_INDEX_NAME in names:

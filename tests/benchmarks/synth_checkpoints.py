@@ -73,7 +73,7 @@ class ModelSpec:
         vocab_size: int = 32000,
         num_attention_heads: int = 32,
         num_key_value_heads: int = 4,
-    ) -> "ModelSpec":
+    ) -> ModelSpec:
         """Pick the layer count (and vocab, if ``embedding_gib``) that best matches ``size_gib``.
 
         ``embedding_gib`` sets the size of ``embed_tokens`` (and of the untied ``lm_head``,
@@ -205,7 +205,7 @@ def _fill_tensor(
     a, b = scale * math.sqrt(p.cosine), scale * math.sqrt(1.0 - p.cosine)
     for c, start in enumerate(range(0, flat.numel(), CHUNK_ELEMS)):
         n = min(CHUNK_ELEMS, flat.numel() - start)
-        sl = lambda role: pool.narrow(0, _offset(p.seed, name, c, role, n), n)  # noqa: E731
+        sl = lambda role, c=c, n=n: pool.narrow(0, _offset(p.seed, name, c, role, n), n)  # noqa: E731
         w0 = (sl("base") * std + mean).to(torch.bfloat16)
         if model_idx == 0:
             flat[start : start + n] = w0

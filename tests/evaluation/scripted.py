@@ -7,7 +7,8 @@ option letter for MMLU-Pro). ``gold`` answers every task correctly, ``wrong`` ne
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model

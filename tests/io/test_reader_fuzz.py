@@ -41,7 +41,7 @@ def assert_consistent(entries: dict[str, Any], metadata: dict[str, str], data_si
     """What a caller relies on: known dtypes, spans that fit their shape and the data, no overlaps."""
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
     spans = []
-    for name, (begin, end, dtype, shape) in entries.items():
+    for begin, end, dtype, shape in entries.values():
         assert dtype in SAFETENSORS_DTYPES and all(type(d) is int and d >= 0 for d in shape)
         assert 0 <= begin <= end <= data_size and end - begin == math.prod(shape) * itemsize(dtype)
         if end > begin:

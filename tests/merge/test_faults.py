@@ -72,7 +72,9 @@ def test_disk_full_mid_write(tmp_path):
     assert outputs(tmp_path) == []
 
 
-def in_private_tmpfs(mount: Path, options: str, argv: list[str], before: str = "", after: str = "") -> subprocess.CompletedProcess:
+def in_private_tmpfs(
+    mount: Path, options: str, argv: list[str], before: str = "", after: str = ""
+) -> subprocess.CompletedProcess:
     """Run ``argv`` with a tmpfs mounted at ``mount`` in a private mount namespace (root needs no
     chmod tricks: the kernel refuses writes to a read-only or full filesystem even for root), then list
     what is left on it; the mount disappears with the namespace."""

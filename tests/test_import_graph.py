@@ -1,0 +1,119 @@
+"""The package's import graph, built from the source: no cycles (imports inside functions count,
+``if TYPE_CHECKING:`` ones do not) and the stages import only downwards."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import hf_model_stock
+
+PACKAGE_DIR = Path(hf_model_stock.__file__).parent
+# The data flow: a stage may import the ones before it, never one after it, nor the command layer.
+STAGES = ["io", "methods", "sources", "merge", "publish", "pipeline", "analysis"]
+COMMAND_LAYER = {"runner", "cli", "demo"}
+MAX_TOP_LEVEL_MODULES = 10
+
+
+def module_names() -> dict[str, Path]:
+    out = {}
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        parts = ("hf_model_stock", *path.relative_to(PACKAGE_DIR).with_suffix("").parts)
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """The package modules that ``path`` imports anywhere in its code, outside TYPE_CHECKING blocks."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name in modules)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in modules else node.module)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(encoding="utf-8"), str(path)))
+    return {m for m in found if m in modules}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = module_names()
+    return {name: imports_of(path, set(modules)) - {name} for name, path in modules.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules (first == last), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    stack: list[str] = []
+
+    def dfs(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := dfs(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := dfs(start)):
+            return cycle
+    return None
+
+
+def test_the_checker_finds_a_cycle_through_a_function_level_import(tmp_path):
+    (tmp_path / "a.py").write_text("import hf_model_stock.b\n")
+    (tmp_path / "b.py").write_text("def f():\n    from hf_model_stock.a import x\n")
+    (tmp_path / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import hf_model_stock.a\n")
+    modules = {"hf_model_stock.a", "hf_model_stock.b", "hf_model_stock.c"}
+    graph = {f"hf_model_stock.{n}": imports_of(tmp_path / f"{n}.py", modules) for n in "abc"}
+    assert graph["hf_model_stock.c"] == set()
+    assert find_cycle(graph) == ["hf_model_stock.a", "hf_model_stock.b", "hf_model_stock.a"]
+
+
+def test_no_import_cycle_in_the_package():
+    graph = import_graph()
+    assert len(graph) > 60  # the walk saw the whole package
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_stages_import_only_earlier_stages(stage):
+    later = STAGES[STAGES.index(stage) + 1:]
+    prefix = f"hf_model_stock.{stage}"
+    bad = [
+        f"{mod} imports {dep}"
+        for mod, deps in import_graph().items()
+        if mod == prefix or mod.startswith(prefix + ".")
+        for dep in deps
+        if any(dep == f"hf_model_stock.{s}" or dep.startswith(f"hf_model_stock.{s}.") for s in later)
+        or dep.split(".")[1] in COMMAND_LAYER
+    ]
+    assert bad == []
+
+
+def test_top_level_keeps_only_entry_points_and_cross_cutting_modules():
+    top = sorted(p.name for p in PACKAGE_DIR.glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, top
