@@ -117,3 +117,13 @@ def test_stages_import_only_earlier_stages(stage):
 def test_top_level_keeps_only_entry_points_and_cross_cutting_modules():
     top = sorted(p.name for p in PACKAGE_DIR.glob("*.py"))
     assert len(top) <= MAX_TOP_LEVEL_MODULES, top
+
+
+def test_the_package_exports_its_library_api_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, hf_model_stock as h; assert 'torch' not in sys.modules; "
+            "print(*[getattr(h, n).__module__ for n in h.__all__[1:]])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [hf_model_stock._API[n] for n in hf_model_stock.__all__[1:]]
