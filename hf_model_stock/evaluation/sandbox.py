@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -107,12 +108,7 @@ def _spawn(source: Optional[str], limits: Limits, *, allow_unconfined_reads: boo
                 start_new_session=True, env={"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work),
                                              "LANG": "C.UTF-8"},
             )
-            try:
-                returncode: Optional[int] = proc.wait(timeout=limits.timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)  # not yet reaped, so the id is still ours
-                proc.wait()
-                returncode = None
+            returncode = _wait(proc, limits.timeout_s)
         stdout, stderr = _read(out_path), _read(err_path)
         capped = max(out_path.stat().st_size, err_path.stat().st_size) >= limits.output_bytes
     if not stderr.startswith(MARKER):
@@ -121,6 +117,28 @@ def _spawn(source: Optional[str], limits: Limits, *, allow_unconfined_reads: boo
     first, _, stderr = stderr.partition("\n")
     layers = tuple(first[len(MARKER):].split(","))
     return ExecResult(_status(returncode, capped), returncode, stdout, stderr, layers)
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float) -> Optional[int]:
+    """The exit status, or None after killing the process group at the deadline. A pidfd wakes us the
+    moment the child exits (``Popen.wait(timeout)`` polls, up to 50 ms late per program)."""
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # before Linux 5.3
+        pidfd = None
+    try:
+        if pidfd is None:
+            return proc.wait(timeout=timeout_s)
+        if select.select([pidfd], [], [], timeout_s)[0]:
+            return proc.wait()
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    os.killpg(proc.pid, signal.SIGKILL)  # not yet reaped, so the id is still ours
+    proc.wait()
+    return None
 
 
 def _status(returncode: Optional[int], capped: bool) -> Status:
