@@ -1,14 +1,21 @@
 """Runs inside the sandbox subprocess (stdlib only): confine this process, then run ./program.py.
 
-Layers, each best effort except the last two, in this order:
-  netns     a new, empty network namespace (unshare; user namespace too when not root)
-  landlock  the kernel refuses writes outside the working directory, and TCP bind/connect (ABI >= 4)
-  seccomp   the kernel refuses fork, vfork, clone (threads too) and exec (x86-64 and arm64)
+Layers, in this order (the first three where the kernel offers them):
+  netns     a new, empty network namespace (with the user and mount namespaces below when possible)
+  mountns   a minimal root: the standard library, system libraries and a few devices read-only, the
+            working directory read-write, nothing else (``_sandbox_fs.py``)
+  landlock  the kernel allows reads of those same paths only, writes beneath the working directory
+            only, no TCP bind/connect (ABI >= 4), no signals out of the sandbox (ABI >= 6)
+  seccomp   the kernel refuses new processes and threads, exec, and the calls that could undo the
+            namespaces or reach other processes' memory (x86-64 and arm64)
   rlimits   CPU seconds, address space, file size (caps stdout/stderr too), open files, no processes
             (RLIMIT_NPROC does not bind root; seccomp does)
   audit     a Python audit hook refusing sockets, process creation, ctypes and writes outside the
             working directory (clear errors; also the only guard where the kernel layers are missing)
-The first line written to stderr names the layers in force.
+Reads are confined when mountns or landlock is in force. When neither is, the program is not run
+(exit status ``REFUSED``) unless the parent allowed unconfined reads; the layers then end with
+``reads-unconfined``. Descriptors other than 0-2 are closed first. The first line written to stderr
+names the layers in force.
 """
 
 import ctypes
@@ -18,15 +25,24 @@ import platform
 import resource
 import runpy
 import sys
+from types import ModuleType
 
 MARKER = "hfms-sandbox-layers:"
-_CLONE_NEWUSER, _CLONE_NEWNET = 0x10000000, 0x40000000
+READ_LAYERS = frozenset({"mountns", "landlock"})
+UNCONFINED = "reads-unconfined"
+REFUSED = 97  # exit status of a child that refused to run a program it could not confine
+_CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
 _PR_SET_NO_NEW_PRIVS = 38
-_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
-# machine -> (AUDIT_ARCH_*, syscall numbers of fork, vfork, clone, clone3, execve, execveat)
-_SECCOMP_ARCHES = {"x86_64": (0xC000003E, (57, 58, 56, 435, 59, 322)),
-                   "aarch64": (0xC00000B7, (220, 435, 221, 281))}
+# machine -> (AUDIT_ARCH_*, syscall numbers denied: fork, vfork, clone, clone3, execve, execveat;
+# mount, umount2, pivot_root, chroot, unshare, setns, open_tree, move_mount, fsopen, fsconfig, fsmount,
+# fspick, mount_setattr; ptrace, process_vm_readv, process_vm_writev, open_by_handle_at)
+_SECCOMP_ARCHES = {"x86_64": (0xC000003E, (57, 58, 56, 435, 59, 322,
+                                           165, 166, 155, 161, 272, 308, 428, 429, 430, 431, 432, 433, 442,
+                                           101, 310, 311, 304)),
+                   "aarch64": (0xC00000B7, (220, 435, 221, 281,
+                                            40, 39, 41, 51, 97, 268, 428, 429, 430, 431, 432, 433, 442,
+                                            117, 270, 271, 265))}
 _WRITE_OPEN_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 _BLOCKED_PREFIXES = ("socket.", "ctypes.", "os.exec", "os.spawn", "os.posix_spawn", "os.fork", "os.forkpty",
                      "os.system", "os.kill", "os.killpg", "subprocess.", "pty.")
@@ -35,26 +51,65 @@ _PATH_EVENTS = {"os.remove": 1, "os.rmdir": 1, "os.mkdir": 1, "os.chmod": 1, "os
 
 
 def main() -> None:
-    limits = json.loads(sys.argv[1])
-    work = os.path.realpath(os.getcwd())
+    """argv[1]: JSON with ``limits``, ``root`` (an empty directory for the minimal root), ``probe``
+    (confine, report, run nothing), ``unconfined_reads`` (run even so) and ``skip`` (layers not to try)."""
+    config = json.loads(sys.argv[1])
+    _close_inherited_descriptors()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _sandbox_fs  # a sibling; -I leaves the script's directory off sys.path
+
+    del sys.path[0]
+    work, skip, machine = os.path.realpath(os.getcwd()), set(config["skip"]), platform.machine()
     libc = ctypes.CDLL(None, use_errno=True)
-    layers = []
-    if libc.unshare(_CLONE_NEWNET if os.getuid() == 0 else _CLONE_NEWUSER | _CLONE_NEWNET) == 0:
-        layers.append("netns")
+    layers = _namespaces(libc, _sandbox_fs, mount="mountns" not in skip and machine in ("x86_64", "aarch64"))
+    if "mountns" in layers:
+        try:
+            _sandbox_fs.minimal_root(libc, config["root"], work, machine)
+        except OSError:
+            layers.remove("mountns")
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "sandbox: prctl(PR_SET_NO_NEW_PRIVS) failed")
-    if _landlock(libc, work):
+    if "landlock" not in skip and _sandbox_fs.landlock(libc, work):
         layers.append("landlock")
     if _seccomp(libc):
         layers.append("seccomp")
-    _rlimits(limits)
+    _rlimits(config["limits"])
     layers.append("rlimits")
+    hidden = set(_sandbox_fs.site_dirs())
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p) not in hidden]  # stdlib only, import errors clear
     sys.addaudithook(_guard(work))
     layers.append("audit")
+    confined = bool(READ_LAYERS & set(layers))
+    if not confined:
+        layers.append(UNCONFINED)
     sys.stderr.write(MARKER + ",".join(layers) + "\n")
     sys.stderr.flush()
+    if not confined and not config["unconfined_reads"]:
+        sys.exit(REFUSED)
+    if config["probe"]:
+        return
     sys.argv = ["program.py"]
     runpy.run_path("program.py", run_name="__main__")
+
+
+def _close_inherited_descriptors() -> None:
+    """Close every descriptor but stdin, stdout and stderr (the parent closes them too: belt and braces)."""
+    os.closerange(3, max(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 1 << 16))  # close_range(2) where it exists
+
+
+def _namespaces(libc: ctypes.CDLL, fs: ModuleType, mount: bool) -> list:
+    """Enter new namespaces: user + mount + network (keeping our ids) when ``mount`` and the kernel
+    allow, else network alone (root) or user + network; the layers gained ("mountns" still to build)."""
+    uid, gid = os.getuid(), os.getgid()
+    if mount and libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNS | _CLONE_NEWNET) == 0:
+        try:
+            fs.map_own_ids(uid, gid)
+        except OSError:
+            return ["netns"]  # ids unmapped: files made in the working directory would fail anyway
+        return ["netns", "mountns"]
+    if libc.unshare(_CLONE_NEWNET if uid == 0 else _CLONE_NEWUSER | _CLONE_NEWNET) == 0:
+        return ["netns"]
+    return []
 
 
 def _rlimits(limits: dict) -> None:
@@ -67,39 +122,9 @@ def _rlimits(limits: dict) -> None:
     resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
 
 
-def _landlock(libc: ctypes.CDLL, work: str) -> bool:
-    """Allow filesystem writes only beneath ``work`` (and no TCP where the kernel supports it)."""
-    libc.syscall.restype = ctypes.c_long
-    abi = libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
-    if abi < 1:
-        return False
-    write = sum(1 << bit for bit in (1, 4, 5, 6, 7, 8, 9, 10, 11, 12))  # write file, remove, make *
-    write |= (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0)  # refer, truncate
-    net = 0b11 if abi >= 4 else 0  # bind TCP, connect TCP
-    attr = (ctypes.c_uint64 * 2)(write, net)
-    ruleset = libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr),
-                           ctypes.c_size_t(16 if net else 8), ctypes.c_uint32(0))
-    if ruleset < 0:
-        return False
-
-    class PathBeneath(ctypes.Structure):
-        _pack_ = 1
-        _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-    directory = os.open(work, os.O_PATH | os.O_CLOEXEC)
-    rule = PathBeneath(write, directory)
-    try:
-        ok = (libc.syscall(_SYS_LANDLOCK_ADD_RULE, ctypes.c_int(ruleset), ctypes.c_int(1), ctypes.byref(rule),
-                           ctypes.c_uint32(0)) == 0
-              and libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) == 0)
-    finally:
-        os.close(directory)
-        os.close(ruleset)
-    return ok
-
-
 def _seccomp(libc: ctypes.CDLL) -> bool:
-    """Make fork, vfork, clone, clone3, execve and execveat fail with EPERM."""
+    """Make the calls in ``_SECCOMP_ARCHES`` (new processes and threads, exec, mounts and namespaces,
+    other processes' memory) fail with EPERM."""
     arch, numbers = _SECCOMP_ARCHES.get(platform.machine(), (None, ()))
     if arch is None:
         return False

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import sysconfig
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
-from hf_model_stock.evaluation.sandbox import Limits, run_program
+from hf_model_stock.evaluation.sandbox import Limits, _spawn, available_layers, run_program
 
 FAST = Limits(timeout_s=3.0, cpu_s=2, memory_bytes=512 << 20, output_bytes=64 << 10)
 
@@ -18,6 +20,18 @@ def test_passing_program() -> None:
     result = run_program("def add(a, b):\n    return a + b\nassert add(2, 3) == 5\nprint('ok')", FAST)
     assert (result.status, result.returncode, result.stdout, result.stderr) == ("passed", 0, "ok\n", "")
     assert {"rlimits", "audit"} <= set(result.layers)
+
+
+def test_standard_library_and_own_files_are_usable_site_packages_are_not() -> None:
+    program = ("import bisect, collections, decimal, fractions, hashlib, heapq, itertools, json, math, re, sqlite3\n"
+               "import zlib\n"
+               "assert hashlib.sha256(zlib.compress(b'x')).hexdigest() and math.comb(5, 2) == 10\n"
+               "open('notes.txt', 'w').write('mine')\n"
+               "print(open('notes.txt').read(), sorted(__import__('os').listdir('.')))\n"
+               "try:\n    import pytest\nexcept ModuleNotFoundError as e:\n    print(e)")
+    result = run_program(program, FAST)
+    assert (result.status, result.stderr) == ("passed", "")
+    assert result.stdout == "mine ['notes.txt', 'program.py']\nNo module named 'pytest'\n"
 
 
 def test_failing_assertion() -> None:
@@ -99,11 +113,21 @@ def test_kernel_refuses_new_processes_and_threads_even_past_the_audit_hook() -> 
     assert result.stderr.rstrip().endswith("RuntimeError: can't start new thread")
 
 
-def test_kernel_refuses_writes_outside_even_past_the_audit_hook(tmp_path: Path) -> None:
-    fifo = tmp_path / "fifo"  # os.mkfifo raises no audit event: only Landlock stands in the way
-    result = run_program(f"import os\nos.mkfifo({str(fifo)!r})", FAST)
-    if "landlock" not in result.layers:
-        pytest.skip(f"Landlock not available here (layers: {result.layers})")
-    assert result.status == "failed"
-    assert "PermissionError: [Errno 13] Permission denied" in result.stderr
-    assert not os.path.exists(fifo)
+@pytest.mark.parametrize(("layer", "error"), [("landlock", "PermissionError: [Errno 13] Permission denied"),
+                                              ("mountns", "OSError: [Errno 30] Read-only file system")])
+def test_kernel_refuses_writes_outside_even_past_the_audit_hook(layer: str, error: str) -> None:
+    if layer not in available_layers():
+        pytest.skip(f"{layer} not available here (layers: {available_layers()})")
+    # os.mkfifo raises no audit event: only the kernel stands in the way. The standard library is one
+    # of the few directories the mount namespace shows, read-only.
+    fifo = Path(sysconfig.get_path("stdlib")) / f"hfms-test-fifo-{uuid.uuid4().hex}"
+    other = ({"landlock", "mountns"} - {layer}).pop()
+    try:
+        result = _spawn(f"import os\nos.mkfifo({str(fifo)!r})", FAST, allow_unconfined_reads=False, skip=(other,))
+        assert layer in result.layers and other not in result.layers
+        assert result.status == "failed"
+        assert error in result.stderr
+        assert not os.path.lexists(fifo)
+    finally:
+        if os.path.lexists(fifo):
+            os.remove(fifo)
