@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterable
@@ -64,6 +65,19 @@ class ResolvedModel:
     def label(self) -> str:
         return self.entry.label
 
+    @property
+    def name(self) -> str:
+        """The source without local paths: the Hub repo id (also for an HF cache snapshot given as a
+        directory), else the local directory's name."""
+        if self.repo_id:
+            return self.repo_id
+        return Path(self.entry.model).expanduser().resolve().name or str(self.path.name)
+
+    @property
+    def display_name(self) -> str:
+        """``name``, with ``@commit`` when the commit is known: what cards and reports show."""
+        return f"{self.name}@{self.commit}" if self.repo_id and self.commit else self.name
+
     def config(self) -> dict[str, Any]:
         """The model's ``config.json`` as a dict ({} if it has none)."""
         path = self.path / "config.json"
@@ -84,6 +98,25 @@ def read_json_object(path: Path) -> dict[str, Any]:
 def is_local(entry: ModelEntry) -> bool:
     """A source is local when the path exists (Hub ids never name an existing path)."""
     return Path(entry.model).expanduser().exists()
+
+
+SNAPSHOT_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def hf_cache_snapshot(path: Path) -> tuple[str, str] | None:
+    """``(repo_id, commit)`` when ``path`` is a model snapshot folder of an HF cache
+    (``.../models--org--name/snapshots/<commit>``), else None.
+
+    >>> hf_cache_snapshot(Path("/c/hub/models--org--name/snapshots/" + "0" * 40))
+    ('org/name', '0000000000000000000000000000000000000000')
+    """
+    parts = path.parts
+    if len(parts) < 3 or parts[-2] != "snapshots" or not SNAPSHOT_COMMIT.fullmatch(parts[-1]):
+        return None
+    folder = parts[-3]
+    if not folder.startswith("models--") or len(folder) <= len("models--"):
+        return None
+    return folder[len("models--"):].replace("--", "/", 1), parts[-1]
 
 
 def check_repo_id(entry: ModelEntry) -> None:
@@ -162,6 +195,9 @@ def resolve(
                 if not allow_pickle:
                     raise SourceError(pickle_refusal(entry, pickles))
                 path = convert_local_pickle(path, pickles)
+        snapshot = hf_cache_snapshot(Path(entry.model).expanduser().resolve())
+        if snapshot is not None:  # an HF cache snapshot given as a directory is still that Hub commit
+            return ResolvedModel(entry=entry, path=path, repo_id=snapshot[0], commit=snapshot[1])
         return ResolvedModel(entry=entry, path=path)
     check_repo_id(entry)
     if allow_patterns is not None:

@@ -17,8 +17,10 @@ from hf_model_stock.publish.hub import (
     push_model,
     push_recipe_output,
 )
-from hf_model_stock.recipe import parse_recipe
+from hf_model_stock.publish.report import load_report
+from hf_model_stock.recipe import ModelEntry, parse_recipe
 from hf_model_stock.runner import run_recipe
+from hf_model_stock.sources.resolve import resolve
 from tests.fake_hub import FakeHub
 from tests.hub_fixtures import set_hub_env
 
@@ -165,4 +167,31 @@ def test_a_merge_of_local_models_pushes_a_valid_card(hub, models, tmp_path):
     run_recipe(recipe, progress=False)
     push_model(out, "me/local")  # the fake Hub, like the Hub, rejects base_model entries that are not repo ids
     card = ModelCard.load("me/local")
-    assert card.data.base_model is None and str(models["ft0"]) in card.text
+    assert card.data.base_model is None
+    assert "| fine-tune | ft0 |  |  |" in card.text and "| base | base |  |  |" in card.text
+
+
+def test_local_sources_are_named_without_their_paths(hub, models, tmp_path):
+    """Neither the card nor merge_report.json (both published by push) holds a local absolute path;
+    an HF cache snapshot given as a directory is named, and listed in base_model, as its repo and commit."""
+    sha = hub.add_commit("org/ft2", models["ft2"])
+    snapshot = resolve(ModelEntry(model="org/ft2")).path  # .../hf-cache/models--org--ft2/snapshots/<sha>
+    assert snapshot.name == sha
+    out = tmp_path / "local-merge"
+    recipe = parse_recipe(f"base_model: {models['base']}\nmodels: [{models['ft0']}, {snapshot}]\n"
+                          f"tokenizer_source: {models['ft0']}\noutput: {{path: {out}}}\n")
+    run_recipe(recipe, progress=False)
+    for name in ("README.md", "merge_report.json"):
+        text = (out / name).read_text()
+        assert str(tmp_path) not in text and "/src/" not in text, name
+    report = load_report(out)  # still a format_version 1 report
+    base, ft0, cached = report.sources.base, *report.sources.models
+    assert (base.model, base.path, base.repo_id, base.commit) == ("base", "base", None, None)
+    assert (ft0.model, ft0.path) == ("ft0", "ft0")
+    assert (cached.model, cached.path, cached.repo_id, cached.commit) == ("org/ft2", f"org/ft2@{sha}", "org/ft2", sha)
+    assert report.recipe["base_model"] == {"model": "base"} and report.recipe["output"]["path"] == "local-merge"
+    assert report.recipe["models"] == [{"model": "ft0"}, {"model": f"org/ft2@{sha}"}]
+    assert report.recipe["tokenizer_source"] == "ft0"
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == ["org/ft2"] and card.data.base_model_relation == "merge"
+    assert f"| fine-tune | org/ft2 |  | {sha} |" in card.text
