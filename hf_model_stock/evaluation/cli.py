@@ -39,6 +39,7 @@ def add_eval_parser(subparsers: Any) -> None:
     p.add_argument("--apply-chat-template", action="store_true", help="chat template for the lm-eval tasks")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own Python code")
     p.add_argument("--max-gen-toks", type=int, help="cap every generation (smoke tests; changes scores)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (from any library)")
     p.set_defaults(func=run_eval_command)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,27 @@ def test_private_repo_needs_the_token(tmp_path, monkeypatch, models):
         fake.reset_stats()
         report = preflight(parse_recipe(f"base_model: {models['base']}\nmodels: [org/private, org/private2]\n"))
         assert report.ok and report.models[1].header_bytes_fetched > 0 and fake.weight_bytes_served == 0
+
+
+def test_quiet_merge_prints_no_progress_bar_from_any_library(hub, models, tmp_path, monkeypatch, capfd):
+    """``-q``: huggingface_hub's "Fetching N files" and download bars are silenced as well as ours."""
+    import tqdm.std
+
+    from hf_model_stock.cli import QUIET_ENV, main
+
+    monkeypatch.setattr(tqdm.std.tqdm, "__init__", tqdm.std.tqdm.__init__)  # restored after the test
+    for name in QUIET_ENV:
+        monkeypatch.delenv(name, raising=False)
+    for name in ("base", "ft0", "ft1"):
+        hub.add_commit(f"org/{name}", models[name])
+    out = tmp_path / "merged"
+    args = ["merge", "--base", "org/base", "--model", "org/ft0", "--model", "org/ft1", "--out", str(out)]
+    assert main([*args, "-q"]) == 0
+    captured = capfd.readouterr()
+    assert (captured.out, captured.err) == ("", "")
+    assert (out / "merge_report.json").is_file()
+    assert all(os.environ[name] == "1" for name in QUIET_ENV)  # for worker processes too
+
+    bar = tqdm.std.tqdm(total=3, disable=False)  # any library's bar, even one that asks to be shown
+    assert bar.disable
+    bar.close()
