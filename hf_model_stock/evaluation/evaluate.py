@@ -155,10 +155,11 @@ def evaluate_model(model: str, spec: EvalSpec, *, output_dir: Path | None = None
 
     >>> evaluate_model("HuggingFaceTB/SmolLM2-135M-Instruct", EvalSpec(tasks=["gsm8k"], limit=20))  # doctest: +SKIP
     """
-    from hf_model_stock.evaluation.loading import build_lm, resolve_model
+    from hf_model_stock.evaluation.loading import build_lm, check_custom_code, resolve_model
 
     run = prepare_run(model, spec, output_dir)
     resolved = resolve_model(model)
+    check_custom_code(resolved.path, spec.trust_remote_code)
     return run.execute(lambda: build_lm(resolved.path, spec), revision=resolved.entry.revision,
                        sha=resolved.commit, path=str(resolved.path))
 

@@ -27,6 +27,7 @@ from typing import Any
 from hf_model_stock.errors import SourceError
 from hf_model_stock.io.index import INDEX_NAME, SINGLE_NAME, read_weight_map
 from hf_model_stock.recipe import ModelEntry
+from hf_model_stock.sources.remote_code import has_custom_code
 
 # Small files a merge reads or carries over: configs, the index, tokenizer files.
 SMALL_FILE_PATTERNS = [
@@ -213,8 +214,9 @@ def resolve(
             shards = [SINGLE_NAME]
         else:
             return _resolve_pickle(entry, commit, small, names, allow_pickle)
+    code = ["*.py"] if has_custom_code(small) else []  # auto_map: the repo's modules go with it
     try:
-        path = _snapshot(entry, commit, SMALL_FILE_PATTERNS + shards)
+        path = _snapshot(entry, commit, SMALL_FILE_PATTERNS + shards + code)
     except SourceError:
         missing = [s for s in shards if not (small / s).is_file()]
         if missing and _offline():
