@@ -2,7 +2,7 @@
 
 A config such as ``{"auto_map": {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}}`` tells
 transformers to import ``modeling_x.py`` from the model's folder, and only with
-``trust_remote_code=True``. A merge of such a model must carry those files (and the modules they
+the trust_remote_code flag. A merge of such a model must carry those files (and the modules they
 import relatively, ``from .configuration_x import ...``) into its output; an ``auto_map`` entry of
 the form ``org/repo--module.Class`` points at another repo's code and needs no file here.
 
