@@ -218,15 +218,47 @@ def resolve(
     try:
         path = _snapshot(entry, commit, SMALL_FILE_PATTERNS + shards + code)
     except SourceError:
-        missing = [s for s in shards if not (small / s).is_file()]
-        if missing and _offline():
-            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-            raise SourceError(
-                f"{entry.label}: the cached snapshot {commit[:12]} is incomplete (no {shown}; an interrupted "
-                "download?) and the Hub cannot be reached: unset HF_HUB_OFFLINE to finish the download"
-            ) from None
+        _refuse_missing_offline(entry, commit, small, shards)
         raise
+    # Offline, without the tree listing snapshot_download keeps online (a cache filled file by file by
+    # hf_hub_download or transformers, or by an older huggingface_hub), the snapshot folder is returned as
+    # it is: check that it holds every shard.
+    _refuse_missing_offline(entry, commit, path, shards)
     return ResolvedModel(entry=entry, path=path, repo_id=entry.model, commit=commit)
+
+
+def _refuse_missing_offline(entry: ModelEntry, commit: str, snapshot: Path, names: list[str]) -> None:
+    """Offline, raise ``SourceError`` naming the files of ``names`` that ``snapshot`` lacks."""
+    missing = [name for name in names if not (snapshot / name).is_file()]  # a dangling link is no file
+    if missing and _offline():
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise SourceError(
+            f"{entry.label}: the cached snapshot {commit[:12]} is incomplete (no {shown} in the local cache) and "
+            "the Hub cannot be reached (HF_HUB_OFFLINE): unset HF_HUB_OFFLINE to download the rest"
+        ) from None
+
+
+@dataclass(frozen=True)
+class CachedFile:
+    """A file of an HF cache snapshot folder, described like an entry of the Hub's tree listing
+    (its size is the blob's; hashes are not known without the listing)."""
+
+    path: str
+    size: int
+    lfs: None = None
+    blob_id: None = None
+
+
+def snapshot_files(repo_id: str, commit: str) -> list[CachedFile] | None:
+    """What the HF cache holds of ``repo_id`` at ``commit``: the snapshot folder's files (links to blobs
+    whose blob is gone are left out); None when there is no such folder."""
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "snapshots" / commit
+    if not folder.is_dir():
+        return None
+    return [CachedFile(p.relative_to(folder).as_posix(), p.stat().st_size)
+            for p in sorted(folder.rglob("*")) if p.is_file()]
 
 
 def _offline() -> bool:
@@ -257,7 +289,8 @@ def safetensors_shards(directory: Path) -> list[str] | None:
 
 
 def repo_file_names(entry: ModelEntry, commit: str) -> set[str]:
-    """The files of a Hub repo at ``commit``: from the tree listing snapshot_download cached, else the Hub."""
+    """The files of a Hub repo at ``commit``: from the tree listing snapshot_download cached, else the Hub;
+    offline without a cached listing, the files of the cached snapshot."""
     from huggingface_hub import HfApi, get_cached_repo_tree
     from huggingface_hub.errors import CachedRepoTreeNotFoundError
 
@@ -265,6 +298,8 @@ def repo_file_names(entry: ModelEntry, commit: str) -> set[str]:
         return {f.path for f in get_cached_repo_tree(entry.model, revision=commit)}
     except (CachedRepoTreeNotFoundError, OSError, ValueError):
         pass
+    if _offline():  # no listing cached: what the snapshot folder holds is all we can know
+        return {f.path for f in snapshot_files(entry.model, commit) or []}
     try:
         return set(HfApi().list_repo_files(entry.model, revision=commit))
     except transport_errors() as exc:
