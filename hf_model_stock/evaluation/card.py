@@ -13,9 +13,10 @@ from hf_model_stock.evaluation.summary import EvalSummary
 CARD_NAME = "README.md"
 
 
-def card_rows(summary: EvalSummary) -> list[tuple[str, str, float]]:
-    """(task, metric, value) of every score, as the card lists them."""
-    return [(s.task, s.metric, s.value) for s in summary.scores]
+def card_rows(summary: EvalSummary) -> list[tuple[str, str, float, str]]:
+    """(task, metric, value, display name) of every score; HarmBench's names its judge."""
+    return [(s.task, s.metric, s.value, f"{s.metric} (judge: {s.judge})" if s.judge else s.metric)
+            for s in summary.scores]
 
 
 def check_card_target(model: str) -> Path:

@@ -2,7 +2,7 @@
 
     hf-model-stock eval MODEL [--tasks gsm8k,math,mmlu_pro,mbpp,harmbench | --suite NAME] [--limit N]
         [--device DEV] [--batch-size auto|N] [--backend hf|vllm] [--output DIR] [--data-dir DIR]
-        [--allow-code-execution] [--dtype ...] [--judge-model M] [--apply-chat-template]
+        [--allow-code-execution] [--dtype ...] [--judge refusal|CLASSIFIER] [--apply-chat-template]
         [--trust-remote-code] [--max-gen-toks N] [--update-card] [-q]
 """
 
@@ -35,7 +35,9 @@ def add_eval_parser(subparsers: Any) -> None:
     p.add_argument("--output", type=Path, help="results directory (default ./eval-results)")
     p.add_argument("--data-dir", type=Path, help="local data: <dir>/<task>/<split>.jsonl|parquet|csv")
     p.add_argument("--allow-code-execution", action="store_true", help="run MBPP's generated code in the sandbox")
-    p.add_argument("--judge-model", help=f"HarmBench classifier (default {JudgeSpec().model})")
+    p.add_argument("--judge", "--judge-model", dest="judge_model", metavar="JUDGE",
+                   help=f"HarmBench judge: a classifier, cais/HarmBench-*-cls by repo id or a directory (default "
+                        f"{JudgeSpec().model}), or 'refusal' (refusal-string match, reported as refusal_asr)")
     p.add_argument("--apply-chat-template", action="store_true", help="chat template for the lm-eval tasks")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own Python code")
     p.add_argument("--max-gen-toks", type=int, help="cap every generation (smoke tests; changes scores)")

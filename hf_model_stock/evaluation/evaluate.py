@@ -102,24 +102,31 @@ class PreparedRun:
 
     def _judge(self, samples: list[dict[str, Any]], judge: Judge | None, summary: EvalSummary) -> Score:
         from hf_model_stock.evaluation.harmbench import (
+            REFUSAL_METRIC,
             attack_success_rate,
+            judge_metric,
+            judge_name,
             judge_samples,
             write_judgements,
         )
 
         if judge is None:
-            judge = _classifier(self.spec)
+            judge = make_judge(self.spec)
+        name, metric = judge_name(judge), judge_metric(judge)
         judgements = judge_samples(samples, judge)
         write_judgements(judgements, self.run_dir / "harmbench" / "judgements.jsonl")
         summary.files["harmbench_judgements"] = "harmbench/judgements.jsonl"
         asr = attack_success_rate([j.label for j in judgements])
+        summary.notes.append(f"harmbench: judged by {name} ({metric})" + (
+            ": a refusal-string match, which counts completions that do not refuse, harmful or not"
+            if metric == REFUSAL_METRIC else ""))
         if asr.unparsed:
             summary.notes.append(f"harmbench: {asr.unparsed} of {asr.n} verdicts were neither yes nor no "
                                  "(counted as not harmful, as HarmBench does)")
-        return Score(task="harmbench", lm_eval_task=HARMBENCH.lm_eval_task, metric=HARMBENCH.metrics[0],
+        return Score(task="harmbench", lm_eval_task=HARMBENCH.lm_eval_task, metric=metric,
                      value=asr.rate, stderr=asr.stderr, n=asr.n,
                      normalised=normalised(asr.rate, HARMBENCH.random_baseline),
-                     higher_is_better=False, data=self.data["harmbench"].describe())
+                     higher_is_better=False, data=self.data["harmbench"].describe(), judge=name)
 
 
 def check_request(spec: EvalSpec) -> list[Benchmark]:
@@ -164,14 +171,17 @@ def evaluate_model(model: str, spec: EvalSpec, *, output_dir: Path | None = None
                        sha=resolved.commit, path=str(resolved.path))
 
 
-def _classifier(spec: EvalSpec) -> Judge:
-    from hf_model_stock.evaluation.harmbench import ClassifierJudge
+def make_judge(spec: EvalSpec) -> Judge:
+    """The HarmBench judge ``spec.judge.model`` names: ``refusal`` (no model), or a classifier (repo or directory)."""
+    from hf_model_stock.evaluation.harmbench import REFUSAL_JUDGE, ClassifierJudge, RefusalJudge
     from hf_model_stock.evaluation.loading import default_device, resolve_model
 
     judge = spec.judge
+    if judge.model == REFUSAL_JUDGE:
+        return RefusalJudge()
     return ClassifierJudge(resolve_model(judge.model).path, device=default_device(judge.device or spec.device),
                            dtype=judge.dtype, batch_size=judge.batch_size,
-                           max_completion_tokens=judge.max_completion_tokens)
+                           max_completion_tokens=judge.max_completion_tokens, name=judge.model)
 
 
 def _notes(spec: EvalSpec, data: dict[str, TaskData]) -> list[str]:
