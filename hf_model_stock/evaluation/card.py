@@ -36,7 +36,8 @@ def write_results_to_card(directory: Path, summary: EvalSummary) -> Path:
     from hf_model_stock.publish.card import card_with_evals
 
     path = directory / CARD_NAME
-    card = ModelCard.load(path) if path.is_file() else ModelCard(f"---\n---\n\n# {directory.resolve().name}\n")
+    card = ModelCard.load(path) if path.is_file() else ModelCard(
+        f"---\nlibrary_name: transformers\n---\n\n# {directory.resolve().name}\n")  # non-empty metadata: no warning
     updated = card_with_evals(card, card_rows(summary))
     tmp = path.with_name(f".{CARD_NAME}.tmp")
     updated.save(tmp)
