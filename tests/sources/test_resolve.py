@@ -204,7 +204,7 @@ def test_quiet_merge_prints_no_progress_bar_from_any_library(hub, models, tmp_pa
 
     monkeypatch.setattr(tqdm.std.tqdm, "__init__", tqdm.std.tqdm.__init__)  # restored after the test
     for name in QUIET_ENV:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "0")  # recorded, so that the "1" -q sets is undone after the test
     for name in ("base", "ft0", "ft1"):
         hub.add_commit(f"org/{name}", models[name])
     out = tmp_path / "merged"
