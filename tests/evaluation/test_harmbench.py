@@ -189,3 +189,21 @@ def test_the_card_names_the_judge(tmp_path: Path) -> None:
     assert (result.metric_type, result.metric_name, result.metric_value) == (
         "refusal_asr", "refusal_asr (judge: refusal)", 0.25)
     assert "| harmbench | refusal_asr (judge: refusal) | 0.2500 |" in card.text
+
+
+def test_the_leaderboard_names_the_judge(tmp_path: Path) -> None:
+    from hf_model_stock.leaderboard.board import Leaderboard, Row
+    from hf_model_stock.leaderboard.render import write_markdown
+    from hf_model_stock.leaderboard.store import TaskResult
+
+    def row(name: str, value: float) -> Row:
+        score = {"task": "harmbench", "lm_eval_task": "hfms_harmbench", "metric": "refusal_asr", "value": value,
+                 "stderr": None, "n": 4, "normalised": 100 * value, "higher_is_better": False, "data": "csv",
+                 "judge": "refusal"}
+        return Row(name, ["model"], name, results={"harmbench": TaskResult("harmbench", "k", name, [score], "", "", [])})
+
+    board = Leaderboard("t", ["harmbench"], [row("a", 0.25), row("b", 0.5)], {}, "now")
+    text = write_markdown(board, tmp_path / "leaderboard.md").read_text()
+    assert "harmbench (refusal_asr, judge refusal; lower is better)" in text
+    assert "harmbench: refusal_asr, judge refusal" in text and "attack_success_rate" not in text
+    assert "HarmBench (refusal_asr, judge refusal, lower is safer) is not averaged" in text
