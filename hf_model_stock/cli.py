@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -34,6 +35,37 @@ def _sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C (the partial output is kept or removed as asked)
 
 
+QUIET_ENV = ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
+
+
+def silence_progress_bars() -> None:
+    """``-q``: no progress bar from any library in this process or its children.
+
+    Every bar we know of (ours, huggingface_hub's "Fetching N files" and downloads, transformers',
+    datasets', lm-eval's) is a ``tqdm`` subclass, and several pass ``disable=`` explicitly, which
+    overrides ``TQDM_DISABLE``; so ``tqdm.std.tqdm.__init__`` is wrapped to force ``disable=True``.
+    The environment variables carry the choice to worker processes.
+    """
+    for name in QUIET_ENV:
+        os.environ[name] = "1"
+    import tqdm.std
+
+    original = tqdm.std.tqdm.__init__
+    if getattr(original, "hfms_quiet", False):
+        return
+
+    @functools.wraps(original)
+    def quiet_init(self: object, *args: object, **kwargs: object) -> None:
+        if len(args) > 10:  # disable passed positionally (tqdm's 11th parameter)
+            args = (*args[:10], True, *args[11:])
+        else:
+            kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    quiet_init.hfms_quiet = True  # type: ignore[attr-defined]
+    tqdm.std.tqdm.__init__ = quiet_init  # type: ignore[method-assign]
+
+
 def _add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute (default: recipe's, else auto)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -42,7 +74,7 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-interrupt", choices=["keep", "remove"],
                    help="what Ctrl-C/SIGTERM do with the partial output (default: the recipe's output.on_interrupt, keep)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (from headers only) and exit")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (from any library) and no summary")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="offline demo: build a model and fine-tunes, merge, load, generate")
     demo.add_argument("--workdir", type=Path, default=Path("hfms-demo"), help="where models are built and merged")
-    demo.add_argument("-q", "--quiet", action="store_true")
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars (from any library)")
     demo.set_defaults(func=_cmd_demo)
 
     return parser
@@ -197,6 +229,8 @@ def _dispatch(argv: Sequence[str] | None) -> tuple[int, bool]:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if getattr(args, "quiet", False):
+        silence_progress_bars()
     previous = signal.signal(signal.SIGTERM, _sigterm)
     try:
         code = int(args.func(args) or 0)

@@ -35,6 +35,7 @@ from hf_model_stock.publish.report import (
     write_report,
 )
 from hf_model_stock.recipe import ModelEntry, Recipe
+from hf_model_stock.sources.remote_code import code_files, copy_code_files
 from hf_model_stock.sources.resolve import ResolvedModel, resolve
 
 T_PLOT_NAME = "t_by_layer.png"
@@ -89,6 +90,8 @@ def plan_merge(base: ResolvedModel, models: Sequence[ResolvedModel], options: Me
     for i, m in enumerate(models):
         if m.path in paths[:i]:
             raise ModelStockError(f"{m.label}: listed twice among the fine-tunes")
+    if base.path.is_dir():
+        code_files(base.path, ("config.json",))  # a module its auto_map names but lacks: say so before merging
     return build_plan(base, list(models), options)
 
 
@@ -165,6 +168,7 @@ def _write_metadata(plan: MergePlan, result: ExecutionResult, tmp: Path, tokeniz
         output_dir.write_config(plan.base.path, tmp, plan.options.dtype)
     with _writing(tmp):
         tokenizer_files = output_dir.copy_tokenizer(tokenizer_dir, tmp)
+        copy_code_files(plan.base.path, tokenizer_dir, tmp)  # the *.py files an auto_map names
     report = build_report(
         plan, result, seconds=time.perf_counter() - started, recipe=recipe, tokenizer_files=tokenizer_files
     )

@@ -1,4 +1,5 @@
-"""Run a recipe end to end: resolve sources, plan, merge (then push and evaluate when asked)."""
+"""Run a recipe end to end: resolve sources, plan, merge (then evaluate, and push with the scores in the
+card, when asked)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ def run_recipe(
     on_interrupt: str | None = None,
     progress: bool = True,
 ) -> MergeOutcome | None:
-    """Check every source from headers (nothing downloaded yet), then merge as the recipe says and
-    push when it asks; with ``dry_run`` print the checks and the plan and stop. ``resume`` continues an
+    """Check every source from headers (nothing downloaded yet), then merge as the recipe says, evaluate
+    (scores into the card) and push when it asks; with ``dry_run`` print the checks and the plan and stop. ``resume`` continues an
     interrupted merge into the same output; ``on_interrupt`` (default: the recipe's ``output.on_interrupt``)
     says whether Ctrl-C/SIGTERM keep the partial output for it (``keep``) or remove it (``remove``)."""
     options = options_from_recipe(recipe, device)
@@ -64,13 +65,18 @@ def run_recipe(
     )
     if progress:
         print_summary(outcome)
+    if recipe.evals is not None:  # before the push, so that the pushed card carries the scores
+        from hf_model_stock.evaluation.card import write_results_to_card
+        from hf_model_stock.evaluation.evaluate import evaluate_model
+        from hf_model_stock.evaluation.summary import format_table
+
+        summary = evaluate_model(str(outcome.path), recipe.evals)
+        write_results_to_card(outcome.path, summary)
+        if progress:
+            print(format_table(summary))
     url = push_recipe_output(recipe, outcome.path)
     if url and progress:
         print(f"pushed -> {url}")
-    if recipe.evals is not None:
-        from hf_model_stock.evaluation.evaluate import evaluate_model
-
-        evaluate_model(str(outcome.path), recipe.evals)
     return outcome
 
 

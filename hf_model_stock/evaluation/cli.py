@@ -2,8 +2,8 @@
 
     hf-model-stock eval MODEL [--tasks gsm8k,math,mmlu_pro,mbpp,harmbench | --suite NAME] [--limit N]
         [--device DEV] [--batch-size auto|N] [--backend hf|vllm] [--output DIR] [--data-dir DIR]
-        [--allow-code-execution] [--dtype ...] [--judge-model M] [--apply-chat-template]
-        [--trust-remote-code] [--max-gen-toks N]
+        [--allow-code-execution] [--dtype ...] [--judge refusal|CLASSIFIER] [--apply-chat-template]
+        [--trust-remote-code] [--max-gen-toks N] [--update-card] [-q]
 """
 
 from __future__ import annotations
@@ -35,10 +35,15 @@ def add_eval_parser(subparsers: Any) -> None:
     p.add_argument("--output", type=Path, help="results directory (default ./eval-results)")
     p.add_argument("--data-dir", type=Path, help="local data: <dir>/<task>/<split>.jsonl|parquet|csv")
     p.add_argument("--allow-code-execution", action="store_true", help="run MBPP's generated code in the sandbox")
-    p.add_argument("--judge-model", help=f"HarmBench classifier (default {JudgeSpec().model})")
+    p.add_argument("--judge", "--judge-model", dest="judge_model", metavar="JUDGE",
+                   help=f"HarmBench judge: a classifier, cais/HarmBench-*-cls by repo id or a directory (default "
+                        f"{JudgeSpec().model}), or 'refusal' (refusal-string match, reported as refusal_asr)")
     p.add_argument("--apply-chat-template", action="store_true", help="chat template for the lm-eval tasks")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model repo's own Python code")
     p.add_argument("--max-gen-toks", type=int, help="cap every generation (smoke tests; changes scores)")
+    p.add_argument("--update-card", action="store_true",
+                   help="write the results into the model's README.md (model-index + table); local directories only")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (from any library)")
     p.set_defaults(func=run_eval_command)
 
 
@@ -63,10 +68,16 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
 
 def run_eval_command(args: argparse.Namespace) -> int:
     """Handler of ``eval``: evaluate, print the table, return 0."""
+    from hf_model_stock.evaluation.card import check_card_target, write_results_to_card
     from hf_model_stock.evaluation.evaluate import evaluate_model
     from hf_model_stock.evaluation.summary import format_table
 
-    print(format_table(evaluate_model(args.model, spec_from_args(args))))
+    spec = spec_from_args(args)
+    directory = check_card_target(args.model) if getattr(args, "update_card", False) else None
+    summary = evaluate_model(args.model, spec)
+    print(format_table(summary))
+    if directory is not None:
+        print(f"card: results written to {write_results_to_card(directory, summary)}")
     return 0
 
 

@@ -4,18 +4,20 @@ Everything that can be checked without the weights is checked first (options, da
 configs), so a mistake surfaces in seconds rather than after a download.
 
 Files under ``<output>/<model>/`` (``<output>`` defaults to ``./eval-results``):
-  summary.json                      our summary (also returned as ``EvalSummary``)
-  lm_eval/results.json              lm-eval's results dict, unmodified (samples split out below)
-  lm_eval/samples_<task>.jsonl      lm-eval's per-sample records
-  harmbench/results.json, samples_hfms_harmbench.jsonl, judgements.jsonl
-  task_configs/*.yaml               the exact lm-eval task configs that ran
+  summary.json                       our summary (also returned as ``EvalSummary``); ``files`` names the rest
+  lm_eval/<name>/results_<ts>.json   written by lm-eval's own ``EvaluationTracker``, as ``lm_eval
+  lm_eval/<name>/samples_<task>_<ts>.jsonl   --output_path <dir>/lm_eval --log_samples`` lays them out
+  harmbench/<name>/results_<ts>.json, samples_hfms_harmbench_<ts>.jsonl (the same, for the completions)
+  harmbench/judgements.jsonl         one verdict per behavior
+  task_configs/*.yaml                the exact lm-eval task configs that ran (``--include_path`` for lm_eval)
+``<name>`` is the model reference as lm-eval sanitises it (``org__name``).
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import importlib.util
-import json
 import re
 import shutil
 from collections.abc import Callable
@@ -43,6 +45,7 @@ from hf_model_stock.versions import installed_version
 
 if TYPE_CHECKING:
     from lm_eval.api.model import LM
+    from lm_eval.loggers import EvaluationTracker
 
     from hf_model_stock.evaluation.harmbench import Judge
 
@@ -72,54 +75,70 @@ class PreparedRun:
         lm = make_lm()
         capability = [b for b in self.benchmarks if b is not HARMBENCH]
         if capability:
-            results = self._lm_eval(lm, [b.lm_eval_task for b in capability], manager, self.spec.apply_chat_template)
-            summary.files.update(_write_lm_eval(results, self.run_dir, "lm_eval"))
+            results, tracker = self._lm_eval(lm, [b.lm_eval_task for b in capability], manager,
+                                             self.spec.apply_chat_template, "lm_eval")
+            summary.files.update(_write_lm_eval(results, tracker, self.run_dir, "lm_eval"))
             for benchmark in capability:
                 summary.scores += lm_eval_scores(benchmark, results, self.data[benchmark.name].describe())
         if HARMBENCH in self.benchmarks:
             chat = bool(getattr(getattr(lm, "tokenizer", None), "chat_template", None))
             summary.notes.append("harmbench: completions " + ("with the model's chat template" if chat else
                                  "without a chat template (the tokenizer has none)"))
-            results = self._lm_eval(lm, [HARMBENCH.lm_eval_task], manager, chat)
-            summary.files.update(_write_lm_eval(results, self.run_dir, "harmbench"))
+            results, tracker = self._lm_eval(lm, [HARMBENCH.lm_eval_task], manager, chat, "harmbench")
+            summary.files.update(_write_lm_eval(results, tracker, self.run_dir, "harmbench"))
             del lm
             _release_memory()
             summary.scores.append(self._judge(results["samples"][HARMBENCH.lm_eval_task], judge, summary))
         summary.write(self.run_dir / "summary.json")
         return summary
 
-    def _lm_eval(self, lm: LM, tasks: list[str], manager: Any, chat_template: bool) -> dict[str, Any]:
+    def _lm_eval(self, lm: LM, tasks: list[str], manager: Any, chat_template: bool,
+                 group: str) -> tuple[dict[str, Any], EvaluationTracker]:
         import lm_eval
+        from lm_eval.loggers import EvaluationTracker
+        from lm_eval.utils import sanitize_model_name
 
+        tracker = EvaluationTracker(output_path=str(self.run_dir / group))
         results = lm_eval.simple_evaluate(
             model=lm, tasks=tasks, task_manager=manager, limit=self.spec.limit, log_samples=True,
             apply_chat_template=chat_template, confirm_run_unsafe_code=self.spec.allow_code_execution,
             gen_kwargs={"max_gen_toks": self.spec.max_gen_toks} if self.spec.max_gen_toks else None,
+            evaluation_tracker=tracker,
         )
         if results is None:
             raise EvalError(f"lm-eval returned no results for {', '.join(tasks)} (not the main process?)")
-        return results
+        config = tracker.general_config_tracker  # our model object is "CUSTOM" to lm-eval: name it
+        config.model_source, config.model_name = self.spec.backend, self.model
+        config.model_name_sanitized = sanitize_model_name(self.model)
+        return results, tracker
 
     def _judge(self, samples: list[dict[str, Any]], judge: Judge | None, summary: EvalSummary) -> Score:
         from hf_model_stock.evaluation.harmbench import (
+            REFUSAL_METRIC,
             attack_success_rate,
+            judge_metric,
+            judge_name,
             judge_samples,
             write_judgements,
         )
 
         if judge is None:
-            judge = _classifier(self.spec)
+            judge = make_judge(self.spec)
+        name, metric = judge_name(judge), judge_metric(judge)
         judgements = judge_samples(samples, judge)
         write_judgements(judgements, self.run_dir / "harmbench" / "judgements.jsonl")
         summary.files["harmbench_judgements"] = "harmbench/judgements.jsonl"
         asr = attack_success_rate([j.label for j in judgements])
+        summary.notes.append(f"harmbench: judged by {name} ({metric})" + (
+            ": a refusal-string match, which counts completions that do not refuse, harmful or not"
+            if metric == REFUSAL_METRIC else ""))
         if asr.unparsed:
             summary.notes.append(f"harmbench: {asr.unparsed} of {asr.n} verdicts were neither yes nor no "
                                  "(counted as not harmful, as HarmBench does)")
-        return Score(task="harmbench", lm_eval_task=HARMBENCH.lm_eval_task, metric=HARMBENCH.metrics[0],
+        return Score(task="harmbench", lm_eval_task=HARMBENCH.lm_eval_task, metric=metric,
                      value=asr.rate, stderr=asr.stderr, n=asr.n,
                      normalised=normalised(asr.rate, HARMBENCH.random_baseline),
-                     higher_is_better=False, data=self.data["harmbench"].describe())
+                     higher_is_better=False, data=self.data["harmbench"].describe(), judge=name)
 
 
 def check_request(spec: EvalSpec) -> list[Benchmark]:
@@ -155,22 +174,26 @@ def evaluate_model(model: str, spec: EvalSpec, *, output_dir: Path | None = None
 
     >>> evaluate_model("HuggingFaceTB/SmolLM2-135M-Instruct", EvalSpec(tasks=["gsm8k"], limit=20))  # doctest: +SKIP
     """
-    from hf_model_stock.evaluation.loading import build_lm, resolve_model
+    from hf_model_stock.evaluation.loading import build_lm, check_custom_code, resolve_model
 
     run = prepare_run(model, spec, output_dir)
     resolved = resolve_model(model)
+    check_custom_code(resolved.path, spec.trust_remote_code)
     return run.execute(lambda: build_lm(resolved.path, spec), revision=resolved.entry.revision,
                        sha=resolved.commit, path=str(resolved.path))
 
 
-def _classifier(spec: EvalSpec) -> Judge:
-    from hf_model_stock.evaluation.harmbench import ClassifierJudge
+def make_judge(spec: EvalSpec) -> Judge:
+    """The HarmBench judge ``spec.judge.model`` names: ``refusal`` (no model), or a classifier (repo or directory)."""
+    from hf_model_stock.evaluation.harmbench import REFUSAL_JUDGE, ClassifierJudge, RefusalJudge
     from hf_model_stock.evaluation.loading import default_device, resolve_model
 
     judge = spec.judge
+    if judge.model == REFUSAL_JUDGE:
+        return RefusalJudge()
     return ClassifierJudge(resolve_model(judge.model).path, device=default_device(judge.device or spec.device),
                            dtype=judge.dtype, batch_size=judge.batch_size,
-                           max_completion_tokens=judge.max_completion_tokens)
+                           max_completion_tokens=judge.max_completion_tokens, name=judge.model)
 
 
 def _notes(spec: EvalSpec, data: dict[str, TaskData]) -> list[str]:
@@ -190,22 +213,26 @@ def _notes(spec: EvalSpec, data: dict[str, TaskData]) -> list[str]:
     return notes
 
 
-def _write_lm_eval(results: dict[str, Any], run_dir: Path, name: str) -> dict[str, str]:
-    """lm-eval's results as ``<name>/results.json`` and its samples as ``<name>/samples_<task>.jsonl``."""
-    from lm_eval.utils import handle_non_serializable
-
+def _write_lm_eval(results: dict[str, Any], tracker: EvaluationTracker, run_dir: Path, name: str) -> dict[str, str]:
+    """lm-eval's results and per-sample records, written by its ``EvaluationTracker`` as its CLI does
+    (``<name>/<model>/results_<ts>.json``, ``samples_<task>_<ts>.jsonl``); returns their paths relative
+    to ``run_dir``. A previous run's files in ``<name>/`` are removed first. ``results`` is left as it was."""
     directory = run_dir / name
     shutil.rmtree(directory, ignore_errors=True)
-    directory.mkdir(parents=True)
-    samples = results.get("samples", {})
+    samples = copy.deepcopy(results.get("samples", {}))  # the tracker rewrites the records it saves
     body = {key: value for key, value in results.items() if key != "samples"}
-    (directory / "results.json").write_text(json.dumps(body, indent=2, default=handle_non_serializable,
-                                                       ensure_ascii=False) + "\n", encoding="utf-8")
-    for task, records in samples.items():
-        with (directory / f"samples_{task}.jsonl").open("w", encoding="utf-8") as fh:
-            for record in records:
-                fh.write(json.dumps(record, default=handle_non_serializable, ensure_ascii=False) + "\n")
-    return {f"{name}_results": f"{name}/results.json"}
+    tracker.save_results_aggregated(results=body, samples=samples)
+    for task in results.get("configs", {}):
+        if task in samples:
+            tracker.save_results_samples(task_name=task, samples=samples[task])
+    written = directory / tracker.general_config_tracker.model_name_sanitized
+    stamp = tracker.date_id
+    if not (written / f"results_{stamp}.json").is_file():  # the tracker logs write errors instead of raising
+        raise EvalError(f"{written}: lm-eval's EvaluationTracker wrote no results_{stamp}.json (see its log)")
+    files = {f"{name}_results": (written / f"results_{stamp}.json").relative_to(run_dir).as_posix()}
+    for task in sorted(samples):
+        files[f"{name}_samples_{task}"] = (written / f"samples_{task}_{stamp}.jsonl").relative_to(run_dir).as_posix()
+    return files
 
 
 def _slug(model: str) -> str:

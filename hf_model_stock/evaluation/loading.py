@@ -22,6 +22,30 @@ def resolve_model(model: str) -> ResolvedModel:
     return resolve(ModelEntry.model_validate(model))
 
 
+def check_custom_code(path: Path, trust_remote_code: bool) -> None:
+    """Refuse, in one line, a model whose config maps its architecture to its own Python code
+    (``auto_map``, for a ``model_type`` transformers does not know) unless ``trust_remote_code``.
+    When transformers has its own class for the model_type, it uses it and runs no code from the repo."""
+    from hf_model_stock.sources.remote_code import CODE_CONFIGS, auto_map_modules, read_auto_map
+
+    if trust_remote_code:
+        return
+    config = path / "config.json"
+    modules = {name: auto_map_modules(read_auto_map(path / name)) for name in CODE_CONFIGS}
+    if not any(modules.values()):
+        return
+    from transformers import CONFIG_MAPPING
+
+    from hf_model_stock.sources.resolve import read_json_object
+
+    model_type = read_json_object(config).get("model_type") if config.is_file() else None
+    if modules["config.json"] and model_type not in CONFIG_MAPPING:
+        named = ", ".join(f"{m}.py" for m in modules["config.json"])
+        raise EvalError(f"{config}: auto_map runs the model's own code ({named}) for model_type {model_type!r}, "
+                        "which transformers does not know; pass --trust-remote-code (trust_remote_code: true in "
+                        "evals) if you trust it")
+
+
 def default_device(device: str | None) -> str:
     """``device``, else ``cuda`` when available, else ``cpu``."""
     if device:

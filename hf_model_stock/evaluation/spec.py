@@ -31,7 +31,9 @@ class _Strict(BaseModel):
 
 
 class JudgeSpec(_Strict):
-    """The HarmBench classifier that labels each completion (local dir or Hub repo[@rev])."""
+    """The HarmBench judge that labels each completion: a classifier (local dir or Hub repo[@rev], any
+    ``cais/HarmBench-*-cls``), or ``refusal``, the refusal-string matcher (no model; its score is
+    ``refusal_asr``)."""
 
     model: str = Field(default=HARMBENCH_CLASSIFIER, min_length=1)
     device: str | None = None  # default: the evaluated model's device

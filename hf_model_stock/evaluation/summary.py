@@ -31,6 +31,7 @@ class Score:
     normalised: float
     higher_is_better: bool
     data: str  # the test file(s), or "hub"
+    judge: str | None = None  # HarmBench: the judge whose verdicts these are (a classifier, or "refusal")
 
 
 @dataclass
@@ -81,7 +82,8 @@ def format_table(summary: EvalSummary) -> str:
     """A plain-text table of the scores (lower-is-better metrics are marked)."""
     where = f" @ {summary.sha[:12]}" if summary.sha else ""
     header = ("task", "metric", "value", "stderr", "n", "normalised")
-    rows = [(s.task, s.metric + ("" if s.higher_is_better else " (lower is better)"), f"{s.value:.4f}",
+    rows = [(s.task, s.metric + (f" (judge {s.judge})" if s.judge else "")
+             + ("" if s.higher_is_better else " (lower is better)"), f"{s.value:.4f}",
              "-" if s.stderr is None else f"{s.stderr:.4f}", str(s.n), f"{s.normalised:.2f}")
             for s in summary.scores]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]

@@ -23,7 +23,8 @@ def write_model_cards(board: Leaderboard, stream: TextIO | None = None) -> list[
             continue
         readme = directory / "README.md"
         card = ModelCard.load(readme) if readme.is_file() else ModelCard(f"---\n---\n\n# {row.name}\n")
-        scores = [(s["task"], s["metric"], s["value"]) for result in row.results.values() for s in result.scores]
+        scores = [(s["task"], s["metric"], s["value"], f"{s['metric']} (judge: {s['judge']})" if s.get("judge")
+                   else s["metric"]) for result in row.results.values() for s in result.scores]
         updated = card_with_evals(card, scores, model_name=row.name)
         write_atomically(readme, updated.save)
         written.append(readme)

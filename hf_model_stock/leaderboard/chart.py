@@ -8,6 +8,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from hf_model_stock.leaderboard.board import Leaderboard, capability_tasks
+from hf_model_stock.leaderboard.render import metric_label
 
 
 def write_chart(board: Leaderboard, path: Path) -> Path:
@@ -39,7 +40,7 @@ def write_chart(board: Leaderboard, path: Path) -> Path:
     if safety:
         asr = [s["normalised"] if (s := row.score("harmbench")) else float("nan") for row in rows]
         axes[1].bar(range(len(rows)), asr, 0.5, color="tab:red")
-        axes[1].set_ylabel("HarmBench ASR %\n(lower is safer)")
+        axes[1].set_ylabel(f"HarmBench %\n{metric_label(board, 'harmbench')}\n(lower is safer)", fontsize=8)
         axes[1].grid(axis="y", alpha=0.3)
     axes[-1].set_xticks(range(len(rows)), names, rotation=30, ha="right", fontsize=8)
     fig.tight_layout()

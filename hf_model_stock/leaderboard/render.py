@@ -23,8 +23,23 @@ def _num(value: float | None, digits: int) -> str:
     return MISSING if value is None else f"{value:.{digits}f}"
 
 
-def _task_header(task: str) -> str:
-    return task if BENCHMARKS[task].higher_is_better else f"{task} (lower is better)"
+def metric_label(board: Leaderboard, task: str) -> str:
+    """The metric of ``task``'s headline scores, with the judge that made them (HarmBench): e.g.
+    ``refusal_asr, judge refusal``. Scores of different metrics or judges are listed, never merged."""
+    labels = []
+    for row in board.rows:
+        score = row.score(task)
+        if score is not None:
+            label = score["metric"] + (f", judge {score['judge']}" if score.get("judge") else "")
+            if label not in labels:
+                labels.append(label)
+    return " | ".join(labels) or BENCHMARKS[task].metrics[0]
+
+
+def _task_header(task: str, board: Leaderboard | None = None) -> str:
+    if BENCHMARKS[task].higher_is_better:
+        return task
+    return f"{task} ({metric_label(board, task)}; lower is better)" if board is not None else f"{task} (lower is better)"
 
 
 def _raw_cell(row: Row, task: str) -> str:
@@ -53,13 +68,13 @@ def _settings_line(board: Leaderboard) -> str:
 def _tables(board: Leaderboard) -> dict[str, tuple[list[str], list[list[str]]]]:
     """Header and cells of each table, shared by Markdown and HTML."""
     ranked = board.ranked()
-    normalised_head = ["#", "model", "role", "average", *[_task_header(t) for t in board.tasks]]
+    normalised_head = ["#", "model", "role", "average", *[_task_header(t, board) for t in board.tasks]]
     normalised_rows = []
     for i, row in enumerate(ranked, 1):
         cells = [str(i), row.name, ", ".join(row.roles), _num(row.average(board.tasks), 2)]
         cells += [_num(s["normalised"] if (s := row.score(t)) else None, 2) for t in board.tasks]
         normalised_rows.append(cells)
-    raw_head = ["model", *[f"{t}: {BENCHMARKS[t].metrics[0]}" for t in board.tasks]]
+    raw_head = ["model", *[f"{t}: {metric_label(board, t)}" for t in board.tasks]]
     raw_rows = [[row.name, *[_raw_cell(row, t) for t in board.tasks]] for row in ranked]
     model_head = ["model", "role", "model id", "identity (cache key)", "status"]
     model_rows = [[row.name, ", ".join(row.roles), row.ref, _identity(row),
@@ -84,7 +99,8 @@ def _intro(board: Leaderboard) -> list[str]:
         lines.append(f"Settings: {_settings_line(board)}.")
     lines.append(f"Normalised: max(raw - random, 0) / (1 - random) x 100 (Open LLM Leaderboard v2). Average: "
                  f"mean over {', '.join(capability) or 'no capability task'}"
-                 + ("; HarmBench (attack success rate, lower is safer) is not averaged." if "harmbench" in board.tasks
+                 + (f"; HarmBench ({metric_label(board, 'harmbench')}, lower is safer) is not averaged."
+                    if "harmbench" in board.tasks
                     else "."))
     return lines
 

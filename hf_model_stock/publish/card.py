@@ -88,17 +88,21 @@ def card_text(report: MergeReport, repo_id: str | None = None, t_plot: str | Non
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
 
 
-EvalRow = Sequence[Any] | Any  # (task, metric, value) or an object with .task, .metric, .value
+EvalRow = Sequence[Any] | Any  # (task, metric, value[, name]) or an object with .task, .metric, .value
 
 
-def _eval_triple(row: EvalRow) -> tuple[str, str, float]:
+def _eval_row(row: EvalRow) -> tuple[str, str, float, str]:
+    """(task, metric, value, metric's display name: the metric unless given, e.g. with its judge)."""
     if isinstance(row, (tuple, list)):
         task, metric, value = row[:3]
+        name = row[3] if len(row) > 3 else metric
     elif isinstance(row, dict):
         task, metric, value = row["task"], row["metric"], row["value"]
+        name = row.get("name") or metric
     else:
         task, metric, value = row.task, row.metric, row.value
-    return str(task), str(metric), float(value)
+        name = getattr(row, "name", None) or metric
+    return str(task), str(metric), float(value), str(name)
 
 
 def card_title(card: ModelCard) -> str | None:
@@ -124,8 +128,9 @@ def card_with_evals(
 ) -> ModelCard:
     """A copy of ``card`` with evaluation results: ``model-index`` metadata and an Evaluation table.
 
-    ``results`` holds ``(task, metric, value)`` triples (or objects with ``task``, ``metric`` and
-    ``value``, such as ``evaluation.summary.Score``). Results for a (task, metric) already on the card
+    ``results`` holds ``(task, metric, value)`` triples, optionally with a display name for the metric
+    as a fourth item (or objects with ``task``, ``metric`` and ``value``, such as
+    ``evaluation.summary.Score``). Results for a (task, metric) already on the card
     are replaced; others are kept.
 
     >>> rows = [("gsm8k", "exact_match,strict-match", 0.41)]
@@ -133,14 +138,14 @@ def card_with_evals(
     """
     from huggingface_hub import ModelCard
 
-    rows = [_eval_triple(r) for r in results]
+    rows = [_eval_row(r) for r in results]
     data = ModelCard(str(card)).data  # a copy
-    new_keys = {(task, metric) for task, metric, _ in rows}
+    new_keys = {(task, metric) for task, metric, _, _ in rows}
     kept = [e for e in (data.eval_results or []) if (e.dataset_type, e.metric_type) not in new_keys]
     data.eval_results = kept + [
         EvalResult(task_type=task_type, dataset_type=task, dataset_name=task, metric_type=metric,
-                   metric_name=metric, metric_value=value)
-        for task, metric, value in rows
+                   metric_name=name, metric_value=value)
+        for task, metric, value, name in rows
     ]
     data.model_name = model_name or data.model_name or card_title(card) or DEFAULT_TITLE
     table = [
@@ -148,7 +153,8 @@ def card_with_evals(
         "",
         "| task | metric | value |",
         "|---|---|---|",
-        *[f"| {e.dataset_type} | {e.metric_type} | {float(e.metric_value):.4f} |" for e in data.eval_results],
+        *[f"| {e.dataset_type} | {e.metric_name or e.metric_type} | {float(e.metric_value):.4f} |"
+          for e in data.eval_results],
         "",
     ]
     body = _replace_section(card.text, EVAL_HEADING, "\n".join(table))

@@ -13,7 +13,7 @@ from typing import Any
 from hf_model_stock.merge.plan import MergePlan
 from hf_model_stock.merge.stats import ExecutionResult, TensorStats
 from hf_model_stock.methods.model_stock import ModelStockParams
-from hf_model_stock.sources.resolve import ResolvedModel
+from hf_model_stock.sources.resolve import ResolvedModel, is_local
 from hf_model_stock.versions import merge_versions
 
 REPORT_NAME = "merge_report.json"
@@ -23,7 +23,9 @@ REPORT_VERSION = 1
 
 @dataclass(frozen=True)
 class SourceRecord:
-    """One input model as the report names it: the recipe's reference, where it was read, its commit."""
+    """One input model as the report names it: the recipe's reference (a local directory by its name),
+    where it was read (``org/name@commit``, or the directory's name: never an absolute path, since the
+    report and card are published), its Hub repo and commit."""
 
     model: str
     revision: str | None
@@ -106,8 +108,51 @@ class MergeReport:
 
 
 def _source(m: ResolvedModel) -> SourceRecord:
-    return SourceRecord(model=m.entry.model, revision=m.entry.revision, path=str(m.path), repo_id=m.repo_id,
-                        commit=m.commit)
+    local = is_local(m.entry)
+    return SourceRecord(model=m.name if local else m.entry.model, revision=m.entry.revision, path=m.display_name,
+                        repo_id=m.repo_id, commit=m.commit)
+
+
+def _local_names(sources: list[ResolvedModel]) -> dict[str, str]:
+    """Absolute path spellings of each local source (as written, absolute, resolved) -> its display name."""
+    names: dict[str, str] = {}
+    for m in sources:
+        if is_local(m.entry):
+            raw = Path(m.entry.model).expanduser()
+            for spelling in {m.entry.model, str(raw), str(raw.absolute()), str(raw.resolve()), str(m.path)}:
+                if Path(spelling).is_absolute():
+                    names[spelling] = m.display_name
+    return names
+
+
+def _scrub(text: str, names: dict[str, str]) -> str:
+    """``text`` with every local path of ``names`` replaced by its display name (longest first)."""
+    for spelling in sorted(names, key=len, reverse=True):
+        text = text.replace(spelling, names[spelling])
+    return text
+
+
+def public_recipe(recipe: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """The recipe as the card shows it: local model paths by name, the output path by its last part."""
+
+    def ref(value: Any) -> Any:
+        if isinstance(value, str):
+            if value in names:
+                return names[value]
+            return Path(value).name if Path(value).expanduser().is_absolute() else value
+        if isinstance(value, dict) and "model" in value:
+            return {**value, "model": ref(value["model"])}
+        return value
+
+    out = dict(recipe)
+    for key in ("base_model", "tokenizer_source"):
+        if key in out:
+            out[key] = ref(out[key])
+    if isinstance(out.get("models"), list):
+        out["models"] = [ref(m) for m in out["models"]]
+    if isinstance(out.get("output"), dict) and isinstance(out["output"].get("path"), str):
+        out["output"] = {**out["output"], "path": Path(out["output"]["path"]).name}
+    return out
 
 
 def build_report(
@@ -120,6 +165,7 @@ def build_report(
 ) -> MergeReport:
     """The report of an executed plan."""
     merged = [s for s in result.tensors if s.action == "merge"]
+    names = _local_names([plan.base, *plan.models])
     t_values = [s.t for s in merged if s.t is not None]
     return MergeReport(
         method=plan.options.method,
@@ -140,9 +186,9 @@ def build_report(
         ),
         shards=result.shard_sha256,
         tokenizer_files=tokenizer_files or [],
-        notes=plan.notes,
+        notes=[_scrub(note, names) for note in plan.notes],
         versions=merge_versions(),
-        recipe=recipe,
+        recipe=None if recipe is None else public_recipe(recipe, names),
         tensors=list(result.tensors),
     )
 

@@ -291,12 +291,17 @@ def _inspect_hub(info: SourceInfo, allow_pickle: bool) -> None:
     entry = info.entry
     repo_id = info.repo_id = entry.model
     offline = constants.is_offline_mode()
+    partial = False  # the listing is what the cache holds, not the whole repo
     if offline:
         commit = _cached_commit(repo_id, entry.revision)
         try:
             listing = get_cached_repo_tree(repo_id, revision=commit or entry.revision or "main")
         except CachedRepoTreeNotFoundError:
-            raise SourceError(f"{entry.label}: not in the local cache and the Hub is offline (HF_HUB_OFFLINE)") from None
+            # fetched file by file (hf_hub_download, transformers, an older huggingface_hub): no listing cached
+            cached_files = sources.snapshot_files(repo_id, commit) if commit else None
+            if not cached_files:
+                raise SourceError(f"{entry.label}: not in the local cache and the Hub is offline (HF_HUB_OFFLINE)") from None
+            listing, partial = cached_files, True
     else:
         api = HfApi()
         commit = api.repo_info(repo_id, revision=entry.revision).sha
@@ -323,10 +328,16 @@ def _inspect_hub(info: SourceInfo, allow_pickle: bool) -> None:
     if INDEX_NAME in files:
         shards = sorted(set(read_weight_map(fetch(INDEX_NAME)).values()))
         missing = [s for s in shards if s not in files]
+        if missing and partial:
+            raise SourceError(f"{entry.label}: {', '.join(missing)} not in the local cache (snapshot {commit[:12]}) "
+                              "and the Hub is offline (HF_HUB_OFFLINE)")
         if missing:
             raise CheckpointError(f"{entry.label}: {INDEX_NAME} names shard(s) not in the repo: {', '.join(missing)}")
     elif SINGLE_NAME in files:
         shards = [SINGLE_NAME]
+    elif partial and sources.pickle_weight_files(files) is None:
+        raise SourceError(f"{entry.label}: neither {SINGLE_NAME} nor {INDEX_NAME} in the local cache (snapshot "
+                          f"{commit[:12]}) and the Hub is offline (HF_HUB_OFFLINE)")
     else:
         _inspect_hub_pickle(info, files, allow_pickle, fetch, cached)
         return

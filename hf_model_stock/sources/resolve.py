@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterable
@@ -26,6 +27,7 @@ from typing import Any
 from hf_model_stock.errors import SourceError
 from hf_model_stock.io.index import INDEX_NAME, SINGLE_NAME, read_weight_map
 from hf_model_stock.recipe import ModelEntry
+from hf_model_stock.sources.remote_code import has_custom_code
 
 # Small files a merge reads or carries over: configs, the index, tokenizer files.
 SMALL_FILE_PATTERNS = [
@@ -64,6 +66,19 @@ class ResolvedModel:
     def label(self) -> str:
         return self.entry.label
 
+    @property
+    def name(self) -> str:
+        """The source without local paths: the Hub repo id (also for an HF cache snapshot given as a
+        directory), else the local directory's name."""
+        if self.repo_id:
+            return self.repo_id
+        return Path(self.entry.model).expanduser().resolve().name or str(self.path.name)
+
+    @property
+    def display_name(self) -> str:
+        """``name``, with ``@commit`` when the commit is known: what cards and reports show."""
+        return f"{self.name}@{self.commit}" if self.repo_id and self.commit else self.name
+
     def config(self) -> dict[str, Any]:
         """The model's ``config.json`` as a dict ({} if it has none)."""
         path = self.path / "config.json"
@@ -84,6 +99,25 @@ def read_json_object(path: Path) -> dict[str, Any]:
 def is_local(entry: ModelEntry) -> bool:
     """A source is local when the path exists (Hub ids never name an existing path)."""
     return Path(entry.model).expanduser().exists()
+
+
+SNAPSHOT_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def hf_cache_snapshot(path: Path) -> tuple[str, str] | None:
+    """``(repo_id, commit)`` when ``path`` is a model snapshot folder of an HF cache
+    (``.../models--org--name/snapshots/<commit>``), else None.
+
+    >>> hf_cache_snapshot(Path("/c/hub/models--org--name/snapshots/" + "0" * 40))
+    ('org/name', '0000000000000000000000000000000000000000')
+    """
+    parts = path.parts
+    if len(parts) < 3 or parts[-2] != "snapshots" or not SNAPSHOT_COMMIT.fullmatch(parts[-1]):
+        return None
+    folder = parts[-3]
+    if not folder.startswith("models--") or len(folder) <= len("models--"):
+        return None
+    return folder[len("models--"):].replace("--", "/", 1), parts[-1]
 
 
 def check_repo_id(entry: ModelEntry) -> None:
@@ -162,6 +196,9 @@ def resolve(
                 if not allow_pickle:
                     raise SourceError(pickle_refusal(entry, pickles))
                 path = convert_local_pickle(path, pickles)
+        snapshot = hf_cache_snapshot(Path(entry.model).expanduser().resolve())
+        if snapshot is not None:  # an HF cache snapshot given as a directory is still that Hub commit
+            return ResolvedModel(entry=entry, path=path, repo_id=snapshot[0], commit=snapshot[1])
         return ResolvedModel(entry=entry, path=path)
     check_repo_id(entry)
     if allow_patterns is not None:
@@ -177,18 +214,51 @@ def resolve(
             shards = [SINGLE_NAME]
         else:
             return _resolve_pickle(entry, commit, small, names, allow_pickle)
+    code = ["*.py"] if has_custom_code(small) else []  # auto_map: the repo's modules go with it
     try:
-        path = _snapshot(entry, commit, SMALL_FILE_PATTERNS + shards)
+        path = _snapshot(entry, commit, SMALL_FILE_PATTERNS + shards + code)
     except SourceError:
-        missing = [s for s in shards if not (small / s).is_file()]
-        if missing and _offline():
-            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-            raise SourceError(
-                f"{entry.label}: the cached snapshot {commit[:12]} is incomplete (no {shown}; an interrupted "
-                "download?) and the Hub cannot be reached: unset HF_HUB_OFFLINE to finish the download"
-            ) from None
+        _refuse_missing_offline(entry, commit, small, shards)
         raise
+    # Offline, without the tree listing snapshot_download keeps online (a cache filled file by file by
+    # hf_hub_download or transformers, or by an older huggingface_hub), the snapshot folder is returned as
+    # it is: check that it holds every shard.
+    _refuse_missing_offline(entry, commit, path, shards)
     return ResolvedModel(entry=entry, path=path, repo_id=entry.model, commit=commit)
+
+
+def _refuse_missing_offline(entry: ModelEntry, commit: str, snapshot: Path, names: list[str]) -> None:
+    """Offline, raise ``SourceError`` naming the files of ``names`` that ``snapshot`` lacks."""
+    missing = [name for name in names if not (snapshot / name).is_file()]  # a dangling link is no file
+    if missing and _offline():
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise SourceError(
+            f"{entry.label}: the cached snapshot {commit[:12]} is incomplete (no {shown} in the local cache) and "
+            "the Hub cannot be reached (HF_HUB_OFFLINE): unset HF_HUB_OFFLINE to download the rest"
+        ) from None
+
+
+@dataclass(frozen=True)
+class CachedFile:
+    """A file of an HF cache snapshot folder, described like an entry of the Hub's tree listing
+    (its size is the blob's; hashes are not known without the listing)."""
+
+    path: str
+    size: int
+    lfs: None = None
+    blob_id: None = None
+
+
+def snapshot_files(repo_id: str, commit: str) -> list[CachedFile] | None:
+    """What the HF cache holds of ``repo_id`` at ``commit``: the snapshot folder's files (links to blobs
+    whose blob is gone are left out); None when there is no such folder."""
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "snapshots" / commit
+    if not folder.is_dir():
+        return None
+    return [CachedFile(p.relative_to(folder).as_posix(), p.stat().st_size)
+            for p in sorted(folder.rglob("*")) if p.is_file()]
 
 
 def _offline() -> bool:
@@ -219,7 +289,8 @@ def safetensors_shards(directory: Path) -> list[str] | None:
 
 
 def repo_file_names(entry: ModelEntry, commit: str) -> set[str]:
-    """The files of a Hub repo at ``commit``: from the tree listing snapshot_download cached, else the Hub."""
+    """The files of a Hub repo at ``commit``: from the tree listing snapshot_download cached, else the Hub;
+    offline without a cached listing, the files of the cached snapshot."""
     from huggingface_hub import HfApi, get_cached_repo_tree
     from huggingface_hub.errors import CachedRepoTreeNotFoundError
 
@@ -227,6 +298,8 @@ def repo_file_names(entry: ModelEntry, commit: str) -> set[str]:
         return {f.path for f in get_cached_repo_tree(entry.model, revision=commit)}
     except (CachedRepoTreeNotFoundError, OSError, ValueError):
         pass
+    if _offline():  # no listing cached: what the snapshot folder holds is all we can know
+        return {f.path for f in snapshot_files(entry.model, commit) or []}
     try:
         return set(HfApi().list_repo_files(entry.model, revision=commit))
     except transport_errors() as exc:

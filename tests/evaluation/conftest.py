@@ -53,7 +53,7 @@ class ScriptedRun:
 
     def samples(self, task: str, group: str = "lm_eval") -> list[dict[str, Any]]:
         """lm-eval's per-sample records of ``task``."""
-        path = self.run_dir / group / f"samples_{task}.jsonl"
+        path = self.run_dir / self.summary.files[f"{group}_samples_{task}"]  # lm-eval's samples_<task>_<ts>.jsonl
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 

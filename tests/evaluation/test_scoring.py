@@ -51,10 +51,27 @@ def test_run_writes_lm_eval_json_summary_and_task_configs(gold_run: ScriptedRun)
     run_dir = gold_run.run_dir
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(gold_run.summary.to_dict()))
-    assert on_disk["files"] == {"lm_eval_results": "lm_eval/results.json",
-                                "harmbench_results": "harmbench/results.json",
-                                "harmbench_judgements": "harmbench/judgements.jsonl"}
-    lm_eval_json = json.loads((run_dir / "lm_eval/results.json").read_text())
+    files = on_disk["files"]
+    stamp = files["lm_eval_results"].removeprefix("lm_eval/scripted/results_").removesuffix(".json")
+    hb_stamp = files["harmbench_results"].removeprefix("harmbench/scripted/results_").removesuffix(".json")
+    tasks = ["gsm8k", "leaderboard_math_hard", "leaderboard_mmlu_pro", "hfms_mbpp"]
+    math_tasks = [f"leaderboard_math_{s}_hard" for s in ("algebra", "counting_and_prob", "geometry",
+                                                         "intermediate_algebra", "num_theory", "prealgebra", "precalculus")]
+    assert files == {  # lm-eval's EvaluationTracker layout, as `lm_eval --output_path DIR --log_samples` writes it
+        "lm_eval_results": f"lm_eval/scripted/results_{stamp}.json",
+        **{f"lm_eval_samples_{t}": f"lm_eval/scripted/samples_{t}_{stamp}.jsonl" for t in tasks + math_tasks
+           if t != "leaderboard_math_hard"},
+        "harmbench_results": f"harmbench/scripted/results_{hb_stamp}.json",
+        "harmbench_samples_hfms_harmbench": f"harmbench/scripted/samples_hfms_harmbench_{hb_stamp}.jsonl",
+        "harmbench_judgements": "harmbench/judgements.jsonl"}
+    assert all((run_dir / path).is_file() for path in files.values())
+    from lm_eval.utils import get_latest_filename, get_results_filenames
+
+    listed = [str(p) for p in (run_dir / "lm_eval").rglob("*")]
+    assert get_latest_filename(get_results_filenames(listed)) == str(run_dir / files["lm_eval_results"])
+    lm_eval_json = json.loads((run_dir / files["lm_eval_results"]).read_text())
+    assert lm_eval_json["model_name"] == "scripted" and set(lm_eval_json["task_hashes"]) >= set(tasks) - {
+        "leaderboard_math_hard"}
     assert lm_eval_json["results"]["leaderboard_math_hard"]["exact_match,none"] == 1.0
     assert lm_eval_json["n-shot"]["gsm8k"] == 5 and lm_eval_json["n-shot"]["leaderboard_mmlu_pro"] == 5
     assert "samples" not in lm_eval_json
@@ -65,7 +82,8 @@ def test_run_writes_lm_eval_json_summary_and_task_configs(gold_run: ScriptedRun)
              "algebra", "counting_and_prob", "geometry", "intermediate_algebra", "num_theory", "prealgebra",
              "precalculus")])
     assert on_disk["notes"] == ["mbpp: sandbox layers " + ", ".join(run_program("pass").layers),
-                                "harmbench: completions without a chat template (the tokenizer has none)"]
+                                "harmbench: completions without a chat template (the tokenizer has none)",
+                                "harmbench: judged by KeywordJudge (attack_success_rate)"]
 
 
 def test_mbpp_prompt_is_the_standard_three_shot_prompt(gold_run: ScriptedRun) -> None:

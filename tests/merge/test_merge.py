@@ -203,7 +203,8 @@ def test_report_checksums_and_layout(tmp_path):
     for name in shards:
         assert report["shards"][name] == hashlib.sha256((out.path / name).read_bytes()).hexdigest()
     assert report["summary"]["merged"] == 6 and report["summary"]["copied"] == 2
-    assert report["sources"]["models"][1]["path"] == str((tmp_path / "ft1").resolve())
+    assert report["sources"]["models"][1]["path"] == "ft1"  # the directory's name: the report is published
+    assert str(tmp_path) not in (out.path / "merge_report.json").read_text()
     assert [p.name for p in tmp_path.iterdir() if ".hfms-" in p.name] == []
 
 

@@ -17,8 +17,10 @@ from hf_model_stock.publish.hub import (
     push_model,
     push_recipe_output,
 )
-from hf_model_stock.recipe import parse_recipe
+from hf_model_stock.publish.report import load_report
+from hf_model_stock.recipe import ModelEntry, parse_recipe
 from hf_model_stock.runner import run_recipe
+from hf_model_stock.sources.resolve import resolve
 from tests.fake_hub import FakeHub
 from tests.hub_fixtures import set_hub_env
 
@@ -165,4 +167,81 @@ def test_a_merge_of_local_models_pushes_a_valid_card(hub, models, tmp_path):
     run_recipe(recipe, progress=False)
     push_model(out, "me/local")  # the fake Hub, like the Hub, rejects base_model entries that are not repo ids
     card = ModelCard.load("me/local")
-    assert card.data.base_model is None and str(models["ft0"]) in card.text
+    assert card.data.base_model is None
+    assert "| fine-tune | ft0 |  |  |" in card.text and "| base | base |  |  |" in card.text
+
+
+def test_local_sources_are_named_without_their_paths(hub, models, tmp_path):
+    """Neither the card nor merge_report.json (both published by push) holds a local absolute path;
+    an HF cache snapshot given as a directory is named, and listed in base_model, as its repo and commit."""
+    sha = hub.add_commit("org/ft2", models["ft2"])
+    snapshot = resolve(ModelEntry(model="org/ft2")).path  # .../hf-cache/models--org--ft2/snapshots/<sha>
+    assert snapshot.name == sha
+    out = tmp_path / "local-merge"
+    recipe = parse_recipe(f"base_model: {models['base']}\nmodels: [{models['ft0']}, {snapshot}]\n"
+                          f"tokenizer_source: {models['ft0']}\noutput: {{path: {out}}}\n")
+    run_recipe(recipe, progress=False)
+    for name in ("README.md", "merge_report.json"):
+        text = (out / name).read_text()
+        assert str(tmp_path) not in text and "/src/" not in text, name
+    report = load_report(out)  # still a format_version 1 report
+    base, ft0, cached = report.sources.base, *report.sources.models
+    assert (base.model, base.path, base.repo_id, base.commit) == ("base", "base", None, None)
+    assert (ft0.model, ft0.path) == ("ft0", "ft0")
+    assert (cached.model, cached.path, cached.repo_id, cached.commit) == ("org/ft2", f"org/ft2@{sha}", "org/ft2", sha)
+    assert report.recipe["base_model"] == {"model": "base"} and report.recipe["output"]["path"] == "local-merge"
+    assert report.recipe["models"] == [{"model": "ft0"}, {"model": f"org/ft2@{sha}"}]
+    assert report.recipe["tokenizer_source"] == "ft0"
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == ["org/ft2"] and card.data.base_model_relation == "merge"
+    assert f"| fine-tune | org/ft2 |  | {sha} |" in card.text
+
+
+def test_run_evaluates_then_pushes_once_with_the_scores_in_the_card(hub, models, tmp_path, monkeypatch):
+    """``run`` with ``evals`` and ``push_to_hub``: the card pushed (in one commit) carries model-index and
+    the results table. The model is scripted (answers GSM8K's fixtures correctly) and lm-eval is real."""
+    import hf_model_stock.evaluation.loading as loading
+    from tests.evaluation.conftest import FIXTURES
+    from tests.evaluation.scripted import ScriptedLM, gold
+
+    monkeypatch.setattr(loading, "build_lm", lambda path, spec: ScriptedLM(gold))
+    for name in ("base", "ft0", "ft1"):
+        hub.add_commit(f"org/{name}", models[name])
+    out = tmp_path / "merged"
+    recipe = parse_recipe(f"base_model: org/base\nmodels: [org/ft0, org/ft1]\n"
+                          f"output: {{path: {out}, push_to_hub: {{repo_id: me/evaluated}}}}\n"
+                          f"evals: {{tasks: [gsm8k], limit: 3, data_dir: {FIXTURES}, output: {tmp_path / 'evals'}}}\n")
+    run_recipe(recipe, progress=False)
+    repo = hub.repos["me/evaluated"]
+    assert len(repo.commits) == 2  # the repo's first commit, then one push
+    card = ModelCard.load("me/evaluated")
+    assert {(e.dataset_type, e.metric_type, e.metric_value) for e in card.data.eval_results} == {
+        ("gsm8k", "exact_match,strict-match", 1.0), ("gsm8k", "exact_match,flexible-extract", 1.0)}
+    assert card.data.model_name == "me/evaluated" and card.data.base_model == ["org/base", "org/ft0", "org/ft1"]
+    assert "| gsm8k | exact_match,strict-match | 1.0000 |" in card.text and card.text.count("## Evaluation") == 1
+    summary = json.loads((tmp_path / "evals" / "merged" / "summary.json").read_text())
+    assert [s["value"] for s in summary["scores"]] == [1.0, 1.0] and summary["scores"][0]["n"] == 3
+
+
+def test_eval_update_card_writes_the_results_into_a_local_models_readme(merged, tmp_path, monkeypatch, capsys):
+    import hf_model_stock.evaluation.loading as loading
+    from hf_model_stock.cli import main
+    from tests.evaluation.conftest import FIXTURES
+    from tests.evaluation.scripted import ScriptedLM, wrong
+
+    out, _ = merged
+    monkeypatch.setattr(loading, "build_lm", lambda path, spec: ScriptedLM(wrong))
+    before = ModelCard.load(out / "README.md")
+    assert not before.data.eval_results
+    assert main(["eval", str(out), "--tasks", "gsm8k", "--limit", "2", "--data-dir", str(FIXTURES),
+                 "--output", str(tmp_path / "evals"), "--update-card"]) == 0
+    assert f"card: results written to {out / 'README.md'}" in capsys.readouterr().out
+    after = ModelCard.load(out / "README.md")
+    assert {(e.dataset_type, e.metric_type, e.metric_value) for e in after.data.eval_results} == {
+        ("gsm8k", "exact_match,strict-match", 0.0), ("gsm8k", "exact_match,flexible-extract", 0.0)}
+    assert after.data.base_model == before.data.base_model and "## Merge" in after.text  # the rest is kept
+
+    assert main(["eval", "org/base", "--tasks", "gsm8k", "--update-card"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --update-card: org/base is not a local model directory (a Hub model's card changes only by a push: "
+        "evaluate the local copy, then push it)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,96 @@ def test_private_repo_needs_the_token(tmp_path, monkeypatch, models):
         fake.reset_stats()
         report = preflight(parse_recipe(f"base_model: {models['base']}\nmodels: [org/private, org/private2]\n"))
         assert report.ok and report.models[1].header_bytes_fetched > 0 and fake.weight_bytes_served == 0
+
+
+def test_quiet_merge_prints_no_progress_bar_from_any_library(hub, models, tmp_path, monkeypatch, capfd):
+    """``-q``: huggingface_hub's "Fetching N files" and download bars are silenced as well as ours."""
+    import tqdm.std
+
+    from hf_model_stock.cli import QUIET_ENV, main
+
+    monkeypatch.setattr(tqdm.std.tqdm, "__init__", tqdm.std.tqdm.__init__)  # restored after the test
+    for name in QUIET_ENV:
+        monkeypatch.setenv(name, "0")  # recorded, so that the "1" -q sets is undone after the test
+    for name in ("base", "ft0", "ft1"):
+        hub.add_commit(f"org/{name}", models[name])
+    out = tmp_path / "merged"
+    args = ["merge", "--base", "org/base", "--model", "org/ft0", "--model", "org/ft1", "--out", str(out)]
+    assert main([*args, "-q"]) == 0
+    captured = capfd.readouterr()
+    assert (captured.out, captured.err) == ("", "")
+    assert (out / "merge_report.json").is_file()
+    assert all(os.environ[name] == "1" for name in QUIET_ENV)  # for worker processes too
+
+    bar = tqdm.std.tqdm(total=3, disable=False)  # any library's bar, even one that asks to be shown
+    assert bar.disable
+    bar.close()
+
+
+def fill_cache_file_by_file(repo_id: str, names: list[str]) -> Path:
+    """Fill the HF cache as transformers' from_pretrained (or an older huggingface_hub) does: one
+    hf_hub_download per file, which caches no tree listing. Returns the snapshot folder."""
+    from huggingface_hub import hf_hub_download
+
+    paths = [Path(hf_hub_download(repo_id, name)) for name in names]
+    repo_cache = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+    assert not (repo_cache / "trees").exists() and not list(repo_cache.rglob("*.json.tmp"))
+    return paths[0].parent
+
+
+@pytest.mark.parametrize("how", ["snapshot_download", "file by file"])
+def test_offline_merge_from_an_ordinary_hf_cache(hub, models, tmp_path, monkeypatch, how):
+    """Offline, sources in the cache are pre-flighted, resolved and merged however they got there; a
+    shard missing from the snapshot is named."""
+    from hf_model_stock.runner import run_recipe
+
+    shas = {name: hub.add_commit(f"org/{name}", models[name]) for name in ("base", "ft0", "ft1")}
+    for name in shas:
+        if how == "file by file":
+            fill_cache_file_by_file(f"org/{name}", ["config.json", "model.safetensors.index.json", SHARD,
+                                                    "model-00002-of-00002.safetensors"])
+        else:
+            resolve(entry(f"org/{name}"))
+    set_offline(monkeypatch, True)
+    hub.reset_stats()
+    text = "base_model: org/base\nmodels: [org/ft0, org/ft1]\noutput: {path: %s}\n"
+    report = preflight(parse_recipe(text % (tmp_path / "out")))
+    assert report.ok and report.download_bytes == 0 and report.base.commit == shas["base"]
+    assert report.base.weight_bytes == sum((models["base"] / n).stat().st_size
+                                           for n in (SHARD, "model-00002-of-00002.safetensors"))
+    outcome = run_recipe(parse_recipe(text % (tmp_path / "out")), progress=False)
+    assert [m.commit for m in outcome.report.sources.models] == [shas["ft0"], shas["ft1"]]
+    assert hub.log == []  # no request at all
+
+    snapshot = Path(constants.HF_HUB_CACHE) / "models--org--ft1" / "snapshots" / shas["ft1"]
+    (snapshot / "model-00002-of-00002.safetensors").unlink()  # a shard never downloaded
+    with pytest.raises(SourceError, match=r"^org/ft1: model-00002-of-00002.safetensors not in the local cache "
+                                          rf"\(snapshot {shas['ft1'][:12]}\)" if how == "file by file" else
+                       r"^org/ft1: model-00002-of-00002.safetensors is not in the local cache"):
+        preflight(parse_recipe(text % (tmp_path / "out2")))
+    with pytest.raises(SourceError, match=rf"^org/ft1: the cached snapshot {shas['ft1'][:12]} is incomplete "
+                                          r"\(no model-00002-of-00002.safetensors in the local cache\)"):
+        resolve(entry("org/ft1"))
+    assert hub.log == []
+
+
+def test_offline_single_file_model_cached_file_by_file(hub, models, tmp_path, monkeypatch):
+    """A model with one model.safetensors (no index), fetched by hf_hub_download: resolve and preflight
+    find it offline; without its weights file they say which file the cache lacks."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "single"
+    folder.mkdir()
+    save_file(tiny_llama(3), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(CONFIG))
+    sha = hub.add_commit("org/single", folder)
+    fill_cache_file_by_file("org/single", ["config.json", "model.safetensors"])
+    set_offline(monkeypatch, True)
+    got = resolve(entry("org/single"))
+    assert got.commit == sha and (got.path / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+    info = preflight(parse_recipe("base_model: org/single\nmodels: [org/a, org/b]\n"), check=False).base
+    assert info.error is None and len(info.tensors) == len(tiny_llama(3))
+    (got.path / "model.safetensors").unlink()
+    with pytest.raises(SourceError, match=r"^org/single: neither model.safetensors nor model.safetensors.index.json "
+                                          rf"in the local cache \(snapshot {sha[:12]}\)"):
+        preflight(parse_recipe("base_model: org/single\nmodels: [org/a, org/b]\n"))
