@@ -77,6 +77,8 @@ def options_from_recipe(recipe: Recipe, device: str | None = None) -> MergeOptio
         shard_bytes=recipe.output.shard_size,
         on_nonfinite=recipe.on_nonfinite,
         fsync=recipe.output.fsync,
+        output_format=recipe.output.format,
+        adapter_base_mismatch=recipe.adapter_base_mismatch,
     )
 
 

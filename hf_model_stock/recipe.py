@@ -100,6 +100,7 @@ class Output(_Strict):
     overwrite: bool = False
     fsync: bool = False
     on_interrupt: Literal["keep", "remove"] = "keep"  # keep: Ctrl-C/SIGTERM leave the partial output for --resume
+    format: Literal["model", "adapter"] = "model"  # adapter: a PEFT LoRA (when every fine-tune is a LoRA adapter)
     push_to_hub: PushToHub | None = None
 
     @field_validator("shard_size", mode="before")
@@ -121,6 +122,7 @@ class Recipe(_Strict):
     tokenizer_source: str = "base"
     allow_pickle: bool = False
     on_nonfinite: Literal["error", "warn"] = "error"
+    adapter_base_mismatch: Literal["error", "warn"] = "error"  # a LoRA adapter trained on another base
     evals: EvalSpec | None = None
 
     @field_validator("method")
