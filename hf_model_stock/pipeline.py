@@ -116,6 +116,8 @@ def execute_plan(
         if m.path.resolve() == out_dir.resolve():
             raise ModelStockError(f"{out_dir}: output directory is also an input model ({m.label})")
     output_dir.check_destination(out_dir, overwrite)
+    if plan.options.output_format == "adapter":
+        return _execute_adapter_plan(plan, out_dir, overwrite, tokenizer_dir, recipe)
     tmp, lock, resuming = output_dir.claim_partial(out_dir, resume)
     try:
         done = _resumable(plan, tmp) if resuming else {}
@@ -149,6 +151,30 @@ def execute_plan(
     return MergeOutcome(path=out_dir, report=report)
 
 
+def _execute_adapter_plan(plan: MergePlan, out_dir: Path, overwrite: bool, tokenizer_dir: Path | None,
+                          recipe: dict[str, Any] | None) -> MergeOutcome:
+    """Merge LoRA adapters into one LoRA adapter in ``out_dir`` (temp dir + rename, like a full merge)."""
+    from hf_model_stock.merge.adapter_out import check_adapter_output, merge_adapters
+    from hf_model_stock.publish.adapter_output import write_adapter
+
+    check_adapter_output(plan)
+    tmp, lock, _ = output_dir.claim_partial(out_dir, False)
+    try:
+        started = time.perf_counter()
+        merged = merge_adapters(plan)
+        with _writing(tmp):
+            shas = write_adapter(merged, tmp)
+        result = ExecutionResult(tensors=merged.stats, shard_sha256=shas)
+        report = _write_metadata(plan, result, tmp, tokenizer_dir or plan.base.path, recipe, started)
+        output_dir.commit_dir(tmp, out_dir, overwrite)
+    except BaseException:
+        output_dir.remove_dir(tmp)
+        raise
+    finally:
+        os.close(lock)
+    return MergeOutcome(path=out_dir, report=report)
+
+
 @contextmanager
 def _writing(path: Path) -> Iterator[None]:
     """Report an OSError while ``path`` is written (a full disk, say) as one line naming the file."""
@@ -160,11 +186,13 @@ def _writing(path: Path) -> Iterator[None]:
 
 def _write_metadata(plan: MergePlan, result: ExecutionResult, tmp: Path, tokenizer_dir: Path,
                     recipe: dict[str, Any] | None, started: float) -> MergeReport:
-    """Index, config, tokenizer, merge_report.json, t plot and model card beside the merged shards."""
-    with _writing(tmp / INDEX_NAME):
-        write_index(tmp, plan.shards)
-    with _writing(tmp / "config.json"):
-        output_dir.write_config(plan.base.path, tmp, plan.options.dtype)
+    """Index, config, tokenizer, merge_report.json, t plot and model card beside the merged shards
+    (an adapter output has no index and no config.json)."""
+    if plan.options.output_format != "adapter":
+        with _writing(tmp / INDEX_NAME):
+            write_index(tmp, plan.shards)
+        with _writing(tmp / "config.json"):
+            output_dir.write_config(plan.base.path, tmp, plan.options.dtype)
     with _writing(tmp):
         tokenizer_files = output_dir.copy_tokenizer(tokenizer_dir, tmp)
     report = build_report(

@@ -63,9 +63,13 @@ class LowRankCompute:
 
     def row_gram(self, task: TensorTask, views: Sequence[np.ndarray], start: int, stop: int) -> np.ndarray:
         """The Gram matrix of every row of the unit: (rows, N, N), float64."""
+        return self.parts_gram(task, self._rows(task, views, start, stop)[1])
+
+    def parts_gram(self, task: TensorTask, parts: list[Any]) -> np.ndarray:
+        """The per-row Gram matrix (rows, N, N) of deltas given as ``_rows`` gives them (a dense block,
+        or the left factor's rows of a low-rank delta)."""
         import torch
 
-        _, parts = self._rows(task, views, start, stop)
         cross = self._cross_products(task)
         n = len(parts)
         rows = parts[0].shape[0]

@@ -75,8 +75,8 @@ def rows_cols(shape: Shape) -> tuple[int, int]:
 class LowRankDelta:
     """A delta ``left @ right`` (float64 torch tensors, (rows x r) and (r x cols), the scale in ``left``)
     over a tensor's (rows, cols) view; rank 0 is a zero delta. ``layout`` says how peft stores it:
-    ``linear`` (B = left, A = right), ``transposed`` (embeddings, fan_in_fan_out: B = rightᵀ, A = leftᵀ)
-    or ``conv`` (B = left, A = right, reshaped to ``a_shape`` / ``b_shape``)."""
+    ``linear`` (B = left, A = right), ``transposed`` (fan_in_fan_out) and ``embedding`` (B = rightᵀ,
+    A = leftᵀ) or ``conv`` (B = left, A = right, reshaped to ``a_shape`` / ``b_shape``)."""
 
     left: Any
     right: Any
@@ -326,7 +326,7 @@ def _low_rank(config: Any, module: str, parts: dict[str, Any], shape: Shape, fan
         if a.dim() != 2 or b.dim() != 2 or (a.shape[1], b.shape[0]) != (rows, cols) or b.shape[1] != r:
             raise CompatibilityError(f"embedding LoRA of {list(b.shape[:1]) + list(a.shape[1:])} for a "
                                      f"tensor of shape {list(shape)}")
-        return LowRankDelta(a.T.contiguous() * scale, b.T.contiguous(), "transposed")
+        return LowRankDelta(a.T.contiguous() * scale, b.T.contiguous(), "embedding")
     if set(parts) != {"lora_A", "lora_B"}:
         raise CompatibilityError("lora_A or lora_B missing")
     a, b = parts["lora_A"].to(torch.float64), parts["lora_B"].to(torch.float64)

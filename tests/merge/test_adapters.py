@@ -86,3 +86,97 @@ def test_plan_notes_and_dry_run(zoo, tmp_path, capsys):
                  "--out", str(tmp_path / "out"), "--dry-run", "--device", "cpu"])
     assert code == 0
     assert "LoRA adapter(s) among the fine-tunes" in capsys.readouterr().out
+
+
+def load_peft(base_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+
+
+@pytest.mark.parametrize("granularity", ["layer", "filter"])
+def test_adapter_output_loads_with_peft_and_equals_the_full_merge(zoo, tmp_path, granularity):
+    names = ["a0", "a1", "a2"]
+    opts = MergeOptions(params=ModelStockParams(granularity=granularity))
+    full = merge_models(zoo["base"], [zoo[n] for n in names], tmp_path / "full", opts)
+    adapter = merge_models(zoo["base"], [zoo[n] for n in names], tmp_path / "adapter",
+                           MergeOptions(params=ModelStockParams(granularity=granularity), output_format="adapter"))
+    files = sorted(p.name for p in adapter.path.iterdir())
+    assert "adapter_model.safetensors" in files and "adapter_config.json" in files and "config.json" not in files
+    config = json.loads((adapter.path / "adapter_config.json").read_text())
+    assert config["r"] == 4 + 2 + 8 and config["modules_to_save"] == ["lm_head"]  # q_proj: ranks 4, 2 (a1), 8
+    assert config["base_model_name_or_path"] == str(zoo["base"])
+    merged, want = load_peft(zoo["base"], adapter.path), load_dir(full.path)
+    for name, w in want.items():
+        assert torch.allclose(merged[name], w, atol=2e-6, rtol=0), name
+    assert [t.t for t in adapter.report.tensors] == pytest.approx([t.t for t in full.report.tensors], abs=1e-12)
+    card = (adapter.path / "README.md").read_text()
+    assert "LoRA adapter" in card and "library_name: peft" in card
+    assert json.loads((adapter.path / "merge_report.json").read_text())["output_format"] == "adapter"
+
+
+def test_adapter_output_refuses_a_full_fine_tune(zoo, tmp_path, capsys):
+    code = main(["merge", "--base", str(zoo["base"]), "--model", str(zoo["a0"]), "--model", str(zoo["full"]),
+                 "--out", str(tmp_path / "out"), "--output-format", "adapter", "-q", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "every fine-tune must be a LoRA adapter" in err and "full" in err
+    assert not (tmp_path / "out").exists()
+
+
+def _bad_copy(zoo: dict[str, Path], tmp_path: Path, edit=None, drop: str | None = None) -> Path:
+    bad = tmp_path / "bad"
+    shutil.copytree(zoo["a0"], bad)
+    if drop:
+        (bad / drop).unlink()
+    if edit:
+        cfg = json.loads((bad / "adapter_config.json").read_text())
+        edit(cfg)
+        (bad / "adapter_config.json").write_text(json.dumps(cfg))
+    return bad
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("no-weights", "adapter_config.json but no adapter_model.safetensors"),
+    ("wrong-base", "adapter trained on 'org/another-model', not on the base"),
+    ("loha", "a LOHA adapter: only LoRA adapters"),
+    ("dora", "LoRA with DoRA"),
+])
+def test_bad_adapters_fail_in_one_line(zoo, tmp_path, capsys, case, expected):
+    edits = {
+        "wrong-base": lambda c: c.update(base_model_name_or_path="org/another-model"),
+        "loha": lambda c: c.update(peft_type="LOHA"),
+        "dora": lambda c: c.update(use_dora=True),
+    }
+    bad = _bad_copy(zoo, tmp_path, edits.get(case), "adapter_model.safetensors" if case == "no-weights" else None)
+    code = main(["merge", "--base", str(zoo["base"]), "--model", str(zoo["a1"]), "--model", str(bad),
+                 "--out", str(tmp_path / "out"), "-q", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert expected in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_base_merges_with_a_warning_when_asked(zoo, tmp_path):
+    bad = _bad_copy(zoo, tmp_path, lambda c: c.update(base_model_name_or_path="org/another-model"))
+    code = main(["merge", "--base", str(zoo["base"]), "--model", str(zoo["a1"]), "--model", str(bad),
+                 "--out", str(tmp_path / "out"), "-q", "--device", "cpu", "--adapter-base-mismatch", "warn"])
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert any("adapter_base_mismatch: warn" in n for n in report["notes"])
+
+
+def test_adapter_of_another_shape_is_refused_by_the_plan(zoo, tmp_path):
+    other = tiny_base(tmp_path / "other", seed=1)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["intermediate_size"] = 40
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures",)})).save_pretrained(other)
+    bad = make_adapter(other, tmp_path / "bad", seed=5, r=2, lora_alpha=2, target_modules=["up_proj"])
+    with pytest.raises(Exception, match="up_proj: LoRA of \\[40, 32\\] for a tensor of shape \\[48, 32\\]"):
+        merge_models(zoo["base"], [zoo["a0"], bad], tmp_path / "out",
+                     MergeOptions(adapter_base_mismatch="warn"))
