@@ -36,7 +36,7 @@ def card_text(report: MergeReport, repo_id: str | None = None, t_plot: str | Non
     if adapter:
         hub_ids = hub_ids[:1] if sources[0].repo_id else []
     data = ModelCardData(
-        base_model=hub_ids or None,
+        base_model=(hub_ids[0] if adapter else hub_ids) if hub_ids else None,
         library_name="peft" if adapter else "transformers",
         pipeline_tag="text-generation",
         tags=["merge", "model-stock", "hf-model-stock", *(["lora"] if adapter else [])],

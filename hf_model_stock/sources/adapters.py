@@ -128,8 +128,9 @@ class Adapter:
 
 
 def read_adapter_config(path: Path, label: str) -> dict[str, Any]:
-    """``adapter_config.json`` as a dict, refused in one line unless it is a plain LoRA."""
-    config_path = Path(path) / ADAPTER_CONFIG
+    """``adapter_config.json`` (the file, or the adapter's directory) as a dict, refused in one line
+    unless it is a plain LoRA."""
+    config_path = Path(path) if Path(path).is_file() else Path(path) / ADAPTER_CONFIG
     try:
         data = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -180,3 +180,59 @@ def test_adapter_of_another_shape_is_refused_by_the_plan(zoo, tmp_path):
     with pytest.raises(Exception, match="up_proj: LoRA of \\[40, 32\\] for a tensor of shape \\[48, 32\\]"):
         merge_models(zoo["base"], [zoo["a0"], bad], tmp_path / "out",
                      MergeOptions(adapter_base_mismatch="warn"))
+
+
+def test_recipe_with_adapters_validate_run_and_inspect(zoo, tmp_path, capsys):
+    from hf_model_stock.analysis.inspect import inspect_models
+
+    recipe = tmp_path / "lora.yaml"
+    recipe.write_text(f"base_model: {zoo['base']}\nmodels: [{zoo['a0']}, {zoo['full']}, {zoo['a2']}]\n"
+                      f"compute: {{device: cpu, chunk_size: 4KiB}}\noutput: {{path: {tmp_path / 'out'}}}\n")
+    assert main(["validate", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("peft lora adapter") == 2 and "pre-flight: OK" in out
+    assert main(["run", str(recipe), "-q"]) == 0
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    inspected = inspect_models(zoo["base"], [zoo["a0"], zoo["full"], zoo["a2"]], chunk_bytes=4096)
+    t_run = {t["name"]: t["t"] for t in report["tensors"] if t["action"] == "merge"}
+    assert {r.name: r.t for r in inspected.tensors} == pytest.approx(t_run, abs=1e-12)
+    # adapter output in a recipe, with a full fine-tune among the models: refused by pre-flight
+    recipe.write_text(recipe.read_text().replace("path:", "format: adapter, path:").replace("/out}", "/out2}"))
+    assert main(["validate", str(recipe)]) == 2
+    assert "output.format adapter: every fine-tune must be a LoRA adapter" in capsys.readouterr().err
+
+
+def test_preflight_refuses_a_wrong_base_before_anything_else(zoo, tmp_path, capsys):
+    bad = _bad_copy(zoo, tmp_path, lambda c: c.update(base_model_name_or_path="org/another-model"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base_model: {zoo['base']}\nmodels: [{zoo['a1']}, {bad}]\n")
+    assert main(["validate", str(recipe)]) == 2
+    assert "adapter trained on 'org/another-model'" in capsys.readouterr().err
+    recipe.write_text(recipe.read_text() + "adapter_base_mismatch: warn\n")
+    assert main(["validate", str(recipe)]) == 0
+    assert "note:" in capsys.readouterr().out
+
+
+def test_adapters_from_the_hub_merge_into_an_adapter_of_the_base(zoo, tmp_path, capsys, hub):
+    hub.add_commit("org/base", zoo["base"])
+    for name in ("a0", "a1"):
+        copy = tmp_path / name
+        shutil.copytree(zoo[name], copy)
+        cfg = json.loads((copy / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = "org/base"
+        (copy / "adapter_config.json").write_text(json.dumps(cfg))
+        hub.add_commit(f"org/{name}", copy)
+    recipe = tmp_path / "hub.yaml"
+    recipe.write_text("base_model: org/base\nmodels: [org/a0, org/a1]\n"
+                      f"compute: {{device: cpu}}\noutput: {{format: adapter, path: {tmp_path / 'out'}}}\n")
+    assert main(["run", str(recipe), "-q", "--dry-run"]) == 0
+    assert capsys.readouterr().out.count("peft lora adapter") == 2
+    assert main(["run", str(recipe), "-q"]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "base_model: org/base" in card and "base_model_relation: adapter" in card
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert [m["repo_id"] for m in report["sources"]["models"]] == ["org/a0", "org/a1"]
+    want = merge_models(zoo["base"], [zoo["a0"], zoo["a1"]], tmp_path / "full").path
+    merged, full = load_peft(zoo["base"], tmp_path / "out"), load_dir(want)
+    for name, w in full.items():
+        assert torch.allclose(merged[name], w, atol=2e-6, rtol=0), name
