@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="convert pickle-only models with torch.load(weights_only=True)")
     merge.add_argument("--fsync", action="store_true", help="flush shards to disk before renaming the output")
     merge.add_argument("--tokenizer-source", help="'base' (default), one of the models, or a directory")
+    merge.add_argument("--chat-template", help="'base', one of the models, a file or inline Jinja (default: the "
+                       "tokenizer source's, else the first fine-tune's)")
     merge.add_argument("--output-format", choices=["model", "adapter"], default="model",
                        help="adapter: write a PEFT LoRA adapter (every --model must be a LoRA adapter)")
     merge.add_argument("--adapter-base-mismatch", choices=["error", "warn"], default="error",
@@ -162,6 +164,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         recipe["output"]["fsync"] = True
     if args.tokenizer_source:
         recipe["tokenizer_source"] = args.tokenizer_source
+    if args.chat_template:
+        recipe["chat_template"] = args.chat_template
     if args.output_format != "model":
         recipe["output"]["format"] = args.output_format
     if args.adapter_base_mismatch != "error":

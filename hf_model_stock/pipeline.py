@@ -28,6 +28,7 @@ from hf_model_stock.merge.journal import (
 from hf_model_stock.merge.plan import MergeOptions, MergePlan, build_plan
 from hf_model_stock.merge.stats import ExecutionResult, TensorStats
 from hf_model_stock.publish import output_dir
+from hf_model_stock.publish.chat import finish_tokenizer
 from hf_model_stock.publish.report import (
     REPORT_NAME,
     MergeReport,
@@ -195,6 +196,10 @@ def _write_metadata(plan: MergePlan, result: ExecutionResult, tmp: Path, tokeniz
             output_dir.write_config(plan.base.path, tmp, plan.options.dtype)
     with _writing(tmp):
         tokenizer_files = output_dir.copy_tokenizer(tokenizer_dir, tmp)
+        chat = finish_tokenizer(tmp, base=("base", plan.base.path), models=[(m.entry.model, m.path) for m in plan.models],
+                                tokenizer_dir=tokenizer_dir, spec=(recipe or {}).get("chat_template"))
+        plan.notes.extend(n for n in chat.notes if n not in plan.notes)
+        tokenizer_files = sorted(set(tokenizer_files) | {p.name for p in tmp.glob("chat_template.jinja")})
     report = build_report(
         plan, result, seconds=time.perf_counter() - started, recipe=recipe, tokenizer_files=tokenizer_files
     )

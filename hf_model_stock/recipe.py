@@ -120,6 +120,7 @@ class Recipe(_Strict):
     compute: Compute = Compute()
     output: Output = Output()
     tokenizer_source: str = "base"
+    chat_template: str | None = None  # base, a model of the recipe, a file or inline Jinja; unset: see publish.chat
     allow_pickle: bool = False
     on_nonfinite: Literal["error", "warn"] = "error"
     adapter_base_mismatch: Literal["error", "warn"] = "error"  # a LoRA adapter trained on another base
@@ -161,6 +162,13 @@ class Recipe(_Strict):
             raise ValueError(
                 f"tokenizer_source: {self.tokenizer_source!r} is neither 'base', one of the models, nor a directory"
             )
+        if self.chat_template is not None and not (
+            self.chat_template in ("base", *(m.model for m in self.models))
+            or "{{" in self.chat_template or "{%" in self.chat_template
+            or Path(self.chat_template).expanduser().is_file()
+        ):
+            raise ValueError(f"chat_template: {self.chat_template!r} is neither 'base', one of the models, a file "
+                             "nor inline Jinja")
         return self
 
 
@@ -195,6 +203,9 @@ def _relative_to(base: Path, data: dict[str, Any]) -> dict[str, Any]:
         data["models"] = [relative_model_ref(base, m) for m in data["models"]]
     if isinstance(data.get("tokenizer_source"), str) and data["tokenizer_source"] != "base":
         data["tokenizer_source"] = relative_model_ref(base, data["tokenizer_source"])
+    chat = data.get("chat_template")
+    if isinstance(chat, str) and chat != "base" and "{{" not in chat and "{%" not in chat:
+        data["chat_template"] = relative_model_ref(base, chat)
     out = data.get("output")
     if isinstance(out, dict) and isinstance(out.get("path"), str) and not Path(out["path"]).is_absolute():
         data["output"] = {**out, "path": str(base / out["path"])}
