@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -80,6 +81,7 @@ def options_from_recipe(recipe: Recipe, device: str | None = None) -> MergeOptio
         fsync=recipe.output.fsync,
         output_format=recipe.output.format,
         adapter_base_mismatch=recipe.adapter_base_mismatch,
+        tokenizer_source=recipe.tokenizer_source,
     )
 
 
@@ -194,6 +196,10 @@ def _write_metadata(plan: MergePlan, result: ExecutionResult, tmp: Path, tokeniz
             write_index(tmp, plan.shards)
         with _writing(tmp / "config.json"):
             output_dir.write_config(plan.base.path, tmp, plan.options.dtype)
+            if plan.vocab is not None and (tmp / "config.json").is_file():  # the tokenizer source's vocabulary
+                config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+                config["vocab_size"] = plan.vocab.rows
+                (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     with _writing(tmp):
         tokenizer_files = output_dir.copy_tokenizer(tokenizer_dir, tmp)
         chat = finish_tokenizer(tmp, base=("base", plan.base.path), models=[(m.entry.model, m.path) for m in plan.models],

@@ -176,6 +176,7 @@ def inspect_resolved(
     from hf_model_stock.merge.lowrank import LowRankCompute
     from hf_model_stock.merge.plan import MergeOptions
     from hf_model_stock.merge.units import read_unit, unit_buffer_bytes
+    from hf_model_stock.merge.vocab import VocabCompute, read_vocab_unit
     from hf_model_stock.methods.model_stock import ModelStockParams, ratio_from_gram
     from hf_model_stock.pipeline import plan_merge
 
@@ -185,6 +186,7 @@ def inspect_resolved(
     tasks = [t for t in plan.tasks if t.merge]
     compute = UnitCompute(n, 0, "cpu", 0)  # one worker per core, as the merger
     lowrank = LowRankCompute()  # tensors where some fine-tunes are LoRA adapters
+    vocab = VocabCompute()  # embedding rows matched by token
     buf = host_buffer(unit_buffer_bytes(plan))
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     rows: list[TensorRow] = []
@@ -196,6 +198,9 @@ def inspect_resolved(
             for task in tasks:
                 gram = np.zeros((n, n))
                 for start, stop in task.units():
+                    if task.vocab is not None:
+                        gram += vocab.gram(task, read_vocab_unit(buf, task, start, stop, files), start, stop)
+                        continue
                     views = read_unit(buf, task, start, stop, files)
                     gram += lowrank.gram(task, views, start, stop) if task.deltas else compute.gram(task, views)
                     bar.update((stop - start) * task.in_bytes_per_elem)

@@ -31,7 +31,7 @@ from hf_model_stock.versions import merge_versions
 JOURNAL_NAME = ".hfms-journal.jsonl"
 JOURNAL_VERSION = 1
 # options that cannot change a single output byte (of a full-weight output, which alone is resumable)
-_NOT_IN_FINGERPRINT = ("prefetch", "fsync", "output_format", "adapter_base_mismatch")
+_NOT_IN_FINGERPRINT = ("prefetch", "fsync", "output_format", "adapter_base_mismatch", "tokenizer_source")
 
 
 def plan_fingerprint(plan: MergePlan) -> str:
@@ -54,6 +54,8 @@ def plan_fingerprint(plan: MergePlan) -> str:
     shards = [[s.filename, hashlib.sha256(s.header).hexdigest()] for s in plan.shards]
     doc = {"versions": merge_versions(), "options": options, "sources": sources,
            "files": files, "tasks": tasks, "shards": shards}
+    if plan.vocab is not None:  # rows matched by token: the row map decides the embedding's bytes
+        doc["vocab"] = plan.vocab.digest()
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -6,9 +6,11 @@ error has surfaced) before the first byte of weights is read. ``--dry-run`` prin
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hf_model_stock.errors import CompatibilityError
 from hf_model_stock.io.dtypes import is_floating, itemsize
@@ -18,6 +20,14 @@ from hf_model_stock.methods.model_stock import DEFAULT_BLOCK, ModelStockParams
 from hf_model_stock.sources.adapters import Adapter, InMemoryDelta, is_adapter, load_adapter
 from hf_model_stock.sources.compat import check_tensors, config_problems, headers_of
 from hf_model_stock.sources.resolve import ResolvedModel
+from hf_model_stock.sources.vocab import (
+    VocabInput,
+    VocabRows,
+    token_ids,
+    tokenizer_digest,
+    vocab_rows,
+    vocab_tensor_names,
+)
 
 BASELINE_RSS = 200 * 2**20  # interpreter, numpy and libraries; torch adds ~180 MB where a tensor needs it
 OUT_BUFFERS = 3  # merged units waiting for the writer: it may lag the compute by two units
@@ -40,6 +50,7 @@ class MergeOptions:
     on_nonfinite: str = "error"  # NaN/Inf in a merged tensor's inputs: "error" stops, "warn" merges and reports
     output_format: str = "model"  # "model": full weights; "adapter": a PEFT LoRA (every fine-tune an adapter)
     adapter_base_mismatch: str = "error"  # an adapter trained on another base: "error" stops, "warn" merges
+    tokenizer_source: str = "base"  # whose vocabulary the output has: "base", a model (its entry), a directory
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,9 @@ class TensorTask:
     # (sources.adapters: low-rank or a whole weight), or None where it is streamed from ``inputs``
     # (``inputs`` then holds the base and the streamed fine-tunes, in order). Empty: every fine-tune streams.
     deltas: tuple[InMemoryDelta | None, ...] = ()
+    # Embedding-like tensors of models with different vocabularies: which input row makes each output
+    # row (sources.vocab); ``shape`` is then the output's, each input keeps its own.
+    vocab: VocabRows | None = None
 
     @property
     def numel(self) -> int:
@@ -95,6 +109,7 @@ class MergePlan:
     shards: list[ShardLayout]
     notes: list[str] = field(default_factory=list)
     adapters: dict[int, Adapter] = field(default_factory=dict)  # fine-tunes (by index) that are LoRA adapters
+    vocab: VocabRows | None = None  # rows of embedding-like tensors matched by token (different vocabularies)
 
     @property
     def bytes_in(self) -> int:
@@ -167,8 +182,17 @@ def build_plan(base: ResolvedModel, models: list[ResolvedModel], options: MergeO
     full = [i for i in range(len(models)) if i not in adapters]
     ckpts = {i: Checkpoint.open(models[i].path) for i in full}
     problems += config_problems(base.config(), [(models[i].label, models[i].config()) for i in full])
-    check = check_tensors(base.config(), base_headers, [(models[i].label, headers_of(ckpts[i])) for i in full])
+    tokenized = not adapters and all(tokenizer_digest(p) is not None for p in [base.path, *(m.path for m in models)])
+    resizable = vocab_tensor_names(base_headers) if tokenized else set()
+    check = check_tensors(base.config(), base_headers, [(models[i].label, headers_of(ckpts[i])) for i in full],
+                          resizable=resizable)
     problems += check.problems
+    vocab = None
+    if tokenized and not check.problems and (resizable & check.names):
+        vocab = _vocab(base, base_ckpt, models, [ckpts[i] for i in full], resizable & check.names, options)
+        if vocab is not None:
+            problems += vocab.problems
+            notes += vocab.notes
     for adapter in adapters.values():
         problems += [f"{adapter.label}: tensor {name!r} is left out of the merge (tied), the adapter changes it"
                      for name in adapter.deltas if name not in check.names]
@@ -183,10 +207,51 @@ def build_plan(base: ResolvedModel, models: list[ResolvedModel], options: MergeO
         inputs = [info, *(ckpts[i].tensors[name] for i in full)]
         deltas = tuple(adapters[i].delta(name, info.shape) if i in adapters else None
                        for i in range(len(models))) if adapters else ()
-        tasks.append(_task(name, inputs, options, deltas))
+        if vocab is not None and name in resizable:
+            tasks.append(_vocab_task(name, inputs, options, vocab))
+        else:
+            tasks.append(_task(name, inputs, options, deltas))
     shards = layout_shards([OutputTensor(t.name, t.out_dtype, t.shape) for t in tasks], options.shard_bytes)
     return MergePlan(base=base, models=models, options=options, tasks=tasks, shards=shards,
-                     notes=notes + check.notes, adapters=adapters)
+                     notes=notes + check.notes, adapters=adapters, vocab=vocab)
+
+
+def tokenizer_source_dir(source: str, base: ResolvedModel, models: list[ResolvedModel]) -> tuple[Path, int | None]:
+    """The directory of the tokenizer the output carries, and its index among the inputs (base 0)."""
+    if source == "base":
+        return base.path, 0
+    for i, m in enumerate(models):
+        if source in (m.entry.model, m.entry.label, str(m.path)):
+            return m.path, i + 1
+    path = Path(source).expanduser()
+    for i, m in enumerate([base, *models]):
+        if path.exists() and path.resolve() == m.path.resolve():
+            return m.path, i
+    return path, None
+
+
+def _vocab(base: ResolvedModel, base_ckpt: Checkpoint, models: list[ResolvedModel], ckpts: list[Checkpoint],
+           names: set[str], options: MergeOptions) -> VocabRows | None:
+    """The row map of the embedding-like tensors, where vocabularies or their sizes differ; else None."""
+    source_dir, source_index = tokenizer_source_dir(options.tokenizer_source, base, models)
+    dirs = [base.path, *(m.path for m in models)]
+    rows = [min(c.tensors[n].shape[0] for n in names) for c in [base_ckpt, *ckpts]]
+    if len({tokenizer_digest(d) for d in [*dirs, source_dir]}) == 1 and len(set(rows)) == 1:
+        return None  # one vocabulary: the rows line up as they are
+    inputs = []
+    for m, d, r in zip([base, *models], dirs, rows):
+        inputs.append(VocabInput(label="the base" if m is base else m.label, tokens=token_ids(d) or {}, rows=r))
+    out_tokens = token_ids(source_dir)
+    if out_tokens is None:
+        raise CompatibilityError(f"tokenizer_source {source_dir}: no tokenizer.json to match embedding rows by token")
+    if source_index is not None:
+        out_rows = rows[source_index]
+    else:
+        config = source_dir / "config.json"
+        size = json.loads(config.read_text()).get("vocab_size", 0) if config.is_file() else 0
+        out_rows = max(max(out_tokens.values(), default=-1) + 1, int(size or 0))
+    label = "the base" if source_index == 0 else (models[source_index - 1].label if source_index else str(source_dir))
+    return vocab_rows(inputs, out_tokens, out_rows, source_index, label)
 
 
 def _load_adapters(base: ResolvedModel, base_ckpt: Checkpoint, models: list[ResolvedModel],
@@ -215,6 +280,25 @@ def _load_adapters(base: ResolvedModel, base_ckpt: Checkpoint, models: list[Reso
                  "matrix from the factors, in float64); a tensor an adapter does not touch is a zero delta for it"
                  + (f"; {full} full fine-tune(s) streamed" if full else "; only the base is streamed"))
     return adapters, problems, notes
+
+
+def _vocab_task(name: str, inputs: list[TensorInfo], options: MergeOptions, vocab: VocabRows) -> TensorTask:
+    """An embedding-like tensor whose output rows are gathered by token (``merge.vocab``)."""
+    base = inputs[0]
+    cols = base.shape[1]
+    per_elem = max(sum(itemsize(i.dtype) for i in inputs), 8 * (len(inputs) + 3))
+    unit = max(1, options.chunk_bytes // per_elem // cols) * cols
+    numel = vocab.rows * cols
+    return TensorTask(
+        name=name,
+        shape=(vocab.rows, cols),
+        inputs=tuple(inputs),
+        out_dtype=options.dtype or base.dtype,
+        merge=True,
+        filter_wise=options.params.granularity == "filter",
+        unit_elems=max(1, min(unit, numel)),
+        vocab=vocab,
+    )
 
 
 def _task(name: str, inputs: list[TensorInfo], options: MergeOptions, deltas: tuple = ()) -> TensorTask:

@@ -47,6 +47,7 @@ from hf_model_stock.sources.resolve import (
     SMALL_FILE_PATTERNS,
     read_json_object,
 )
+from hf_model_stock.sources.vocab import vocab_tensor_names
 
 MAX_PROBLEMS_IN_MESSAGE = 100
 HEADER_TIMEOUT_S = 30.0
@@ -74,6 +75,7 @@ class SourceInfo:
     header_bytes_fetched: int = 0  # bytes read over HTTP to get the safetensors headers
     error: str | None = None
     adapter_config: dict[str, Any] | None = None  # a PEFT LoRA adapter's adapter_config.json
+    has_tokenizer: bool = False  # a tokenizer.json, to match embedding rows by token (sources.vocab)
 
     @property
     def label(self) -> str:
@@ -245,6 +247,7 @@ def _inspect_local(info: SourceInfo, allow_pickle: bool) -> None:
     if info.entry.revision:
         raise SourceError(f"{info.entry.model}: a local path cannot take a revision ({info.entry.revision!r})")
     directory = path if path.is_dir() else path.parent
+    info.has_tokenizer = (directory / "tokenizer.json").is_file()
     if (directory / "config.json").is_file():
         info.config_data = read_json_object(directory / "config.json")
     if path.is_dir() and adapters.is_adapter(path) and not (path / SINGLE_NAME).is_file():
@@ -313,6 +316,7 @@ def _inspect_hub(info: SourceInfo, allow_pickle: bool) -> None:
         raise SourceError(f"{entry.label}: cannot tell which commit {entry.revision or 'main'!r} is")
     info.commit = commit
     files = {f.path: f for f in listing}
+    info.has_tokenizer = "tokenizer.json" in files
 
     def fetch(name: str) -> Path:
         return Path(hf_hub_download(repo_id, name, revision=commit))
@@ -492,15 +496,21 @@ def compare(report: PreflightReport) -> None:
     ok_models = [m for m in report.models if not m.error]
     report.problems += config_problems(base.config_data, [(m.label, m.config_data) for m in ok_models])
     vocab = base.config_data.get("vocab_size")
+    tokenized = all(s.has_tokenizer and s.adapter_config is None for s in [base, *ok_models])
     for m in ok_models:
         theirs = m.config_data.get("vocab_size")
-        if vocab is not None and theirs is not None and theirs != vocab:
+        if vocab is not None and theirs is not None and theirs != vocab and not tokenized:
             report.problems.append(f"config vocab_size: {theirs} in {m.label} vs {vocab} in base (a resized "
-                                   "vocabulary: embedding and output shapes differ)")
+                                   "vocabulary: embedding and output shapes differ, and not every model has a "
+                                   "tokenizer.json to match their rows by token)")
+        elif vocab is not None and theirs is not None and theirs != vocab:
+            report.notes.append(f"config vocab_size: {theirs} in {m.label} vs {vocab} in base: embedding rows are "
+                                "matched by token through the tokenizers (the output has the tokenizer source's)")
     if base.tensors is None:
         return
     known = [(m.label, m.tensors) for m in ok_models if m.tensors is not None]
-    check = check_tensors(base.config_data, base.tensors, known)
+    check = check_tensors(base.config_data, base.tensors, known,
+                          resizable=vocab_tensor_names(base.tensors) if tokenized else ())
     report.problems += check.problems
     report.notes += check.notes
 
