@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_model_stock.errors import ModelStockError
+from hf_model_stock.sources.vocab import token_ids as vocabulary
 
 TEMPLATE_FILE = "chat_template.jinja"
 LEGACY_TEMPLATE_FILE = "chat_template.json"
@@ -74,25 +75,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
-
-
-def vocabulary(directory: Path) -> dict[str, int] | None:
-    """Token string -> id from a directory's tokenizer.json (its model's vocabulary and added tokens);
-    None where there is none (a sentencepiece-only tokenizer)."""
-    path = directory / "tokenizer.json"
-    if not path.is_file():
-        return None
-    data = _json(path)
-    vocab = data.get("model", {}).get("vocab")
-    out: dict[str, int] = {}
-    if isinstance(vocab, dict):
-        out.update({k: int(v) for k, v in vocab.items()})
-    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
-        out.update({piece[0]: i for i, piece in enumerate(vocab) if isinstance(piece, list) and piece})
-    for tok in data.get("added_tokens", []):
-        if isinstance(tok, dict) and isinstance(tok.get("content"), str):
-            out[tok["content"]] = int(tok["id"])
-    return out
 
 
 def _ids(value: Any) -> list[int]:

@@ -154,3 +154,21 @@ def test_recipe_tokenizer_source_and_no_tokenizer_is_an_error(vocab_models, tmp_
     assert main(["run", str(recipe), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not every model has a tokenizer.json" in err
+
+
+def test_tokenizers_that_differ_but_agree_on_every_row_merge_as_ever(tmp_path):
+    from hf_model_stock.pipeline import plan_merge
+    from hf_model_stock.recipe import ModelEntry
+    from hf_model_stock.sources.resolve import resolve
+
+    paths = build(tmp_path, tie=False)
+    base = load_dir(paths["base"])
+    for i, ft in enumerate(finetunes(base, 2, seed=9)):
+        d = write_checkpoint(tmp_path / f"same{i}", ft)
+        (d / "config.json").write_bytes((paths["base"] / "config.json").read_bytes())
+        data = json.loads((paths["base"] / "tokenizer.json").read_text())
+        data["truncation"] = {"direction": "Right", "max_length": 100 + i, "strategy": "LongestFirst", "stride": 0}
+        (d / "tokenizer.json").write_text(json.dumps(data))
+    plan = plan_merge(resolve(ModelEntry(model=str(paths["base"]))),
+                      [resolve(ModelEntry(model=str(tmp_path / f"same{i}"))) for i in range(2)], MergeOptions())
+    assert plan.vocab is None and all(t.vocab is None for t in plan.tasks)
