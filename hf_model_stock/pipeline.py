@@ -29,7 +29,7 @@ from hf_model_stock.merge.journal import (
 from hf_model_stock.merge.plan import MergeOptions, MergePlan, build_plan
 from hf_model_stock.merge.stats import ExecutionResult, TensorStats
 from hf_model_stock.publish import output_dir
-from hf_model_stock.publish.chat import finish_tokenizer
+from hf_model_stock.publish.chat import add_union_tokens, finish_tokenizer
 from hf_model_stock.publish.report import (
     REPORT_NAME,
     MergeReport,
@@ -202,6 +202,8 @@ def _write_metadata(plan: MergePlan, result: ExecutionResult, tmp: Path, tokeniz
                 (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     with _writing(tmp):
         tokenizer_files = output_dir.copy_tokenizer(tokenizer_dir, tmp)
+        if plan.vocab is not None:
+            add_union_tokens(tmp, plan.vocab.added_tokens)
         chat = finish_tokenizer(tmp, base=("base", plan.base.path), models=[(m.entry.model, m.path) for m in plan.models],
                                 tokenizer_dir=tokenizer_dir, spec=(recipe or {}).get("chat_template"))
         plan.notes.extend(n for n in chat.notes if n not in plan.notes)
@@ -262,7 +264,7 @@ def merge_models(
 
 def tokenizer_dir_for(recipe: Recipe, base: ResolvedModel, models: Sequence[ResolvedModel]) -> Path:
     """The directory whose tokenizer files the merged model carries (``tokenizer_source``)."""
-    if recipe.tokenizer_source == "base":
+    if recipe.tokenizer_source in ("base", "union"):  # union: the base's, extended by the merge (sources.vocab)
         return base.path
     for m in models:
         if m.entry.model == recipe.tokenizer_source:

@@ -156,11 +156,11 @@ class Recipe(_Strict):
             for entry in [self.base_model, *self.models]:
                 if _is_local(entry) and Path(entry.model).expanduser().resolve() == out:
                     raise ValueError(f"output.path: {self.output.path} is also an input model")
-        if self.tokenizer_source not in ("base", *(m.model for m in self.models)) and not Path(
+        if self.tokenizer_source not in ("base", "union", *(m.model for m in self.models)) and not Path(
             self.tokenizer_source
         ).expanduser().is_dir():
             raise ValueError(
-                f"tokenizer_source: {self.tokenizer_source!r} is neither 'base', one of the models, nor a directory"
+                f"tokenizer_source: {self.tokenizer_source!r} is neither 'base', 'union', one of the models, nor a directory"
             )
         if self.chat_template is not None and not (
             self.chat_template in ("base", *(m.model for m in self.models))
@@ -201,7 +201,7 @@ def _relative_to(base: Path, data: dict[str, Any]) -> dict[str, Any]:
         data["base_model"] = relative_model_ref(base, data["base_model"])
     if isinstance(data.get("models"), list):
         data["models"] = [relative_model_ref(base, m) for m in data["models"]]
-    if isinstance(data.get("tokenizer_source"), str) and data["tokenizer_source"] != "base":
+    if isinstance(data.get("tokenizer_source"), str) and data["tokenizer_source"] not in ("base", "union"):
         data["tokenizer_source"] = relative_model_ref(base, data["tokenizer_source"])
     chat = data.get("chat_template")
     if isinstance(chat, str) and chat != "base" and "{{" not in chat and "{%" not in chat:

@@ -27,6 +27,7 @@ from hf_model_stock.sources.vocab import (
     VocabRows,
     token_ids,
     tokenizer_digest,
+    union_tokens,
     vocab_rows,
     vocab_tensor_names,
 )
@@ -52,7 +53,7 @@ class MergeOptions:
     on_nonfinite: str = "error"  # NaN/Inf in a merged tensor's inputs: "error" stops, "warn" merges and reports
     output_format: str = "model"  # "model": full weights; "adapter": a PEFT LoRA (every fine-tune an adapter)
     adapter_base_mismatch: str = "error"  # an adapter trained on another base: "error" stops, "warn" merges
-    tokenizer_source: str = "base"  # whose vocabulary the output has: "base", a model (its entry), a directory
+    tokenizer_source: str = "base"  # the output's vocabulary: "base", a model (its entry), a directory, "union"
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,8 @@ def tokenizer_source_dir(source: str, base: ResolvedModel, models: list[Resolved
 def _vocab(base: ResolvedModel, base_ckpt: Checkpoint, models: list[ResolvedModel], ckpts: list[Checkpoint],
            names: set[str], options: MergeOptions) -> VocabRows | None:
     """The row map of the embedding-like tensors, where vocabularies or their sizes differ; else None."""
-    source_dir, source_index = tokenizer_source_dir(options.tokenizer_source, base, models)
+    union = options.tokenizer_source == "union"
+    source_dir, source_index = (base.path, 0) if union else tokenizer_source_dir(options.tokenizer_source, base, models)
     dirs = [base.path, *(m.path for m in models)]
     rows = [min(c.tensors[n].shape[0] for n in names) for c in [base_ckpt, *ckpts]]
     if len({tokenizer_digest(d) for d in [*dirs, source_dir]}) == 1 and len(set(rows)) == 1:
@@ -243,6 +245,12 @@ def _vocab(base: ResolvedModel, base_ckpt: Checkpoint, models: list[ResolvedMode
     inputs = []
     for m, d, r in zip([base, *models], dirs, rows):
         inputs.append(VocabInput(label="the base" if m is base else m.label, tokens=token_ids(d) or {}, rows=r))
+    if union:
+        out_tokens, added = union_tokens(base.path, dirs[1:])
+        found = vocab_rows(inputs, out_tokens, max(rows[0], max(out_tokens.values(), default=-1) + 1), 0,
+                           "the union of the models' vocabularies")
+        found.added_tokens = added
+        return found
     out_tokens = token_ids(source_dir)
     if out_tokens is None:
         raise CompatibilityError(f"tokenizer_source {source_dir}: no tokenizer.json to match embedding rows by token")

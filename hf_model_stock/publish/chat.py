@@ -77,6 +77,23 @@ def _token_text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def add_union_tokens(out: Path, entries: Sequence[Mapping[str, Any]]) -> None:
+    """``tokenizer_source: union``: append the other models' tokens to the output's tokenizer.json (and
+    to tokenizer_config.json's ``added_tokens_decoder`` where it has one)."""
+    if not entries:
+        return
+    path = out / "tokenizer.json"
+    data = _json(path)
+    data["added_tokens"] = [*(data.get("added_tokens") or []), *entries]
+    path.write_text(json.dumps(data, ensure_ascii=False) + "\n", encoding="utf-8")
+    if (out / TOKENIZER_CONFIG).is_file():
+        config = _json(out / TOKENIZER_CONFIG)
+        if isinstance(config.get("added_tokens_decoder"), dict):
+            for e in entries:
+                config["added_tokens_decoder"][str(e["id"])] = {k: v for k, v in e.items() if k != "id"}
+            _write_json(out / TOKENIZER_CONFIG, config)
+
+
 def _ids(value: Any) -> list[int]:
     if isinstance(value, int):
         return [value]

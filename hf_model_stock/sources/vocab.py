@@ -76,6 +76,34 @@ def token_ids(directory: Path) -> dict[str, int] | None:
     return out
 
 
+def added_token_entries(directory: Path) -> dict[str, dict]:
+    """The ``added_tokens`` entries of ``directory/tokenizer.json``, by content."""
+    path = Path(directory) / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return {t["content"]: t for t in data.get("added_tokens") or [] if isinstance(t, dict) and "content" in t}
+
+
+def union_tokens(base_dir: Path, model_dirs: Sequence[Path]) -> tuple[dict[str, int], list[dict]]:
+    """``tokenizer_source: union``: the base's vocabulary, then every token of each fine-tune (in model
+    order, then id order) that it lacks, at the next ids; and the tokenizer.json ``added_tokens``
+    entries for those (the fine-tune's own entry where the token was an added token there)."""
+    tokens = dict(token_ids(base_dir) or {})
+    next_id = max(tokens.values(), default=-1) + 1
+    entries: list[dict] = []
+    for directory in model_dirs:
+        theirs = token_ids(directory) or {}
+        added = added_token_entries(directory)
+        for tok, _ in sorted(theirs.items(), key=lambda kv: kv[1]):
+            if tok in tokens:
+                continue
+            entry = dict(added.get(tok) or {"content": tok, "single_word": False, "lstrip": False, "rstrip": False,
+                                           "normalized": True, "special": False})
+            entry["id"] = tokens[tok] = next_id
+            entries.append(entry)
+            next_id += 1
+    return tokens, entries
+
+
 @dataclass(frozen=True)
 class VocabInput:
     """One model as the row map sees it: its label, vocabulary and number of embedding rows."""
@@ -95,6 +123,7 @@ class VocabRows:
     copy_from: np.ndarray  # (rows,) int64: the input a COPY row is copied from, -1: zeros
     notes: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    added_tokens: list[dict] = field(default_factory=list)  # union: tokenizer.json entries to add to the base's
 
     @property
     def shared(self) -> np.ndarray:

@@ -59,9 +59,17 @@ def reference(paths: dict[str, Path], names: list[str], source: str, filter_wise
     from transformers import AutoTokenizer
 
     vocabs = {n: AutoTokenizer.from_pretrained(paths[n]).get_vocab() for n in ["base", *names]}
-    out_vocab = AutoTokenizer.from_pretrained(paths[source]).get_vocab()
     tensors = {n: load_dir(paths[n]) for n in ["base", *names]}
-    rows = tensors[source]["model.embed_tokens.weight"].shape[0]
+    if source == "union":  # the base's tokens, then each fine-tune's others in id order
+        out_vocab = dict(vocabs["base"])
+        for n in names:
+            for tok in sorted(vocabs[n], key=vocabs[n].get):
+                out_vocab.setdefault(tok, len(out_vocab))
+        rows = max(len(out_vocab), tensors["base"]["model.embed_tokens.weight"].shape[0])
+        source = "base"
+    else:
+        out_vocab = AutoTokenizer.from_pretrained(paths[source]).get_vocab()
+        rows = tensors[source]["model.embed_tokens.weight"].shape[0]
     by_id = {i: t for t, i in out_vocab.items()}
     out = {}
     for key in VOCAB_TENSORS:
@@ -89,7 +97,7 @@ def reference(paths: dict[str, Path], names: list[str], source: str, filter_wise
     return out
 
 
-@pytest.mark.parametrize("source", ["ft0", "ft2", "base"])
+@pytest.mark.parametrize("source", ["ft0", "ft2", "base", "union"])
 @pytest.mark.parametrize("granularity", ["layer", "filter"])
 def test_rows_follow_the_tokenizer_source(vocab_models, tmp_path, source, granularity):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -97,11 +105,11 @@ def test_rows_follow_the_tokenizer_source(vocab_models, tmp_path, source, granul
     paths, tie = vocab_models
     names = ["ft0", "ft1", "ft2"]
     opts = MergeOptions(params=ModelStockParams(granularity=granularity), chunk_bytes=3000,
-                        tokenizer_source="base" if source == "base" else str(paths[source]))
+                        tokenizer_source=source if source in ("base", "union") else str(paths[source]))
     out = merge_models(paths["base"], [paths[n] for n in names], tmp_path / "out", opts)
     merged = load_dir(out.path)
     expected = reference(paths, names, source, granularity == "filter")
-    rows = {"ft0": 66, "ft1": 66, "ft2": 72, "base": 64}[source]
+    rows = {"ft0": 66, "ft1": 66, "ft2": 72, "base": 64, "union": 66}[source]
     assert set(expected) == ({"model.embed_tokens.weight"} if tie else set(VOCAB_TENSORS))
     for key, ref in expected.items():
         got = merged[key]
@@ -121,7 +129,8 @@ def test_rows_follow_the_tokenizer_source(vocab_models, tmp_path, source, granul
     if source != "base":
         from hf_model_stock.publish.output_dir import copy_tokenizer
 
-        copy_tokenizer(paths[source], out.path)
+        if source != "union":  # merge_models carries the base's tokenizer (the union: extended)
+            copy_tokenizer(paths[source], out.path)
         tok = AutoTokenizer.from_pretrained(out.path)
         ids = tok("hello <a> world", add_special_tokens=False)["input_ids"]
         assert ids[1] == tok.convert_tokens_to_ids("<a>") == 64
@@ -132,6 +141,10 @@ def test_rows_follow_the_tokenizer_source(vocab_models, tmp_path, source, granul
         assert "2 new token(s): '<a>' (row 64: mean of" in notes and "'<b>' (row 65: mean of" in notes
     if source == "ft2":
         assert "7 padded row(s) copied from" in notes
+    if source == "union":
+        tok = AutoTokenizer.from_pretrained(out.path)
+        assert tok.convert_tokens_to_ids(["<a>", "<b>"]) == [64, 65] and len(tok) == 66
+        assert "the union of the models' vocabularies" in notes
 
 
 def test_recipe_tokenizer_source_and_no_tokenizer_is_an_error(vocab_models, tmp_path, capsys):
