@@ -105,7 +105,7 @@ def merge_adapters(plan: MergePlan) -> AdapterMerge:
         modules_to_save=sorted(dense_modules) or None,
         fan_in_fan_out=first.fan_in_fan_out,
         task_type=first.config.task_type,
-        base_model_name_or_path=plan.base.repo_id or plan.base.entry.model,
+        base_model_name_or_path=plan.base.repo_id or str(plan.base.path),
         revision=plan.base.commit,
         bias="none",
         use_rslora=False,

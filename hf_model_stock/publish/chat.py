@@ -110,7 +110,7 @@ def template_source(spec: str | None, tokenizer_dir: Path, base: tuple[str, Path
         for label, path in models:
             found = read_template(path)
             if found is not None:
-                return found, f"{label} (the tokenizer source has none)", path
+                return found, label, path
         return None, "none (no model has one)", None
     named = {"base": base, **{label: (label, path) for label, path in models}}
     if spec in named:
@@ -143,7 +143,8 @@ def finish_tokenizer(out: Path, *, base: tuple[str, Path], models: Sequence[tupl
     if own == template and (template_dir is None or template_dir.resolve() == tokenizer_dir.resolve()):
         return setup  # the tokenizer files already carry it
     _write_template(out, template)
-    setup.notes.append(f"chat template from {origin}")
+    reason = " (the tokenizer source has none)" if spec is None and template_dir is not None else ""
+    setup.notes.append(f"chat template from {origin}{reason}")
     if template_dir is not None and template_dir.resolve() != tokenizer_dir.resolve():
         _stop_tokens_from(out, template_dir, origin, setup)
     return setup
@@ -216,4 +217,4 @@ def _stop_tokens_from(out: Path, source: Path, origin: str, setup: ChatSetup) ->
         config = _json(out / "config.json")
         config["eos_token_id"] = ids[0] if len(ids) == 1 else ids
         _write_json(out / "config.json", config)
-    setup.notes.append(f"generation stops on {', '.join(f'{s!r} ({ours[s]})' for s in stops)} ({origin}'s stop tokens)")
+    setup.notes.append(f"generation stops on {', '.join(f'{s!r} ({ours[s]})' for s in stops)}: the stop tokens of {origin}")

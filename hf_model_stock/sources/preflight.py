@@ -496,13 +496,16 @@ def compare(report: PreflightReport) -> None:
     ok_models = [m for m in report.models if not m.error]
     report.problems += config_problems(base.config_data, [(m.label, m.config_data) for m in ok_models])
     vocab = base.config_data.get("vocab_size")
-    tokenized = all(s.has_tokenizer and s.adapter_config is None for s in [base, *ok_models])
+    untokenized = [s.label for s in [base, *ok_models] if not s.has_tokenizer or s.adapter_config is not None]
+    tokenized = not untokenized
     for m in ok_models:
         theirs = m.config_data.get("vocab_size")
         if vocab is not None and theirs is not None and theirs != vocab and not tokenized:
+            one = len(untokenized) == 1
             report.problems.append(f"config vocab_size: {theirs} in {m.label} vs {vocab} in base (a resized "
-                                   "vocabulary: embedding and output shapes differ, and not every model has a "
-                                   "tokenizer.json to match their rows by token)")
+                                   "vocabulary: embedding rows are matched by token only when every model has a "
+                                   f"tokenizer.json, and {', '.join(untokenized)} {'has' if one else 'have'} none "
+                                   f"or {'is' if one else 'are'} LoRA adapters)")
         elif vocab is not None and theirs is not None and theirs != vocab:
             report.notes.append(f"config vocab_size: {theirs} in {m.label} vs {vocab} in base: embedding rows are "
                                 "matched by token through the tokenizers (the output has the tokenizer source's)")
