@@ -236,3 +236,43 @@ def test_adapters_from_the_hub_merge_into_an_adapter_of_the_base(zoo, tmp_path, 
     merged, full = load_peft(zoo["base"], tmp_path / "out"), load_dir(want)
     for name, w in full.items():
         assert torch.allclose(merged[name], w, atol=2e-6, rtol=0), name
+
+
+def test_fan_in_fan_out_adapters_of_gpt2_merge_and_stay_an_adapter(tmp_path):
+    """GPT-2 stores its projections transposed (Conv1D): LoRA with fan_in_fan_out, delta s·(B·A)ᵀ."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
+    names = []
+    for i, r in enumerate([2, 3]):
+        model = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                               LoraConfig(r=r, lora_alpha=2 * r, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        model.save_pretrained(tmp_path / f"a{i}")
+        names.append(tmp_path / f"a{i}")
+    base = load_dir(tmp_path / "base")
+    fts = []
+    for d in names:  # peft's own densification, in float32, as the reference's input
+        merged = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), d).merge_and_unload()
+        sd = merged.state_dict()
+        fts.append({k: sd[k].double() for k in base})
+    full = merge_models(tmp_path / "base", names, tmp_path / "full")
+    got = load_dir(full.path)
+    for name, b in base.items():
+        if not b.is_floating_point():
+            continue
+        ref, _ = reference_merge(b, [f[name] for f in fts])
+        assert torch.allclose(got[name].double(), ref, atol=1e-6, rtol=0), name
+    adapter = merge_models(tmp_path / "base", names, tmp_path / "adapter", MergeOptions(output_format="adapter"))
+    assert json.loads((adapter.path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    loaded = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), adapter.path)
+    sd = loaded.merge_and_unload().state_dict()
+    for name, w in got.items():
+        assert torch.allclose(sd[name], w, atol=2e-6, rtol=0), name
