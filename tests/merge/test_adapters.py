@@ -276,3 +276,24 @@ def test_fan_in_fan_out_adapters_of_gpt2_merge_and_stay_an_adapter(tmp_path):
     sd = loaded.merge_and_unload().state_dict()
     for name, w in got.items():
         assert torch.allclose(sd[name], w, atol=2e-6, rtol=0), name
+
+
+@pytest.mark.parametrize("granularity", ["layer", "filter"])
+def test_bf16_base_with_adapters_and_a_full_fine_tune(tmp_path, granularity):
+    base_dir = tiny_base(tmp_path / "base", dtype=torch.bfloat16)
+    a = make_adapter(base_dir, tmp_path / "a", seed=4, r=4, lora_alpha=4, target_modules=["q_proj", "down_proj"])
+    b = make_adapter(base_dir, tmp_path / "b", seed=5, r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    base = load_dir(base_dir)
+    (full,) = finetunes(base, 1, scale=0.05, seed=8)
+    write_checkpoint(tmp_path / "full", full)
+    shutil.copyfile(base_dir / "config.json", tmp_path / "full" / "config.json")
+    fts = [densified(a, base), {k: v.double() for k, v in full.items()}, densified(b, base)]
+    out = merge_models(base_dir, [a, tmp_path / "full", b], tmp_path / "out",
+                       MergeOptions(params=ModelStockParams(granularity=granularity), chunk_bytes=4000))
+    merged = load_dir(out.path)
+    for name, w0 in base.items():
+        ref, _ = reference_merge(w0, [f[name] for f in fts], filter_wise=granularity == "filter")
+        rounded = ref.to(torch.bfloat16)
+        assert merged[name].dtype == torch.bfloat16
+        diff = (merged[name].double() - rounded.double()).abs()
+        assert bool((diff <= ulp(rounded)).all()), f"{name}: max diff {diff.max()}"
