@@ -297,3 +297,43 @@ def test_bf16_base_with_adapters_and_a_full_fine_tune(tmp_path, granularity):
         assert merged[name].dtype == torch.bfloat16
         diff = (merged[name].double() - rounded.double()).abs()
         assert bool((diff <= ulp(rounded)).all()), f"{name}: max diff {diff.max()}"
+
+
+def test_convolution_adapters_merge_and_stay_an_adapter(tmp_path):
+    """LoRA on a Conv2d (A: a k x k convolution to rank r, B: 1x1 back), on a plain torch module."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 6, 3)
+            self.proj = torch.nn.Linear(8, 5)
+
+    def fresh() -> Net:
+        net = Net()
+        net.load_state_dict(load_dir(tmp_path / "base"))
+        return net
+
+    torch.manual_seed(0)
+    write_checkpoint(tmp_path / "base", {k: v.detach().clone() for k, v in Net().state_dict().items()})
+    names = []
+    for i, r in enumerate([2, 3]):
+        model = get_peft_model(fresh(), LoraConfig(r=r, lora_alpha=3, target_modules=["conv", "proj"]))
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        model.save_pretrained(tmp_path / f"c{i}")
+        names.append(tmp_path / f"c{i}")
+    base = load_dir(tmp_path / "base")
+    fts = [{k: v.double() for k, v in PeftModel.from_pretrained(fresh(), d).merge_and_unload().state_dict().items()}
+           for d in names]
+    got = load_dir(merge_models(tmp_path / "base", names, tmp_path / "full").path)
+    for name, b in base.items():
+        ref, _ = reference_merge(b, [f[name] for f in fts])
+        assert torch.allclose(got[name].double(), ref, atol=1e-6, rtol=0), name
+    adapter = merge_models(tmp_path / "base", names, tmp_path / "adapter", MergeOptions(output_format="adapter"))
+    sd = PeftModel.from_pretrained(fresh(), adapter.path).merge_and_unload().state_dict()
+    for name, w in got.items():
+        assert torch.allclose(sd[name], w, atol=2e-6, rtol=0), name
