@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="convert pickle-only models with torch.load(weights_only=True)")
     merge.add_argument("--fsync", action="store_true", help="flush shards to disk before renaming the output")
     merge.add_argument("--tokenizer-source", help="'base' (default), one of the models, or a directory")
+    merge.add_argument("--chat-template", help="'base', one of the models, a file or inline Jinja (default: the "
+                       "tokenizer source's, else the first fine-tune's)")
+    merge.add_argument("--output-format", choices=["model", "adapter"], default="model",
+                       help="adapter: write a PEFT LoRA adapter (every --model must be a LoRA adapter)")
+    merge.add_argument("--adapter-base-mismatch", choices=["error", "warn"], default="error",
+                       help="a LoRA adapter whose base_model_name_or_path is not --base: stop (default) or warn")
     _add_merge_options(merge)
     merge.set_defaults(func=_cmd_merge)
 
@@ -190,6 +196,12 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         recipe["output"]["fsync"] = True
     if args.tokenizer_source:
         recipe["tokenizer_source"] = args.tokenizer_source
+    if args.chat_template:
+        recipe["chat_template"] = args.chat_template
+    if args.output_format != "model":
+        recipe["output"]["format"] = args.output_format
+    if args.adapter_base_mismatch != "error":
+        recipe["adapter_base_mismatch"] = args.adapter_base_mismatch
     import yaml
 
     parsed = parse_recipe(yaml.safe_dump(recipe), "command line", with_lines=False)

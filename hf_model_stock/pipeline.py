@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -28,6 +29,7 @@ from hf_model_stock.merge.journal import (
 from hf_model_stock.merge.plan import MergeOptions, MergePlan, build_plan
 from hf_model_stock.merge.stats import ExecutionResult, TensorStats
 from hf_model_stock.publish import output_dir
+from hf_model_stock.publish.chat import add_union_tokens, finish_tokenizer
 from hf_model_stock.publish.report import (
     REPORT_NAME,
     MergeReport,
@@ -78,6 +80,9 @@ def options_from_recipe(recipe: Recipe, device: str | None = None) -> MergeOptio
         shard_bytes=recipe.output.shard_size,
         on_nonfinite=recipe.on_nonfinite,
         fsync=recipe.output.fsync,
+        output_format=recipe.output.format,
+        adapter_base_mismatch=recipe.adapter_base_mismatch,
+        tokenizer_source=recipe.tokenizer_source,
     )
 
 
@@ -117,6 +122,8 @@ def execute_plan(
         if m.path.resolve() == out_dir.resolve():
             raise ModelStockError(f"{out_dir}: output directory is also an input model ({m.label})")
     output_dir.check_destination(out_dir, overwrite)
+    if plan.options.output_format == "adapter":
+        return _execute_adapter_plan(plan, out_dir, overwrite, tokenizer_dir, recipe)
     tmp, lock, resuming = output_dir.claim_partial(out_dir, resume)
     try:
         done = _resumable(plan, tmp) if resuming else {}
@@ -150,6 +157,30 @@ def execute_plan(
     return MergeOutcome(path=out_dir, report=report)
 
 
+def _execute_adapter_plan(plan: MergePlan, out_dir: Path, overwrite: bool, tokenizer_dir: Path | None,
+                          recipe: dict[str, Any] | None) -> MergeOutcome:
+    """Merge LoRA adapters into one LoRA adapter in ``out_dir`` (temp dir + rename, like a full merge)."""
+    from hf_model_stock.merge.adapter_out import check_adapter_output, merge_adapters
+    from hf_model_stock.publish.adapter_output import write_adapter
+
+    check_adapter_output(plan)
+    tmp, lock, _ = output_dir.claim_partial(out_dir, False)
+    try:
+        started = time.perf_counter()
+        merged = merge_adapters(plan)
+        with _writing(tmp):
+            shas = write_adapter(merged, tmp)
+        result = ExecutionResult(tensors=merged.stats, shard_sha256=shas)
+        report = _write_metadata(plan, result, tmp, tokenizer_dir or plan.base.path, recipe, started)
+        output_dir.commit_dir(tmp, out_dir, overwrite)
+    except BaseException:
+        output_dir.remove_dir(tmp)
+        raise
+    finally:
+        os.close(lock)
+    return MergeOutcome(path=out_dir, report=report)
+
+
 @contextmanager
 def _writing(path: Path) -> Iterator[None]:
     """Report an OSError while ``path`` is written (a full disk, say) as one line naming the file."""
@@ -161,14 +192,26 @@ def _writing(path: Path) -> Iterator[None]:
 
 def _write_metadata(plan: MergePlan, result: ExecutionResult, tmp: Path, tokenizer_dir: Path,
                     recipe: dict[str, Any] | None, started: float) -> MergeReport:
-    """Index, config, tokenizer, merge_report.json, t plot and model card beside the merged shards."""
-    with _writing(tmp / INDEX_NAME):
-        write_index(tmp, plan.shards)
-    with _writing(tmp / "config.json"):
-        output_dir.write_config(plan.base.path, tmp, plan.options.dtype)
+    """Index, config, tokenizer, merge_report.json, t plot and model card beside the merged shards
+    (an adapter output has no index and no config.json)."""
+    if plan.options.output_format != "adapter":
+        with _writing(tmp / INDEX_NAME):
+            write_index(tmp, plan.shards)
+        with _writing(tmp / "config.json"):
+            output_dir.write_config(plan.base.path, tmp, plan.options.dtype)
+            if plan.vocab is not None and (tmp / "config.json").is_file():  # the tokenizer source's vocabulary
+                config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+                config["vocab_size"] = plan.vocab.rows
+                (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     with _writing(tmp):
         tokenizer_files = output_dir.copy_tokenizer(tokenizer_dir, tmp)
         copy_code_files(plan.base.path, tokenizer_dir, tmp)  # the *.py files an auto_map names
+        if plan.vocab is not None:
+            add_union_tokens(tmp, plan.vocab.added_tokens)
+        chat = finish_tokenizer(tmp, base=("base", plan.base.path), models=[(m.entry.model, m.path) for m in plan.models],
+                                tokenizer_dir=tokenizer_dir, spec=(recipe or {}).get("chat_template"))
+        plan.notes.extend(n for n in chat.notes if n not in plan.notes)
+        tokenizer_files = sorted(set(tokenizer_files) | {p.name for p in tmp.glob("chat_template.jinja")})
     report = build_report(
         plan, result, seconds=time.perf_counter() - started, recipe=recipe, tokenizer_files=tokenizer_files
     )
@@ -225,7 +268,7 @@ def merge_models(
 
 def tokenizer_dir_for(recipe: Recipe, base: ResolvedModel, models: Sequence[ResolvedModel]) -> Path:
     """The directory whose tokenizer files the merged model carries (``tokenizer_source``)."""
-    if recipe.tokenizer_source == "base":
+    if recipe.tokenizer_source in ("base", "union"):  # union: the base's, extended by the merge (sources.vocab)
         return base.path
     for m in models:
         if m.entry.model == recipe.tokenizer_source:

@@ -100,6 +100,7 @@ class Output(_Strict):
     overwrite: bool = False
     fsync: bool = False
     on_interrupt: Literal["keep", "remove"] = "keep"  # keep: Ctrl-C/SIGTERM leave the partial output for --resume
+    format: Literal["model", "adapter"] = "model"  # adapter: a PEFT LoRA (when every fine-tune is a LoRA adapter)
     push_to_hub: PushToHub | None = None
 
     @field_validator("shard_size", mode="before")
@@ -119,8 +120,10 @@ class Recipe(_Strict):
     compute: Compute = Compute()
     output: Output = Output()
     tokenizer_source: str = "base"
+    chat_template: str | None = None  # base, a model of the recipe, a file or inline Jinja; unset: see publish.chat
     allow_pickle: bool = False
     on_nonfinite: Literal["error", "warn"] = "error"
+    adapter_base_mismatch: Literal["error", "warn"] = "error"  # a LoRA adapter trained on another base
     evals: EvalSpec | None = None
 
     @field_validator("method")
@@ -153,12 +156,19 @@ class Recipe(_Strict):
             for entry in [self.base_model, *self.models]:
                 if _is_local(entry) and Path(entry.model).expanduser().resolve() == out:
                     raise ValueError(f"output.path: {self.output.path} is also an input model")
-        if self.tokenizer_source not in ("base", *(m.model for m in self.models)) and not Path(
+        if self.tokenizer_source not in ("base", "union", *(m.model for m in self.models)) and not Path(
             self.tokenizer_source
         ).expanduser().is_dir():
             raise ValueError(
-                f"tokenizer_source: {self.tokenizer_source!r} is neither 'base', one of the models, nor a directory"
+                f"tokenizer_source: {self.tokenizer_source!r} is neither 'base', 'union', one of the models, nor a directory"
             )
+        if self.chat_template is not None and not (
+            self.chat_template in ("base", *(m.model for m in self.models))
+            or "{{" in self.chat_template or "{%" in self.chat_template
+            or Path(self.chat_template).expanduser().is_file()
+        ):
+            raise ValueError(f"chat_template: {self.chat_template!r} is neither 'base', one of the models, a file "
+                             "nor inline Jinja")
         return self
 
 
@@ -191,8 +201,11 @@ def _relative_to(base: Path, data: dict[str, Any]) -> dict[str, Any]:
         data["base_model"] = relative_model_ref(base, data["base_model"])
     if isinstance(data.get("models"), list):
         data["models"] = [relative_model_ref(base, m) for m in data["models"]]
-    if isinstance(data.get("tokenizer_source"), str) and data["tokenizer_source"] != "base":
+    if isinstance(data.get("tokenizer_source"), str) and data["tokenizer_source"] not in ("base", "union"):
         data["tokenizer_source"] = relative_model_ref(base, data["tokenizer_source"])
+    chat = data.get("chat_template")
+    if isinstance(chat, str) and chat != "base" and "{{" not in chat and "{%" not in chat:
+        data["chat_template"] = relative_model_ref(base, chat)
     out = data.get("output")
     if isinstance(out, dict) and isinstance(out.get("path"), str) and not Path(out["path"]).is_absolute():
         data["output"] = {**out, "path": str(base / out["path"])}

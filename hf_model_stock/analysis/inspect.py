@@ -173,8 +173,10 @@ def inspect_resolved(
     from hf_model_stock.io.buffers import host_buffer
     from hf_model_stock.io.reader import ShardFiles
     from hf_model_stock.merge.compute import UnitCompute
+    from hf_model_stock.merge.lowrank import LowRankCompute
     from hf_model_stock.merge.plan import MergeOptions
     from hf_model_stock.merge.units import read_unit, unit_buffer_bytes
+    from hf_model_stock.merge.vocab import VocabCompute, read_vocab_unit
     from hf_model_stock.methods.model_stock import ModelStockParams, ratio_from_gram
     from hf_model_stock.pipeline import plan_merge
 
@@ -183,6 +185,8 @@ def inspect_resolved(
     n = len(models)
     tasks = [t for t in plan.tasks if t.merge]
     compute = UnitCompute(n, 0, "cpu", 0)  # one worker per core, as the merger
+    lowrank = LowRankCompute()  # tensors where some fine-tunes are LoRA adapters
+    vocab = VocabCompute()  # embedding rows matched by token
     buf = host_buffer(unit_buffer_bytes(plan))
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     rows: list[TensorRow] = []
@@ -194,7 +198,11 @@ def inspect_resolved(
             for task in tasks:
                 gram = np.zeros((n, n))
                 for start, stop in task.units():
-                    gram += compute.gram(task, read_unit(buf, task, start, stop, files))
+                    if task.vocab is not None:
+                        gram += vocab.gram(task, read_vocab_unit(buf, task, start, stop, files), start, stop)
+                        continue
+                    views = read_unit(buf, task, start, stop, files)
+                    gram += lowrank.gram(task, views, start, stop) if task.deltas else compute.gram(task, views)
                     bar.update((stop - start) * task.in_bytes_per_elem)
                 ratio = ratio_from_gram(gram, params)
                 rows.append(TensorRow(task.name, layer_key(task.name), task.numel, float(ratio.t), float(ratio.cos),

@@ -34,9 +34,11 @@ from hf_model_stock.io.dtypes import itemsize, storage_dtype
 from hf_model_stock.io.reader import ShardFiles
 from hf_model_stock.io.writer import ShardWriter
 from hf_model_stock.merge.compute import UnitCompute
+from hf_model_stock.merge.lowrank import LowRankCompute
 from hf_model_stock.merge.plan import OUT_BUFFERS, MergePlan, TensorTask
 from hf_model_stock.merge.stats import ExecutionResult, TensorStats
 from hf_model_stock.merge.units import read_unit, unit_buffer_bytes
+from hf_model_stock.merge.vocab import VocabCompute, read_vocab_unit
 from hf_model_stock.methods.model_stock import Ratio, concat_ratios
 from hf_model_stock.methods.registry import METHODS
 
@@ -115,7 +117,8 @@ def _read_units(
                         pool.release(buf)
 
                     try:
-                        views = read_unit(buf, task, start, stop, files, mapped)
+                        read = read_vocab_unit if task.vocab is not None else read_unit
+                        views = read(buf, task, start, stop, files, mapped)
                     except BaseException:
                         release()
                         raise
@@ -258,6 +261,8 @@ class _UnitMerger:
         self.plan, self.compute, self.writer, self.out_pool = plan, compute, writer, out_pool
         self.cancelled, self.record = cancelled, record
         self.ratio_fn = METHODS[plan.options.method]
+        self.lowrank = LowRankCompute()  # tensors where some fine-tunes are LoRA adapters
+        self.vocab = VocabCompute()  # embedding rows matched by token (different vocabularies)
         self.gram_sum: np.ndarray | None = None
         self.ratio: Ratio | None = None
 
@@ -271,12 +276,34 @@ class _UnitMerger:
 
     def gram(self, unit: _Unit) -> None:
         task = unit.task
-        part = self.compute.gram(task, unit.views)
+        if task.deltas or task.vocab is not None:
+            part = self._rows_compute(task).gram(task, unit.views, unit.start, unit.stop)
+        else:
+            part = self.compute.gram(task, unit.views)
         self.gram_sum = part if unit.start == 0 or self.gram_sum is None else self.gram_sum + part
         unit.release()
         if unit.last:
             self.ratio = self.ratio_fn(self.gram_sum, self.plan.options.params)
             self._finish(task, self.ratio, "layer")
+
+    def _rows_compute(self, task: TensorTask) -> LowRankCompute | VocabCompute:
+        return self.vocab if task.vocab is not None else self.lowrank
+
+    def _merge_rows(self, unit: _Unit, out: np.ndarray) -> None:
+        """A unit of whole rows of a tensor with adapter deltas or token-matched rows."""
+        task, params = unit.task, self.plan.options.params
+        compute = self._rows_compute(task)
+        if unit.phase is Phase.WRITE:
+            assert self.ratio is not None
+            compute.write(task, unit.views, unit.start, unit.stop, self.ratio.t, out)
+            return
+        part = compute.merge(task, unit.views, unit.start, unit.stop, out, self.ratio_fn, params)
+        if task.filter_wise:
+            self.ratio = part if unit.start == 0 or self.ratio is None else concat_ratios([self.ratio, part])
+        else:
+            self.ratio = part
+        if unit.last:
+            self._finish(task, self.ratio, "filter" if task.filter_wise else "layer")
 
     def merge(self, unit: _Unit) -> None:
         """A unit of a one-pass tensor (``FULL``) or of a second pass (``WRITE``): compute and write it."""
@@ -284,7 +311,9 @@ class _UnitMerger:
         out_buf = self.out_pool.acquire(self.cancelled)
         out_bytes = (unit.stop - unit.start) * itemsize(task.out_dtype)
         out = out_buf[:out_bytes].view(storage_dtype(task.out_dtype))
-        if task.filter_wise:
+        if task.deltas or task.vocab is not None:
+            self._merge_rows(unit, out)
+        elif task.filter_wise:
             part = self.compute.merge_filter(task, unit.views, out, self.ratio_fn, params)
             self.ratio = part if unit.start == 0 or self.ratio is None else concat_ratios([self.ratio, part])
             if unit.last:

@@ -30,7 +30,8 @@ from hf_model_stock.versions import merge_versions
 
 JOURNAL_NAME = ".hfms-journal.jsonl"
 JOURNAL_VERSION = 1
-_NOT_IN_FINGERPRINT = ("prefetch", "fsync")  # options that cannot change a single output byte
+# options that cannot change a single output byte (of a full-weight output, which alone is resumable)
+_NOT_IN_FINGERPRINT = ("prefetch", "fsync", "output_format", "adapter_base_mismatch", "tokenizer_source")
 
 
 def plan_fingerprint(plan: MergePlan) -> str:
@@ -43,12 +44,18 @@ def plan_fingerprint(plan: MergePlan) -> str:
             if str(info.path) not in files:
                 st = info.path.stat()
                 files[str(info.path)] = [st.st_size, st.st_mtime_ns]
+    for adapter in plan.adapters.values():  # LoRA adapters, loaded whole
+        for path in adapter.files:
+            st = path.stat()
+            files[str(path)] = [st.st_size, st.st_mtime_ns]
     sources = [[m.label, str(m.path), m.commit] for m in [plan.base, *plan.models]]
     tasks = [[t.name, t.out_dtype, t.merge, t.filter_wise, t.unit_elems,
               [[str(i.path), i.offset, i.dtype] for i in t.inputs]] for t in plan.tasks]
     shards = [[s.filename, hashlib.sha256(s.header).hexdigest()] for s in plan.shards]
     doc = {"versions": merge_versions(), "options": options, "sources": sources,
            "files": files, "tasks": tasks, "shards": shards}
+    if plan.vocab is not None:  # rows matched by token: the row map decides the embedding's bytes
+        doc["vocab"] = plan.vocab.digest()
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -32,14 +32,17 @@ def card_text(report: MergeReport, repo_id: str | None = None, t_plot: str | Non
     # base_model metadata must name Hub repos (the Hub rejects a card naming a local path there);
     # local sources are listed in the body only
     hub_ids = [s.repo_id for s in sources if s.repo_id]
+    adapter = report.output_format == "adapter"  # a merged LoRA adapter: an adapter of the base
+    if adapter:
+        hub_ids = hub_ids[:1] if sources[0].repo_id else []
     data = ModelCardData(
-        base_model=hub_ids or None,
-        library_name="transformers",
+        base_model=(hub_ids[0] if adapter else hub_ids) if hub_ids else None,
+        library_name="peft" if adapter else "transformers",
         pipeline_tag="text-generation",
-        tags=["merge", "model-stock", "hf-model-stock"],
+        tags=["merge", "model-stock", "hf-model-stock", *(["lora"] if adapter else [])],
     )
     if hub_ids:
-        data.base_model_relation = "merge"
+        data.base_model_relation = "adapter" if adapter else "merge"
     rows = layer_summary(report.tensors)
     summary = report.summary
     lines = [
@@ -50,6 +53,9 @@ def card_text(report: MergeReport, repo_id: str | None = None, t_plot: str | Non
         "Model Stock averages the fine-tunes and moves that average back towards the pre-trained weights by a "
         "per-tensor ratio t = N·cos / (1 + (N−1)·cos), where cos is the mean pairwise cosine between the "
         "fine-tunes' weight deltas: the more the fine-tunes agree, the closer the merge stays to their average.",
+        *(["", "This is a **LoRA adapter** of the base: the Model Stock merge of LoRA adapters, exactly "
+            "(rank Σ r_i per module, t folded into B). Load it with `PeftModel.from_pretrained(base, this)`."]
+          if adapter else []),
         "",
         "## Sources",
         "",

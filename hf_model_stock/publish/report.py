@@ -76,6 +76,7 @@ class MergeReport:
     versions: dict[str, str]
     recipe: dict[str, Any] | None
     tensors: list[TensorStats] = field(default_factory=list)
+    output_format: str = "model"  # "adapter": a merged PEFT LoRA adapter (adapter_model.safetensors)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written to merge_report.json (keys in the file's order)."""
@@ -100,6 +101,7 @@ class MergeReport:
             versions=dict(data["versions"]),
             recipe=data.get("recipe"),
             tensors=[TensorStats(**t) for t in data["tensors"]],
+            output_format=data.get("output_format", "model"),
         )
 
     def tensor(self, name: str) -> TensorStats:
@@ -190,6 +192,7 @@ def build_report(
         versions=merge_versions(),
         recipe=None if recipe is None else public_recipe(recipe, names),
         tensors=list(result.tensors),
+        output_format=plan.options.output_format,
     )
 
 

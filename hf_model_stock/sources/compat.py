@@ -3,7 +3,7 @@ pre-flight (headers fetched before any download) and the merge plan (local heade
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,8 +47,10 @@ def config_problems(base: Mapping[str, Any], models: Sequence[tuple[str, Mapping
     ]
 
 
-def check_tensors(base_config: Mapping[str, Any], base: Headers, models: Sequence[tuple[str, Headers]]) -> TensorCheck:
+def check_tensors(base_config: Mapping[str, Any], base: Headers, models: Sequence[tuple[str, Headers]],
+                  resizable: Collection[str] = ()) -> TensorCheck:
     """Compare each (label, headers) with the base's: missing or extra names, shapes, floating vs not.
+    Tensors in ``resizable`` (one row per token: ``sources.vocab``) may differ in their number of rows.
 
     A tied ``lm_head.weight`` stored by only some models is left out (transformers ties it on load)."""
     out = TensorCheck(names=set(base))
@@ -66,7 +68,7 @@ def check_tensors(base_config: Mapping[str, Any], base: Headers, models: Sequenc
         for name in sorted(out.names & theirs):
             b_dtype, b_shape = base[name]
             dtype, shape = theirs_headers[name]
-            if shape != b_shape:
+            if shape != b_shape and not (name in resizable and len(shape) == len(b_shape) and shape[1:] == b_shape[1:]):
                 out.problems.append(f"tensor {name!r}: shape {list(shape)} in {label} vs {list(b_shape)} in base")
             elif is_floating(dtype) != is_floating(b_dtype):
                 out.problems.append(f"tensor {name!r}: dtype {dtype} in {label} vs {b_dtype} in base")

@@ -38,6 +38,7 @@ from hf_model_stock.io.reader import (
     read_header,
 )
 from hf_model_stock.recipe import ModelEntry, Recipe
+from hf_model_stock.sources import adapters
 from hf_model_stock.sources import resolve as sources
 from hf_model_stock.sources.compat import check_tensors, config_problems, headers_of
 from hf_model_stock.sources.resolve import (
@@ -46,6 +47,7 @@ from hf_model_stock.sources.resolve import (
     SMALL_FILE_PATTERNS,
     read_json_object,
 )
+from hf_model_stock.sources.vocab import vocab_tensor_names
 
 MAX_PROBLEMS_IN_MESSAGE = 100
 HEADER_TIMEOUT_S = 30.0
@@ -72,6 +74,8 @@ class SourceInfo:
     convert_bytes: int = 0  # pickle weights to rewrite as safetensors in our cache
     header_bytes_fetched: int = 0  # bytes read over HTTP to get the safetensors headers
     error: str | None = None
+    adapter_config: dict[str, Any] | None = None  # a PEFT LoRA adapter's adapter_config.json
+    has_tokenizer: bool = False  # a tokenizer.json, to match embedding rows by token (sources.vocab)
 
     @property
     def label(self) -> str:
@@ -203,9 +207,10 @@ def preflight(recipe: Recipe, *, check: bool = True, output: Path | None = None)
     report.problems += [s.error for s in infos if s.error]
     if not base.error:
         compare(report)
+        _check_adapters(report, recipe)
         report.output_bytes = _output_bytes(base, recipe.dtype)
     for s in infos:
-        if not s.error and s.tensors is None:
+        if not s.error and s.tensors is None and s.adapter_config is None:
             report.notes.append(f"{s.label}: pickle weights, converted to safetensors before the merge; their "
                                 "tensors are checked then, not now")
     report.disk = disk_checks(report, output or (Path(recipe.output.path) if recipe.output.path else None))
@@ -242,8 +247,14 @@ def _inspect_local(info: SourceInfo, allow_pickle: bool) -> None:
     if info.entry.revision:
         raise SourceError(f"{info.entry.model}: a local path cannot take a revision ({info.entry.revision!r})")
     directory = path if path.is_dir() else path.parent
+    info.has_tokenizer = (directory / "tokenizer.json").is_file()
     if (directory / "config.json").is_file():
         info.config_data = read_json_object(directory / "config.json")
+    if path.is_dir() and adapters.is_adapter(path) and not (path / SINGLE_NAME).is_file():
+        _adapter_info(info, adapters.read_adapter_config(path, info.label), [adapters.ADAPTER_WEIGHTS])
+        weights = adapters.check_weights_file(path, info.label)
+        info.weight_bytes = weights.stat().st_size
+        return
     if path.is_dir() and not ((path / INDEX_NAME).is_file() or (path / SINGLE_NAME).is_file()):
         pickles = sources.local_pickle_weights(path)
         if not pickles:
@@ -310,6 +321,7 @@ def _inspect_hub(info: SourceInfo, allow_pickle: bool) -> None:
         raise SourceError(f"{entry.label}: cannot tell which commit {entry.revision or 'main'!r} is")
     info.commit = commit
     files = {f.path: f for f in listing}
+    info.has_tokenizer = "tokenizer.json" in files
 
     def fetch(name: str) -> Path:
         return Path(hf_hub_download(repo_id, name, revision=commit))
@@ -335,6 +347,14 @@ def _inspect_hub(info: SourceInfo, allow_pickle: bool) -> None:
             raise CheckpointError(f"{entry.label}: {INDEX_NAME} names shard(s) not in the repo: {', '.join(missing)}")
     elif SINGLE_NAME in files:
         shards = [SINGLE_NAME]
+    elif adapters.ADAPTER_CONFIG in files:
+        _adapter_info(info, adapters.read_adapter_config(fetch(adapters.ADAPTER_CONFIG), info.label),
+                      [adapters.ADAPTER_WEIGHTS])
+        if adapters.ADAPTER_WEIGHTS not in files:
+            raise SourceError(adapters.missing_weights_message(info.label, adapters.ADAPTER_PICKLE in files))
+        info.weight_bytes = files[adapters.ADAPTER_WEIGHTS].size
+        info.download_bytes = _bytes_to_download(files, [*_small_files(files), *adapters.ADAPTER_FILE_PATTERNS], cached)
+        return
     elif partial and sources.pickle_weight_files(files) is None:
         raise SourceError(f"{entry.label}: neither {SINGLE_NAME} nor {INDEX_NAME} in the local cache (snapshot "
                           f"{commit[:12]}) and the Hub is offline (HF_HUB_OFFLINE)")
@@ -366,6 +386,34 @@ def _inspect_hub(info: SourceInfo, allow_pickle: bool) -> None:
         tensors = {k: v for k, v in tensors.items() if k in index_names}
     info.tensors = tensors
     info.download_bytes = _bytes_to_download(files, [*_small_files(files), *shards], cached)
+
+
+def _adapter_info(info: SourceInfo, config: dict[str, Any], weight_files: list[str]) -> None:
+    info.adapter_config = config
+    info.weight_format = "peft lora adapter"
+    info.weight_files = weight_files
+
+
+def _check_adapters(report: PreflightReport, recipe: Recipe) -> None:
+    """Each adapter's declared base against the recipe's (from adapter_config.json, before any download)."""
+    base = report.base
+    names = [base.entry.model, base.entry.label, base.repo_id or "", str(base.config_data.get("_name_or_path") or "")]
+    for m in report.models:
+        if m.error or m.adapter_config is None:
+            continue
+        try:
+            note = adapters.check_base(m.adapter_config.get("base_model_name_or_path"), names, base.path, m.label,
+                                       base.label, recipe.adapter_base_mismatch)
+        except CompatibilityError as exc:
+            report.problems.append(str(exc))
+            continue
+        if note:
+            report.notes.append(note)
+    if recipe.output.format == "adapter":
+        full = [m.label for m in report.models if not m.error and m.adapter_config is None]
+        if full:
+            report.problems.append(f"output.format adapter: every fine-tune must be a LoRA adapter; "
+                                   f"{', '.join(full)} {'is a full model' if len(full) == 1 else 'are full models'}")
 
 
 def _small_files(files: dict[str, Any]) -> list[str]:
@@ -459,15 +507,24 @@ def compare(report: PreflightReport) -> None:
     ok_models = [m for m in report.models if not m.error]
     report.problems += config_problems(base.config_data, [(m.label, m.config_data) for m in ok_models])
     vocab = base.config_data.get("vocab_size")
+    untokenized = [s.label for s in [base, *ok_models] if not s.has_tokenizer or s.adapter_config is not None]
+    tokenized = not untokenized
     for m in ok_models:
         theirs = m.config_data.get("vocab_size")
-        if vocab is not None and theirs is not None and theirs != vocab:
+        if vocab is not None and theirs is not None and theirs != vocab and not tokenized:
+            one = len(untokenized) == 1
             report.problems.append(f"config vocab_size: {theirs} in {m.label} vs {vocab} in base (a resized "
-                                   "vocabulary: embedding and output shapes differ)")
+                                   "vocabulary: embedding rows are matched by token only when every model has a "
+                                   f"tokenizer.json, and {', '.join(untokenized)} {'has' if one else 'have'} none "
+                                   f"or {'is' if one else 'are'} LoRA adapters)")
+        elif vocab is not None and theirs is not None and theirs != vocab:
+            report.notes.append(f"config vocab_size: {theirs} in {m.label} vs {vocab} in base: embedding rows are "
+                                "matched by token through the tokenizers (the output has the tokenizer source's)")
     if base.tensors is None:
         return
     known = [(m.label, m.tensors) for m in ok_models if m.tensors is not None]
-    check = check_tensors(base.config_data, base.tensors, known)
+    check = check_tensors(base.config_data, base.tensors, known,
+                          resizable=vocab_tensor_names(base.tensors) if tokenized else ())
     report.problems += check.problems
     report.notes += check.notes
 

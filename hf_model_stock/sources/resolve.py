@@ -27,6 +27,7 @@ from typing import Any
 from hf_model_stock.errors import SourceError
 from hf_model_stock.io.index import INDEX_NAME, SINGLE_NAME, read_weight_map
 from hf_model_stock.recipe import ModelEntry
+from hf_model_stock.sources.adapters import ADAPTER_CONFIG, ADAPTER_FILE_PATTERNS
 from hf_model_stock.sources.remote_code import has_custom_code
 
 # Small files a merge reads or carries over: configs, the index, tokenizer files.
@@ -212,6 +213,9 @@ def resolve(
         names = repo_file_names(entry, commit)
         if SINGLE_NAME in names:
             shards = [SINGLE_NAME]
+        elif ADAPTER_CONFIG in names:  # a PEFT LoRA adapter: its config and weights (sources.adapters)
+            path = _snapshot(entry, commit, SMALL_FILE_PATTERNS + ADAPTER_FILE_PATTERNS)
+            return ResolvedModel(entry=entry, path=path, repo_id=entry.model, commit=commit)
         else:
             return _resolve_pickle(entry, commit, small, names, allow_pickle)
     code = ["*.py"] if has_custom_code(small) else []  # auto_map: the repo's modules go with it
