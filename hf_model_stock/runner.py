@@ -16,6 +16,7 @@ from hf_model_stock.pipeline import (
 from hf_model_stock.publish.hub import push_recipe_output
 from hf_model_stock.recipe import Recipe
 from hf_model_stock.sources.preflight import preflight
+from hf_model_stock.sources.remote import resolve_streamed
 from hf_model_stock.sources.resolve import resolve
 
 
@@ -40,10 +41,11 @@ def run_recipe(
     if dry_run:
         print(checked.describe())
     checked.raise_for_problems()  # every mismatch, in one line, before any weight is downloaded
-    if dry_run and (checked.download_bytes or any(s.convert_bytes for s in checked.sources)):
+    if dry_run and not recipe.compute.stream and (checked.download_bytes or any(s.convert_bytes for s in checked.sources)):
         return None  # the full plan needs the weights on disk; do not download them for a dry run
-    base = resolve(recipe.base_model, allow_pickle=recipe.allow_pickle)
-    models = [resolve(m, allow_pickle=recipe.allow_pickle) for m in recipe.models]
+    resolver = resolve_streamed if recipe.compute.stream else resolve  # streamed: weights stay on the Hub
+    base = resolver(recipe.base_model, allow_pickle=recipe.allow_pickle)
+    models = [resolver(m, allow_pickle=recipe.allow_pickle) for m in recipe.models]
     plan = plan_merge(base, models, options)
     if dry_run:
         print(plan.describe())

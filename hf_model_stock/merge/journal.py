@@ -40,9 +40,9 @@ def plan_fingerprint(plan: MergePlan) -> str:
     files: dict[str, list[int]] = {}
     for task in plan.tasks:
         for info in task.inputs:
-            if str(info.path) not in files:
-                st = info.path.stat()
-                files[str(info.path)] = [st.st_size, st.st_mtime_ns]
+            if str(info.path) not in files:  # a streamed shard is not on disk: its source's commit names it
+                st = info.path.stat() if info.path.exists() else None
+                files[str(info.path)] = [st.st_size, st.st_mtime_ns] if st else [-1, -1]
     sources = [[m.label, str(m.path), m.commit] for m in [plan.base, *plan.models]]
     tasks = [[t.name, t.out_dtype, t.merge, t.filter_wise, t.unit_elems,
               [[str(i.path), i.offset, i.dtype] for i in t.inputs]] for t in plan.tasks]

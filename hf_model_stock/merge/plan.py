@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from hf_model_stock.errors import CompatibilityError
 from hf_model_stock.io.dtypes import is_floating, itemsize
-from hf_model_stock.io.reader import Checkpoint, TensorInfo
+from hf_model_stock.io.reader import TensorInfo
 from hf_model_stock.io.writer import OutputTensor, ShardLayout, layout_shards
 from hf_model_stock.methods.model_stock import DEFAULT_BLOCK, ModelStockParams
 from hf_model_stock.sources.compat import check_tensors, config_problems, headers_of
@@ -153,8 +153,8 @@ def build_plan(base: ResolvedModel, models: list[ResolvedModel], options: MergeO
     """
     if len(models) < 2:
         raise CompatibilityError(f"Model Stock needs at least 2 fine-tuned models, got {len(models)}")
-    base_ckpt = Checkpoint.open(base.path)
-    ckpts = [Checkpoint.open(m.path) for m in models]
+    base_ckpt = base.checkpoint()
+    ckpts = [m.checkpoint() for m in models]
     problems = config_problems(base.config(), [(m.label, m.config()) for m in models])
     check = check_tensors(base.config(), headers_of(base_ckpt), [(m.label, headers_of(c)) for m, c in zip(models, ckpts)])
     problems += check.problems
