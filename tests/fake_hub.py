@@ -24,6 +24,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -44,15 +45,15 @@ class Blob:
     data: bytes
     lfs: bool
 
-    @property
+    @cached_property  # computed once: a request for a range must not hash the whole file again
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
-    @property
+    @cached_property
     def pointer(self) -> bytes:
         return f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.sha256}\nsize {len(self.data)}\n".encode()
 
-    @property
+    @cached_property
     def oid(self) -> str:  # what the tree listing calls the git blob id
         return git_blob_oid(self.pointer if self.lfs else self.data)
 
