@@ -27,6 +27,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import json
+import mmap
 import os
 import tempfile
 import threading
@@ -34,6 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,7 +305,7 @@ class RemoteShard:
         self._cursor = start  # the stream is consumed up to here
         self._next = start  # the next byte to ask for
         self._pieces: deque[tuple[int, Future]] = deque()
-        self._cur: bytearray | None = None
+        self._cur: mmap.mmap | None = None
         self._cur_off = start
         self.finished = self._live == 0
 
@@ -315,8 +317,10 @@ class RemoteShard:
             self._pieces.append((self._next, self._pool.submit(self._fetch, self._next, n)))
             self._next += n
 
-    def _fetch(self, offset: int, n: int) -> bytearray:
-        buf = bytearray(n)
+    def _fetch(self, offset: int, n: int) -> mmap.mmap:
+        # An anonymous mapping per piece, unmapped when dropped: pieces of bytearrays, allocated on
+        # the fetch threads' malloc arenas and freed on the reader's, kept ~0.3 GB more resident.
+        buf = mmap.mmap(-1, n)
         fetch_range(self.file, offset, memoryview(buf), self._count, self._cancelled)
         return buf
 
@@ -328,7 +332,13 @@ class RemoteShard:
         self._cur = None
         self._fill()
         offset, future = self._pieces.popleft()
-        self._cur, self._cur_off = future.result(), offset
+        while True:
+            try:
+                self._cur, self._cur_off = future.result(timeout=0.1), offset
+                break
+            except FutureTimeout:
+                if self._cancelled.is_set():  # the merge stopped (Ctrl-C): do not wait for the network
+                    raise SourceError(f"{self.file.where}: interrupted") from None
         self._hasher.update(self._cur)
         end, state = offset + len(self._cur), self._hasher.state()
         if self._state is not None and state is not None and end < self.file.size:
@@ -418,6 +428,10 @@ class RemoteShard:
                                   f"(got {got[:16]}..., expected {expected[:16]}...): the download was corrupted; "
                                   "nothing was written")
 
+    def cancel(self) -> None:
+        """Make the reading thread and the fetches give up (from any thread)."""
+        self._cancelled.set()
+
     def close(self) -> None:
         self._cancelled.set()
         for _, future in self._pieces:
@@ -482,6 +496,11 @@ class RemoteShardFiles(ShardFiles):
             self._shard(info.path).read(info.offset + start, dest)
         else:
             super().read_into(info, start, dest, keep_cached)
+
+    def interrupt(self) -> None:
+        """The merge stopped: reads waiting for the network give up, fetches stop (any thread)."""
+        for shard in list(self._shards.values()):
+            shard.cancel()
 
     @property
     def complete(self) -> bool:

@@ -349,6 +349,7 @@ def _execute(plan: MergePlan, directory: Path, progress: bool, journal: Journal 
         raise
     finally:
         cancelled.set()
+        getattr(files, "interrupt", lambda: None)()  # streamed shards: stop waiting for the network
         reader.join()
         if bar is not None:
             bar.close()

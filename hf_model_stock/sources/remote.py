@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_model_stock.errors import CheckpointError, SourceError
+from hf_model_stock.errors import CheckpointError, ModelStockError, SourceError
 from hf_model_stock.io.index import INDEX_NAME, SINGLE_NAME, read_weight_map
 from hf_model_stock.io.reader import Checkpoint, TensorInfo, check_header_length, parse_header
 from hf_model_stock.io.remote import RemoteFile
@@ -47,6 +47,25 @@ def remote_files(plan_models: list[Any]) -> dict[Path, RemoteFile]:
         if isinstance(m, StreamedModel):
             out.update(m.files)
     return out
+
+
+def resolve_all_streamed(entries: list[ModelEntry], *, allow_pickle: bool = False) -> list[ResolvedModel]:
+    """``resolve_streamed`` for every source at once (a thread each: the calls wait on the network);
+    every source that fails is named, in one line."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(entry: ModelEntry) -> ResolvedModel | str:
+        try:
+            return resolve_streamed(entry, allow_pickle=allow_pickle)
+        except ModelStockError as exc:
+            return str(exc)
+
+    with ThreadPoolExecutor(max(1, min(8, len(entries))), thread_name_prefix="hfms-resolve") as pool:
+        done = list(pool.map(one, entries))
+    failed = [d for d in done if isinstance(d, str)]
+    if failed:
+        raise SourceError("; ".join(failed))
+    return done  # type: ignore[return-value]
 
 
 def resolve_streamed(entry: ModelEntry, *, allow_pickle: bool = False) -> ResolvedModel:

@@ -140,6 +140,10 @@ def bench(args: argparse.Namespace) -> dict:
                                      str(out_a), "--stream", "-q", "--device", "cpu"], env("cache-a"), root)
                 runs["stream"]["output_bytes"] = dir_bytes(out_a) if out_a.exists() else 0
                 shutil.rmtree(out_a, ignore_errors=True)
+                if args.only_stream:
+                    print(json.dumps({k: runs["stream"][k] for k in ("wall_s", "peak_rss_tree_mb", "ru_maxrss_mb",
+                                                                     "net_write_bytes", "output_bytes")}), flush=True)
+                    continue
                 runs["download"] = job(measure, "download", "download", REPOS, env("cache-b"), root)
                 snaps = json.loads((root / "download.log").read_text().strip().splitlines()[-1])
                 out_b = root / "out-ours"
@@ -197,12 +201,13 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/hfms-bench")
     p.add_argument("--mergekit-venv", default="/work/mergekit-venv")
     p.add_argument("--out", type=Path)
+    p.add_argument("--only-stream", action="store_true", help="run (a) alone (a quick check)")
     args = p.parse_args()
     if args.cmd == "serve":
         serve(args)
         return
     results = bench(args)
-    results["summary"] = [summary_row(r["bandwidth_mb_s"], r) for r in results["runs"]]
+    results["summary"] = [summary_row(r["bandwidth_mb_s"], r) for r in results["runs"] if "download" in r]
     if args.out:
         args.out.write_text(json.dumps(results, indent=1))
 

@@ -218,3 +218,20 @@ def test_remote_shard_with_wrong_bytes_raises_at_its_last_read(hub, tmp_path):
         shard = RemoteShard(f, pool, [(0, 100, 1)], piece=300, window=2)
         with pytest.raises(CheckpointError, match="org/blob: shard w.safetensors does not match the Hub's LFS sha256"):
             shard.read(0, memoryview(bytearray(100)))
+
+
+def test_every_unreachable_source_is_named_in_one_line(hub, published, tmp_path, capsys):
+    assert main(args(tmp_path / "out", "org/base", "org/ft0", "org/nope1", "org/nope2", extra=("--stream",))) == 2
+    err = error_line(capsys)
+    assert "org/nope1: repository not found" in err and "org/nope2: repository not found" in err
+
+
+def test_incompatible_streamed_models_fail_from_headers_before_any_weight(hub, published, tmp_path, capsys):
+    from tests.hub_fixtures import CONFIG, tiny_llama
+    from tests.modelgen import write_checkpoint
+
+    hub.add_commit("org/wide", write_checkpoint(tmp_path / "wide", tiny_llama(5, inter=40), shards=2, config=CONFIG))
+    hub.reset_stats()
+    assert main(args(tmp_path / "out", "org/base", "org/ft0", "org/wide", extra=("--stream",))) == 2
+    assert "incompatibilities with base org/base" in error_line(capsys)
+    assert hub.weight_bytes_served == 0
