@@ -52,6 +52,8 @@ RETRIES = 5  # per piece, for a connection that drops or times out mid-body
 TIMEOUT_S = 60.0
 STREAM_STATE_NAME = ".hfms-stream.jsonl"
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+SPILL_AHEAD = 256 << 20  # bytes per shard that may be fetched ahead of the reads into the spill file
+_backoff = time.sleep  # between retries (tests make it instant)
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,7 @@ def fetch_range(file: RemoteFile, start: int, dest: memoryview, count: Callable[
             if failures > RETRIES:
                 raise SourceError(f"{file.where}: download failed {failures} times at byte {start + got} "
                                   f"({type(exc).__name__}: {exc}); check the connection and run again") from None
-            time.sleep(min(8.0, 0.25 * 2 ** failures))
+            _backoff(min(8.0, 0.25 * 2 ** failures))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,6 +273,27 @@ class StreamState:
 # One remote shard, read as a stream
 
 
+def _load_fallocate() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    return fn
+
+
+_fallocate = _load_fallocate()
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free a range of the spill file (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE); dirty pages there
+    are dropped before they reach the disk. Where the filesystem cannot, the bytes stay until the
+    file is truncated or closed."""
+    if _fallocate is not None and length > 0:
+        _fallocate(fd, 0x02 | 0x01, offset, length)
+
+
 @dataclass
 class _Region:
     """Bytes [offset, offset + nbytes) that the merge will read ``reads`` times."""
@@ -307,6 +330,9 @@ class RemoteShard:
         self._pieces: deque[tuple[int, Future]] = deque()
         self._cur: mmap.mmap | None = None
         self._cur_off = start
+        self._served = start  # the furthest byte read so far
+        self._failed: BaseException | None = None
+        self._lock = threading.Lock()
         self.finished = self._live == 0
 
     # -- the stream -----------------------------------------------------------------------------
@@ -388,10 +414,47 @@ class RemoteShard:
 
     # -- reads ----------------------------------------------------------------------------------
 
+    def drain(self) -> bool:
+        """When every piece in flight has arrived and the reads are not taking them (a second pass,
+        a slow merge), move one piece to the spill file so the connections keep going: the network
+        is not left idle while the disk's page cache can hold bytes for a while. False if nothing
+        was done. Called from the draining thread; never blocks on the network or on a read."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if (self.finished or self._cancelled.is_set() or len(self._pieces) < self._window - 1
+                    or not self._pieces[0][1].done() or self._cursor - self._served >= SPILL_AHEAD):
+                return False
+            if self._pieces[0][1].exception() is not None:
+                return False  # raised again by the read that needs it
+            end = self._pieces[0][0] + self._piece_len(0)
+            if self._cur is not None and self._cursor < self._cur_off + len(self._cur):
+                end = self._cur_off + len(self._cur)  # the current piece first
+            try:
+                self._consume(end, None, lambda a, b: True)
+            except BaseException as exc:  # a full disk, say: the next read raises it
+                self._failed = exc
+                return False
+            return True
+        finally:
+            self._lock.release()
+
+    def _piece_len(self, i: int) -> int:
+        offset = self._pieces[i][0]
+        nxt = self._pieces[i + 1][0] if i + 1 < len(self._pieces) else self._next
+        return nxt - offset
+
     def read(self, pos: int, dest: memoryview) -> None:
         """Bytes [pos, pos + len(dest)) of the file, which lie within one declared region."""
         if len(dest) == 0:
             return
+        with self._lock:
+            if self._failed is not None:
+                raise self._failed
+            self._read(pos, dest)
+            self._served = max(self._served, pos + len(dest))
+
+    def _read(self, pos: int, dest: memoryview) -> None:
         i = bisect.bisect_right(self._starts, pos) - 1
         region = self._regions[i] if i >= 0 else None
         if region is None or pos + len(dest) > region.offset + region.nbytes or region.left < len(dest):
@@ -411,6 +474,8 @@ class RemoteShard:
                 region.spilled = False
                 if self._spill is not None and not any(r.spilled for r in self._regions):
                     os.ftruncate(self._spill.fileno(), 0)  # nothing kept is needed any more
+                elif self._spill is not None:
+                    _punch_hole(self._spill.fileno(), region.offset, region.nbytes)
             if self._live == 0:
                 self._finish()
 
@@ -421,7 +486,8 @@ class RemoteShard:
         expected = self.file.sha256 or self.file.git_oid
         got = self._hasher.hexdigest()
         self.finished = True
-        self.close()
+        self._cancelled.set()
+        self._close()
         if expected and got != expected:
             what = "LFS sha256" if self.file.sha256 else "git blob id"
             raise CheckpointError(f"{self.file.repo_id}: shard {self.file.filename} does not match the Hub's {what} "
@@ -434,6 +500,10 @@ class RemoteShard:
 
     def close(self) -> None:
         self._cancelled.set()
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         for _, future in self._pieces:
             future.cancel()
         self._pieces.clear()
@@ -461,6 +531,9 @@ class RemoteShardFiles(ShardFiles):
         self._pool = ThreadPoolExecutor(max(2, min(32, WINDOW * max(1, active))), thread_name_prefix="hfms-fetch")
         self._fetched = 0
         self._count_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._drainer = threading.Thread(target=self._drain, name="hfms-drain", daemon=True)
+        self._drainer.start()
         self._bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -477,6 +550,16 @@ class RemoteShardFiles(ShardFiles):
             self._fetched += n
         if self._bar is not None:
             self._bar.update(n)
+
+    def _drain(self) -> None:
+        """Keep the connections busy while the reads pause (``RemoteShard.drain``)."""
+        while not self._stop.wait(0.01):
+            try:
+                while any([s.drain() for s in list(self._shards.values())]):
+                    if self._stop.is_set():
+                        return
+            except Exception:  # noqa: BLE001 - a read that needs the failed piece raises it
+                pass
 
     def _shard(self, path: Path) -> RemoteShard:
         shard = self._shards.get(path)
@@ -499,6 +582,7 @@ class RemoteShardFiles(ShardFiles):
 
     def interrupt(self) -> None:
         """The merge stopped: reads waiting for the network give up, fetches stop (any thread)."""
+        self._stop.set()
         for shard in list(self._shards.values()):
             shard.cancel()
 
@@ -508,6 +592,8 @@ class RemoteShardFiles(ShardFiles):
         return all(p in self._shards and self._shards[p].finished for p in self._remote if self._regions.get(p))
 
     def close(self) -> None:
+        self._stop.set()
+        self._drainer.join()
         for shard in self._shards.values():
             shard.close()
         self._pool.shutdown(wait=True, cancel_futures=True)

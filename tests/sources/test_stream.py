@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +30,7 @@ def small_pieces(monkeypatch):
     """1000-byte range requests, 3 in flight: tensors and units cross piece boundaries everywhere."""
     monkeypatch.setattr(remote_module, "PIECE_BYTES", 1000)
     monkeypatch.setattr(remote_module, "WINDOW", 3)
-    monkeypatch.setattr(remote_module.time, "sleep", lambda s: None)  # no backoff waits in tests
+    monkeypatch.setattr(remote_module, "_backoff", lambda s: None)  # no backoff waits in tests
 
 
 @pytest.fixture
@@ -235,3 +236,31 @@ def test_incompatible_streamed_models_fail_from_headers_before_any_weight(hub, p
     assert main(args(tmp_path / "out", "org/base", "org/ft0", "org/wide", extra=("--stream",))) == 2
     assert "incompatibilities with base org/base" in error_line(capsys)
     assert hub.weight_bytes_served == 0
+
+
+def test_pieces_drained_to_the_spill_while_reads_pause_are_read_back_exactly(hub, tmp_path):
+    data = bytes((i * 7) % 251 for i in range(20000))
+    hub.add_commit("org/blob", {"w.safetensors": data})
+    from huggingface_hub import hf_hub_url
+
+    f = RemoteFile(url=hf_hub_url("org/blob", "w.safetensors", revision="main"), size=len(data), repo_id="org/blob",
+                   filename="w.safetensors", revision="main", sha256=hashlib.sha256(data).hexdigest())
+    regions = [(0, 3000, 2), (3000, 9000, 1), (15000, 5000, 1)]
+    with ThreadPoolExecutor(4) as pool:
+        shard = RemoteShard(f, pool, regions, piece=700, window=3, spill_dir=tmp_path)
+        out = bytearray(1000)
+        shard.read(0, memoryview(out))
+        drained = 0
+        for _ in range(2000):  # the reads pause: the pieces go to the spill file as they arrive
+            drained += shard.drain()
+            if shard._cursor >= len(data) - 700:
+                break
+            time.sleep(0.001)
+        assert drained > 10, (drained, shard._cursor, [(o, f.done(), f.done() and f.exception()) for o, f in shard._pieces])
+        got = bytearray(len(data))
+        for pos, n in [(1000, 2000), (0, 3000), (3000, 4500), (7500, 4500), (15000, 5000)]:
+            view = memoryview(got)[pos:pos + n]
+            shard.read(pos, view)
+            assert view == data[pos:pos + n]
+        assert shard.finished
+    assert sum(r.body_bytes for r in hub.requests("GET", "/resolve/")) == len(data)
