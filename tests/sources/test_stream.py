@@ -264,3 +264,11 @@ def test_pieces_drained_to_the_spill_while_reads_pause_are_read_back_exactly(hub
             assert view == data[pos:pos + n]
         assert shard.finished
     assert sum(r.body_bytes for r in hub.requests("GET", "/resolve/")) == len(data)
+
+
+def test_dry_run_with_stream_prints_the_plan_without_fetching_weights(hub, published, tmp_path, capsys):
+    hub.reset_stats()
+    assert main(args(tmp_path / "out", *REPOS, extra=("--stream", "--dry-run"))) == 0
+    out = capsys.readouterr().out
+    assert "pre-flight: OK" in out and "bytes in:" in out and "shard:  model" in out
+    assert hub.weight_bytes_served == 0 and not (tmp_path / "out").exists() and not cached_blobs(tmp_path)
