@@ -53,6 +53,7 @@ TIMEOUT_S = 60.0
 STREAM_STATE_NAME = ".hfms-stream.jsonl"
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 SPILL_AHEAD = 64 << 20  # bytes per shard that may be fetched ahead of the reads into the spill file
+STALL_S = 0.25  # reads that have not taken a byte of the stream for this long have paused: drain
 _backoff = time.sleep  # between retries (tests make it instant)
 
 
@@ -356,6 +357,7 @@ class RemoteShard:
         self._buffers = buffers or PieceBuffers()
         self._cur_off = start
         self._served = start  # the furthest byte read so far
+        self._last_take = time.monotonic()  # when a read last took bytes from the stream
         self._failed: BaseException | None = None
         self._lock = threading.Lock()
         self.finished = self._live == 0
@@ -443,14 +445,15 @@ class RemoteShard:
     # -- reads ----------------------------------------------------------------------------------
 
     def drain(self) -> bool:
-        """When every piece in flight has arrived and the reads are not taking them (a second pass,
-        a slow merge), move one piece to the spill file so the connections keep going: the network
-        is not left idle while the disk's page cache can hold bytes for a while. False if nothing
-        was done. Called from the draining thread; never blocks on the network or on a read."""
+        """When every piece in flight has arrived and the reads have not taken any for ``STALL_S`` (a
+        second pass over a big tensor, read from the spill), move one piece to the spill file so
+        that the connections keep going (a merge that merely lags does not pay for the spill). False
+        if nothing was done. Called from the draining thread; never blocks on the network or a read."""
         if not self._lock.acquire(blocking=False):
             return False
         try:
             if (self.finished or self._cancelled.is_set() or len(self._pieces) < self._window - 1
+                    or time.monotonic() - self._last_take < STALL_S
                     or not self._pieces[0][1].done() or self._cursor - self._served >= SPILL_AHEAD):
                 return False
             if self._pieces[0][1].exception() is not None:
@@ -495,6 +498,7 @@ class RemoteShard:
             self._consume(pos + done, None, lambda a, b: True)  # skipped ahead: keep what is still to be read
             again = self._reads[region.offset] > 1
             self._consume(pos + len(dest), dest[done:], lambda a, b: again)
+            self._last_take = time.monotonic()
         region.left -= len(dest)
         if region.left == 0:
             self._live -= 1
