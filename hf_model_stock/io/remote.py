@@ -5,9 +5,11 @@ so a remote shard is read as one sequential stream: ``RemoteShard`` fetches the 
 ``PIECE_BYTES`` ranges, ``WINDOW`` of them at a time on a shared thread pool (several connections,
 so that one slow connection does not set the pace), consumes them in order and feeds every byte
 (header and gaps included) to a sha256 that is checked against the Hub's LFS oid once the file ends.
-Bytes that will be read again (the first pass over a tensor merged in two passes) or that are
-skipped ahead of the reads (a fine-tune laid out in another order) are kept in a temporary spill
-file, truncated as soon as nothing in it is needed any more; no other byte touches the disk.
+Bytes that will be read again (the first pass over a tensor merged in two passes), bytes skipped
+ahead of the reads (a fine-tune laid out in another order) and pieces that arrive while the reads
+have paused (``RemoteShard.drain``: a second pass reads the spill, not the network, and the
+connections should not idle meanwhile) are kept in a temporary spill file, whose ranges are freed
+as soon as they have been read for the last time; no other byte touches the disk.
 
 Requests go through huggingface_hub's session (its auth headers, ``HF_TOKEN``, ``HF_ENDPOINT``,
 redirects to LFS/Xet storage), retried with exponential backoff on 408/429/5xx and on connection
