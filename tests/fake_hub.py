@@ -311,9 +311,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.fake.bandwidth:
             view = memoryview(body)[:sent]
-            for i in range(0, len(view), 256 << 10):
-                self.fake.throttle(len(view[i:i + (256 << 10)]))
-                self.wfile.write(view[i:i + (256 << 10)])
+            step = max(4096, min(256 << 10, int(self.fake.bandwidth / 50)))  # a write every 20 ms at most
+            for i in range(0, len(view), step):
+                self.fake.throttle(len(view[i:i + step]))
+                self.wfile.write(view[i:i + step])
         else:
             self.wfile.write(body[:sent])
         if fault is not None:

@@ -272,3 +272,36 @@ def test_dry_run_with_stream_prints_the_plan_without_fetching_weights(hub, publi
     out = capsys.readouterr().out
     assert "pre-flight: OK" in out and "bytes in:" in out and "shard:  model" in out
     assert hub.weight_bytes_served == 0 and not (tmp_path / "out").exists() and not cached_blobs(tmp_path)
+
+
+def test_a_read_waiting_on_a_slow_network_gives_up_when_the_merge_is_interrupted(hub, tmp_path):
+    import threading
+
+    from hf_model_stock.errors import SourceError
+
+    data = bytes(200_000)
+    hub.add_commit("org/blob", {"w.safetensors": data})
+    hub.bandwidth = 20_000  # bytes/s: a piece takes seconds
+    from huggingface_hub import hf_hub_url
+
+    f = RemoteFile(url=hf_hub_url("org/blob", "w.safetensors", revision="main"), size=len(data), repo_id="org/blob",
+                   filename="w.safetensors", revision="main", sha256=hashlib.sha256(data).hexdigest())
+    errors: list[BaseException] = []
+    with ThreadPoolExecutor(2) as pool:
+        shard = RemoteShard(f, pool, [(0, len(data), 1)], piece=100_000, window=2)
+
+        def read() -> None:
+            try:
+                shard.read(0, memoryview(bytearray(len(data))))
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        shard.cancel()
+        reader.join(timeout=5)
+        assert not reader.is_alive() and time.monotonic() - started < 1.0
+        shard.close()
+    assert len(errors) == 1 and isinstance(errors[0], SourceError) and "interrupted" in str(errors[0])
