@@ -75,6 +75,8 @@ def _add_merge_options(p: argparse.ArgumentParser) -> None:
                    help="what Ctrl-C/SIGTERM do with the partial output (default: the recipe's output.on_interrupt, keep)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (from headers only) and exit")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (from any library) and no summary")
+    p.add_argument("--stream", action="store_true", default=None,
+                   help="read Hub sources' weights over HTTP as the merge goes, without storing them (compute.stream)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +151,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from hf_model_stock.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
+    if args.stream:
+        recipe = recipe.model_copy(update={"compute": recipe.compute.model_copy(update={"stream": True})})
     if not args.dry_run:
         _preload_in_background()
     from hf_model_stock.runner import run_recipe
@@ -188,6 +192,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         recipe["dtype"] = args.dtype
     if args.chunk_size:
         recipe["compute"] = {"chunk_size": args.chunk_size}
+    if args.stream:
+        recipe.setdefault("compute", {})["stream"] = True
     if args.shard_size:
         recipe["output"]["shard_size"] = args.shard_size
     if args.allow_pickle:

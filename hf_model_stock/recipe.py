@@ -76,6 +76,7 @@ class Compute(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     chunk_size: int = Field(default=128 * 2**20, description="bytes of input (all models) per unit of work")
     prefetch: int = Field(default=2, ge=1, le=16)
+    stream: bool = Field(default=False, description="read Hub sources' weights over HTTP during the merge, not into the cache")
 
     @field_validator("chunk_size", mode="before")
     @classmethod

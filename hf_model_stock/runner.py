@@ -17,6 +17,7 @@ from hf_model_stock.pipeline import (
 from hf_model_stock.publish.hub import push_recipe_output
 from hf_model_stock.recipe import Recipe
 from hf_model_stock.sources.preflight import preflight
+from hf_model_stock.sources.remote import resolve_all_streamed, resolve_streamed
 from hf_model_stock.sources.resolve import resolve
 
 
@@ -37,14 +38,20 @@ def run_recipe(
     says whether Ctrl-C/SIGTERM keep the partial output for it (``keep``) or remove it (``remove``)."""
     options = options_from_recipe(recipe, device)
     target = out_dir or (Path(recipe.output.path) if recipe.output.path else None)
-    checked = preflight(recipe, check=False, output=target)
-    if dry_run:
-        print(checked.describe())
-    checked.raise_for_problems()  # every mismatch, in one line, before any weight is downloaded
-    if dry_run and (checked.download_bytes or any(s.convert_bytes for s in checked.sources)):
-        return None  # the full plan needs the weights on disk; do not download them for a dry run
-    base = resolve(recipe.base_model, allow_pickle=recipe.allow_pickle)
-    models = [resolve(m, allow_pickle=recipe.allow_pickle) for m in recipe.models]
+    if recipe.compute.stream and not dry_run:
+        # nothing is downloaded before the merge: the plan checks every header as pre-flight would
+        base, *models = resolve_all_streamed([recipe.base_model, *recipe.models], allow_pickle=recipe.allow_pickle)
+    else:
+        checked = preflight(recipe, check=False, output=target)
+        if dry_run:
+            print(checked.describe())
+        checked.raise_for_problems()  # every mismatch, in one line, before any weight is downloaded
+        if dry_run and not recipe.compute.stream and (
+                checked.download_bytes or any(s.convert_bytes for s in checked.sources)):
+            return None  # the full plan needs the weights on disk; do not download them for a dry run
+        resolver = resolve_streamed if recipe.compute.stream else resolve  # streamed: weights stay on the Hub
+        base = resolver(recipe.base_model, allow_pickle=recipe.allow_pickle)
+        models = [resolver(m, allow_pickle=recipe.allow_pickle) for m in recipe.models]
     plan = plan_merge(base, models, options)
     if dry_run:
         print(plan.describe())

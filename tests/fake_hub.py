@@ -24,6 +24,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -44,15 +45,15 @@ class Blob:
     data: bytes
     lfs: bool
 
-    @property
+    @cached_property  # computed once: a request for a range must not hash the whole file again
     def sha256(self) -> str:
         return hashlib.sha256(self.data).hexdigest()
 
-    @property
+    @cached_property
     def pointer(self) -> bytes:
         return f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.sha256}\nsize {len(self.data)}\n".encode()
 
-    @property
+    @cached_property
     def oid(self) -> str:  # what the tree listing calls the git blob id
         return git_blob_oid(self.pointer if self.lfs else self.data)
 
@@ -87,6 +88,7 @@ class Fault:
     after_bytes: int = 0
     status: int = 403
     times: int = 1
+    range_from: int | None = None  # only requests with a Range starting at or after this byte
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,13 @@ class Logged:
 class FakeHub:
     """In-memory repos served over HTTP. ``with FakeHub() as hub: hub.url ...``"""
 
-    def __init__(self, *, token: str | None = None, max_threads: int = 16, timeout: float = 10.0):
+    def __init__(self, *, token: str | None = None, max_threads: int = 16, timeout: float = 10.0,
+                 bandwidth: float | None = None):
         self.token = token
+        self.bandwidth = bandwidth  # bytes/s over all connections together (a token bucket); None: no cap
+        self.ignore_range = False  # answer range requests on /resolve with the whole file (HTTP 200)
+        self.corrupt: set[str] = set()  # "org/name/file" served with one bit flipped (its sha256 no longer matches)
+        self._next_send = 0.0
         self.repos: dict[str, Repo] = {}
         self.lfs_store: dict[str, bytes] = {}
         self.faults: list[Fault] = []
@@ -203,6 +210,17 @@ class FakeHub:
         self.faults.append(fault)
         return fault
 
+    def throttle(self, n: int) -> None:
+        """Wait until ``n`` more bytes fit under ``bandwidth`` (shared by every connection)."""
+        if not self.bandwidth:
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next_send)
+            self._next_send = done = start + n / self.bandwidth
+        if done > now:
+            time.sleep(done - now)
+
     def reset_stats(self) -> None:
         with self._lock:
             self.log.clear()
@@ -215,11 +233,13 @@ class FakeHub:
 
     # -- used by the handler -------------------------------------------------------------------
 
-    def _take_fault(self, method: str, path: str, mode: str) -> Fault | None:
+    def _take_fault(self, method: str, path: str, mode: str, rng: str | None = None) -> Fault | None:
+        start = int(m.group(1)) if rng and (m := re.match(r"bytes=(\d+)-", rng)) else None
         with self._lock:
             for fault in self.faults:
                 if (fault.times > 0 and fault.mode == mode and fault.method == method
-                        and fnmatch.fnmatch(path, fault.pattern)):
+                        and fnmatch.fnmatch(path, fault.pattern)
+                        and (fault.range_from is None or (start is not None and start >= fault.range_from))):
                     fault.times -= 1
                     return fault
         return None
@@ -280,7 +300,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Connection", "close")
-        fault = self.fake._take_fault(self.command, self._path, "drop") if self.command != "HEAD" and body else None
+        fault = (self.fake._take_fault(self.command, self._path, "drop", self.headers.get("Range"))
+                 if self.command != "HEAD" and body else None)
         sent = 0 if self.command == "HEAD" else len(body) if fault is None else min(fault.after_bytes, len(body))
         lo, hi = weight_span
         served_weights = max(0, min(hi, offset + sent) - max(lo, offset)) if sent else 0
@@ -288,7 +309,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.fake._record(Logged(self.command, self._path, self.headers.get("Range"), status, sent),
                           weight_bytes=served_weights, lfs_bytes=lfs_bytes)
         self.end_headers()
-        self.wfile.write(body[:sent])
+        if self.fake.bandwidth:
+            view = memoryview(body)[:sent]
+            step = max(4096, min(256 << 10, int(self.fake.bandwidth / 50)))  # a write every 20 ms at most
+            for i in range(0, len(view), step):
+                self.fake.throttle(len(view[i:i + step]))
+                self.wfile.write(view[i:i + step])
+        else:
+            self.wfile.write(body[:sent])
         if fault is not None:
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -302,7 +330,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._path = split.path
         self._query = {k: v[-1] for k, v in parse_qs(split.query).items()}
         try:
-            fault = self.fake._take_fault(self.command, self._path, "status")
+            fault = self.fake._take_fault(self.command, self._path, "status", self.headers.get("Range"))
             if fault is not None:
                 body = self._body()
                 if self.command == "PUT":
@@ -410,12 +438,14 @@ class _Handler(BaseHTTPRequestHandler):
         if blob is None:
             raise _Error(404, "EntryNotFound", f"{path} does not exist", {"X-Repo-Commit": sha})
         data, total = blob.data, len(blob.data)
+        if f"{repo_id}/{path}" in self.fake.corrupt and total:  # one flipped bit in the last byte: the sha256 no longer matches
+            data = data[:-1] + bytes([data[-1] ^ 1])
         headers = {"X-Repo-Commit": sha, "ETag": f'"{blob.etag}"', "Accept-Ranges": "bytes"}
         if blob.lfs:
             headers.update({"X-Linked-Etag": f'"{blob.etag}"', "X-Linked-Size": str(total)})
         status, offset = 200, 0
         rng = self.headers.get("Range")
-        if rng and self.command == "GET":
+        if rng and self.command == "GET" and not self.fake.ignore_range:
             start_s, _, end_s = rng.removeprefix("bytes=").partition("-")
             start = int(start_s)
             end = min(int(end_s), total - 1) if end_s else total - 1

@@ -260,7 +260,13 @@ class ShardWriter:
         return sha256_file(self.path)
 
     def abort(self) -> None:
-        """Close without finishing (the caller removes the temporary directory)."""
+        """Close without finishing (the caller removes the temporary directory, or keeps it for a resume:
+        the staged bytes are written out first, as the journal already counts them)."""
+        if self._stage is not None:
+            try:
+                self._unstage()
+            except OSError:  # a full disk: the journalled tensors it held fail their CRC and are merged again
+                pass
         if self._stage is not None:
             self._stage.close()
             self._stage = None

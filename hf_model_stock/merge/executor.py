@@ -37,6 +37,7 @@ from hf_model_stock.merge.compute import UnitCompute
 from hf_model_stock.merge.lowrank import LowRankCompute
 from hf_model_stock.merge.plan import OUT_BUFFERS, MergePlan, TensorTask
 from hf_model_stock.merge.stats import ExecutionResult, TensorStats
+from hf_model_stock.merge.streaming import open_shard_files
 from hf_model_stock.merge.units import read_unit, unit_buffer_bytes
 from hf_model_stock.merge.vocab import VocabCompute, read_vocab_unit
 from hf_model_stock.methods.model_stock import Ratio, concat_ratios
@@ -349,7 +350,7 @@ def _execute(plan: MergePlan, directory: Path, progress: bool, journal: Journal 
     writers = {t.name: w for s in plan.shards for w in [ShardWriter(directory, s, opts.fsync)] for t in s.tensors}
     cancelled = threading.Event()
     units: queue.Queue = queue.Queue(maxsize=opts.prefetch)
-    files = ShardFiles(map_cached=opts.device == "cpu")
+    files = open_shard_files(plan, directory, map_cached=opts.device == "cpu", progress=progress)
     reader = threading.Thread(
         target=_read_units, args=(plan, in_pool, files, units, cancelled), name="hfms-reader", daemon=True
     )
@@ -377,6 +378,7 @@ def _execute(plan: MergePlan, directory: Path, progress: bool, journal: Journal 
         raise
     finally:
         cancelled.set()
+        getattr(files, "interrupt", lambda: None)()  # streamed shards: stop waiting for the network
         reader.join()
         if bar is not None:
             bar.close()

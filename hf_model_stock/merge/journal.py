@@ -41,9 +41,9 @@ def plan_fingerprint(plan: MergePlan) -> str:
     files: dict[str, list[int]] = {}
     for task in plan.tasks:
         for info in task.inputs:
-            if str(info.path) not in files:
-                st = info.path.stat()
-                files[str(info.path)] = [st.st_size, st.st_mtime_ns]
+            if str(info.path) not in files:  # a streamed shard is not on disk: its source's commit names it
+                st = info.path.stat() if info.path.exists() else None
+                files[str(info.path)] = [st.st_size, st.st_mtime_ns] if st else [-1, -1]
     for adapter in plan.adapters.values():  # LoRA adapters, loaded whole
         for path in adapter.files:
             st = path.stat()

@@ -16,7 +16,7 @@ import numpy as np
 
 from hf_model_stock.errors import CompatibilityError
 from hf_model_stock.io.dtypes import is_floating, itemsize
-from hf_model_stock.io.reader import Checkpoint, TensorInfo
+from hf_model_stock.io.reader import TensorInfo
 from hf_model_stock.io.writer import OutputTensor, ShardLayout, layout_shards
 from hf_model_stock.methods.model_stock import DEFAULT_BLOCK, ModelStockParams
 from hf_model_stock.sources.adapters import Adapter, InMemoryDelta, is_adapter, load_adapter
@@ -179,11 +179,11 @@ def build_plan(base: ResolvedModel, models: list[ResolvedModel], options: MergeO
     """
     if len(models) < 2:
         raise CompatibilityError(f"Model Stock needs at least 2 fine-tuned models, got {len(models)}")
-    base_ckpt = Checkpoint.open(base.path)
+    base_ckpt = base.checkpoint()
     base_headers = headers_of(base_ckpt)
     adapters, problems, notes = _load_adapters(base, base_ckpt, models, options)
     full = [i for i in range(len(models)) if i not in adapters]
-    ckpts = {i: Checkpoint.open(models[i].path) for i in full}
+    ckpts = {i: models[i].checkpoint() for i in full}
     problems += config_problems(base.config(), [(models[i].label, models[i].config()) for i in full])
     tokenized = not adapters and all(tokenizer_digest(p) is not None for p in [base.path, *(m.path for m in models)])
     resizable = vocab_tensor_names(base_headers) if tokenized else set()

@@ -26,6 +26,7 @@ from typing import Any
 
 from hf_model_stock.errors import SourceError
 from hf_model_stock.io.index import INDEX_NAME, SINGLE_NAME, read_weight_map
+from hf_model_stock.io.reader import Checkpoint
 from hf_model_stock.recipe import ModelEntry
 from hf_model_stock.sources.adapters import ADAPTER_CONFIG, ADAPTER_FILE_PATTERNS
 from hf_model_stock.sources.remote_code import has_custom_code
@@ -84,6 +85,10 @@ class ResolvedModel:
         """The model's ``config.json`` as a dict ({} if it has none)."""
         path = self.path / "config.json"
         return read_json_object(path) if path.is_file() else {}
+
+    def checkpoint(self) -> Checkpoint:
+        """The headers of the model's weights (a streamed source builds them from remote headers)."""
+        return Checkpoint.open(self.path)
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
