@@ -16,7 +16,7 @@ import numpy as np
 
 from hf_model_stock.errors import CompatibilityError
 from hf_model_stock.io.dtypes import is_floating, itemsize
-from hf_model_stock.io.reader import TensorInfo
+from hf_model_stock.io.reader import Checkpoint, TensorInfo
 from hf_model_stock.io.writer import OutputTensor, ShardLayout, layout_shards
 from hf_model_stock.methods.model_stock import DEFAULT_BLOCK, ModelStockParams
 from hf_model_stock.sources.adapters import Adapter, InMemoryDelta, is_adapter, load_adapter
