@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from hf_model_stock.study.data import packaged_gsm8k
+
 if TYPE_CHECKING:
     from hf_model_stock.analysis import InspectReport
     from hf_model_stock.leaderboard.board import Leaderboard
@@ -211,6 +213,9 @@ def write_study_readme(result: "StudyResult", path: Path) -> Path:
     rel = lambda p: Path(p).relative_to(path.parent).as_posix()  # noqa: E731
     seeds = ", ".join(map(str, s.seeds()))
     seen = s.train.steps * s.train.batch_size
+    task = ("- Task: GSM8K solutions. The only GSM8K installable offline is its **test** split "
+            f"({result.split.source}); " if result.split.source == str(packaged_gsm8k()) else
+            f"- Task: GSM8K-format solutions from {result.split.source}; ")
     lines = [
         "# Model Stock study: is the merge worth it?",
         "",
@@ -220,8 +225,7 @@ def write_study_readme(result: "StudyResult", path: Path) -> Path:
         "## Setup",
         "",
         f"- Base: {result.base_source}.",
-        f"- Task: GSM8K solutions. The only GSM8K installable offline is its **test** split ({result.split.source}); "
-        f"a fixed permutation holds out {len(result.split.heldout)} items that are never trained on, and leaves "
+        task + f"a fixed permutation holds out {len(result.split.heldout)} items that are never trained on, and leaves "
         f"{len(result.split.train)} for training ({result.n_train_usable} fit in {s.train.max_length} tokens and "
         "are used).",
         f"- {s.n_models} fine-tunes with the same hyperparameters and seeds {seeds}; the seed only sets the order "

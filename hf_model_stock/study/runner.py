@@ -187,7 +187,8 @@ def run_study(workdir: Path, settings: StudySettings = StudySettings(), *, base_
     data_dir = root / "data"
     shutil.rmtree(data_dir, ignore_errors=True)
     write_eval_data(heldout, tokenizer, data_dir, settings.tasks, fewshot=split.train[:FEWSHOT_POOL])
-    _say(out, f"[2/6] data: {path}\n      the only GSM8K installable offline is its test split: {len(split.train)} "
+    offline = "the only GSM8K installable offline is its test split: " if data_file is None else ""
+    _say(out, f"[2/6] data: {path}\n      {offline}{len(split.train)} "
               f"of its {len(items)} items are the training part ({len(train)} fit in {settings.train.max_length} "
               f"tokens), {len(split.heldout)} are held out and never trained on; {len(heldout)} of those "
               f"(<= {settings.max_item_tokens} tokens) are evaluated")
@@ -229,8 +230,8 @@ def run_study(workdir: Path, settings: StudySettings = StudySettings(), *, base_
     merge_t = {}
     for name, method, _ in merge_names(settings.n_models):
         if method == "model_stock":
-            report = json.loads((root / "models" / name / "merge_report.json").read_text(encoding="utf-8"))
-            merge_t[name] = float(report["summary"]["t_mean"])
+            merge_report = json.loads((root / "models" / name / "merge_report.json").read_text(encoding="utf-8"))
+            merge_t[name] = float(merge_report["summary"]["t_mean"])
 
     clock = time.perf_counter()
     _say(out, "[5/6] inspect: per-layer delta norms and angles of the fine-tunes")

@@ -124,7 +124,7 @@ def test_study_end_to_end_on_a_tiny_model(tiny: tuple[Path, Path], tmp_path: Pat
     assert result.merge_t["stock-3"] == t and 0 < t < 1
     assert {p.name for p in result.inspect_files} == {"inspect.json", "angle_t.png", "delta_norms.png"}
     readme = (root / "README.md").read_text(encoding="utf-8")
-    assert "never trained on" in readme and "test** split" in readme
+    assert "never trained on" in readme and f"GSM8K-format solutions from {data}" in readme
     for name in NAMES:
         assert f"| {name} |" in readme
     assert f"{nlls['stock-3']:.4f}" in readme and "What the numbers show" in readme
