@@ -7,7 +7,7 @@
     hf-model-stock inspect RECIPE | --base B --model M1 --model M2 [...] [--out DIR]
     hf-model-stock eval MODEL [--tasks gsm8k,math,mmlu_pro,mbpp,harmbench | --suite NAME] [--limit N] [...]
     hf-model-stock leaderboard SPEC [--executor local|ray] [--gpus-per-model N] [--resume] [--output DIR]
-    hf-model-stock demo [--workdir DIR]
+    hf-model-stock demo [--workdir DIR] [--study [--steps N] [--items N] [--exact-match]]
 """
 
 from __future__ import annotations
@@ -127,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="offline demo: build a model and fine-tunes, merge, load, generate")
     demo.add_argument("--workdir", type=Path, default=Path("hfms-demo"), help="where models are built and merged")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars (from any library)")
+    demo.add_argument("--study", action="store_true",
+                      help="the paper's experiment, small: 3 seeded fine-tunes on GSM8K, soups and stocks, "
+                           "evaluated on held-out items through the leaderboard, inspect plots, study/README.md "
+                           "(~10 min on 2 idle cores)")
+    demo.add_argument("--steps", type=int, help="--study: AdamW steps per fine-tune (default 6)")
+    demo.add_argument("--items", type=int, help="--study: held-out items evaluated (default 40)")
+    demo.add_argument("--exact-match", action="store_true",
+                      help="--study: also score exact match, teacher-forced (gsm8k_answer) and generative 5-shot "
+                           "(gsm8k; slow on a CPU)")
     demo.set_defaults(func=_cmd_demo)
 
     return parser
@@ -218,6 +227,16 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.study:
+        from hf_model_stock.study.report import print_summary
+        from hf_model_stock.study.runner import StudySettings, run_study, with_overrides
+
+        settings = with_overrides(StudySettings(), steps=args.steps, items=args.items, exact_match=args.exact_match)
+        result = run_study(args.workdir, settings)
+        print_summary(result)
+        return 0
+    if args.steps is not None or args.items is not None or args.exact_match:
+        raise ModelStockError("demo: --steps, --items and --exact-match go with --study")
     from hf_model_stock.demo import run_demo
 
     run_demo(args.workdir, progress=not args.quiet)

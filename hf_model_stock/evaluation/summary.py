@@ -20,7 +20,8 @@ def normalised(raw: float, random_baseline: float) -> float:
 
 @dataclass(frozen=True)
 class Score:
-    """One number: ``value`` in [0, 1] as lm-eval reports it, ``normalised`` in [0, 100]."""
+    """One number: ``value`` as lm-eval reports it (in [0, 1] unless its benchmark has a ``unit``),
+    ``normalised`` in [0, 100] (the raw value for a benchmark with a ``unit``)."""
 
     task: str
     lm_eval_task: str
@@ -72,7 +73,8 @@ def lm_eval_scores(benchmark: Benchmark, results: dict[str, Any], data: str) -> 
         scores.append(Score(
             task=benchmark.name, lm_eval_task=benchmark.lm_eval_task, metric=metric, value=value,
             stderr=float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None,
-            n=int(entry["sample_len"]), normalised=normalised(value, benchmark.random_baseline),
+            n=int(entry["sample_len"]),
+            normalised=value if benchmark.unit else normalised(value, benchmark.random_baseline),
             higher_is_better=benchmark.higher_is_better, data=data,
         ))
     return scores

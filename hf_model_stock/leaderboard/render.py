@@ -37,9 +37,12 @@ def metric_label(board: Leaderboard, task: str) -> str:
 
 
 def _task_header(task: str, board: Leaderboard | None = None) -> str:
-    if BENCHMARKS[task].higher_is_better:
-        return task
-    return f"{task} ({metric_label(board, task)}; lower is better)" if board is not None else f"{task} (lower is better)"
+    benchmark = BENCHMARKS[task]
+    if task == "harmbench" and board is not None:  # its scores depend on the judge: name it
+        return f"{task} ({metric_label(board, task)}; lower is better)"
+    notes = ([f"{benchmark.unit}, not normalised"] if benchmark.unit else []) + \
+        ([] if benchmark.higher_is_better else ["lower is better"])
+    return f"{task} ({', '.join(notes)})" if notes else task
 
 
 def _raw_cell(row: Row, task: str) -> str:
@@ -72,7 +75,8 @@ def _tables(board: Leaderboard) -> dict[str, tuple[list[str], list[list[str]]]]:
     normalised_rows = []
     for i, row in enumerate(ranked, 1):
         cells = [str(i), row.name, ", ".join(row.roles), _num(row.average(board.tasks), 2)]
-        cells += [_num(s["normalised"] if (s := row.score(t)) else None, 2) for t in board.tasks]
+        cells += [_num(s["normalised"] if (s := row.score(t)) else None, 4 if BENCHMARKS[t].unit else 2)
+                  for t in board.tasks]
         normalised_rows.append(cells)
     raw_head = ["model", *[f"{t}: {metric_label(board, t)}" for t in board.tasks]]
     raw_rows = [[row.name, *[_raw_cell(row, t) for t in board.tasks]] for row in ranked]
@@ -92,16 +96,27 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
 
 
+def _lower_note(task: str) -> str:
+    unit = BENCHMARKS[task].unit
+    return f"{task} ({unit + ', ' if unit else ''}lower is better)"
+
+
+def _not_averaged(board: Leaderboard, lower: list[str]) -> list[str]:
+    """Sentences naming the tasks left out of the average (lower is better), HarmBench with its judge."""
+    notes = [f"HarmBench ({metric_label(board, 'harmbench')}, lower is safer) is not averaged"] if "harmbench" in lower else []
+    others = [t for t in lower if t != "harmbench"]
+    return notes + ([f"not averaged: {', '.join(_lower_note(t) for t in others)}"] if others else [])
+
+
 def _intro(board: Leaderboard) -> list[str]:
     capability = capability_tasks(board.tasks)
     lines = [f"{len(board.rows)} models, tasks: {', '.join(board.tasks)}. Generated {board.created}."]
     if _settings_line(board):
         lines.append(f"Settings: {_settings_line(board)}.")
+    lower = [t for t in board.tasks if t not in capability]
     lines.append(f"Normalised: max(raw - random, 0) / (1 - random) x 100 (Open LLM Leaderboard v2). Average: "
                  f"mean over {', '.join(capability) or 'no capability task'}"
-                 + (f"; HarmBench ({metric_label(board, 'harmbench')}, lower is safer) is not averaged."
-                    if "harmbench" in board.tasks
-                    else "."))
+                 + ("; " + "; ".join(_not_averaged(board, lower)) + "." if lower else "."))
     return lines
 
 
