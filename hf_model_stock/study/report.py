@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 from hf_model_stock.study.data import packaged_gsm8k
 
 if TYPE_CHECKING:
-    from hf_model_stock.analysis import InspectReport
+    from hf_model_stock.analysis.inspect import InspectReport
     from hf_model_stock.leaderboard.board import Leaderboard
     from hf_model_stock.study.runner import StudyResult
 
 NLL = "gsm8k_nll"
 EXTRA_HEADS = {"gsm8k_answer": "answer, teacher-forced", "gsm8k": "GSM8K exact match (5-shot, strict)"}
-NLL_SAMPLES = "samples_hfms_gsm8k_nll.jsonl"
+NLL_SAMPLES = "samples_hfms_gsm8k_nll_*.jsonl"  # lm-eval's per-sample file (EvaluationTracker layout)
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ def item_nll(board: Leaderboard, name: str) -> dict[int, tuple[float, int]]:
     lm-eval sample file."""
     row = next(r for r in board.rows if r.name == name)
     run_dir = Path(row.results[NLL].run_dir)
-    (path,) = list(run_dir.glob(f"*/lm_eval/{NLL_SAMPLES}"))
+    (path,) = list(run_dir.glob(f"*/lm_eval/**/{NLL_SAMPLES}"))
     out = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)

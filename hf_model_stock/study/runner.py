@@ -145,7 +145,8 @@ def run_study(workdir: Path, settings: StudySettings = StudySettings(), *, base_
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from transformers import AutoTokenizer
 
-    from hf_model_stock.analysis import format_report, inspect_models, write_inspect_outputs
+    from hf_model_stock.analysis.inspect import inspect_models, write_inspect_outputs
+    from hf_model_stock.analysis.inspect_cli import format_report
     from hf_model_stock.leaderboard.run import run_leaderboard
     from hf_model_stock.leaderboard.spec import load_leaderboard_spec
 
