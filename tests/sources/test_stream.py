@@ -9,17 +9,16 @@ import hashlib
 import json
 import struct
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-import hf_model_stock.merge.executor as merge_module
 from hf_model_stock.cli import main
 from hf_model_stock.io import remote as remote_module
 from hf_model_stock.io.remote import STREAM_STATE_NAME, RemoteFile, RemoteShard
 from hf_model_stock.merge.journal import JOURNAL_NAME, read_journal
+from tests.merge.test_resume import interrupt_after
 
 REPOS = ["org/base", "org/ft0", "org/ft1", "org/ft2"]
 SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
@@ -137,21 +136,6 @@ def error_line(capsys) -> str:
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, lines
     return lines[0]
-
-
-def interrupt_after(monkeypatch, tensors: int) -> None:
-    """Ctrl-C as the reader reaches the (tensors + 1)-th tensor."""
-    started: list[str] = []
-    original: Callable = merge_module.read_unit
-
-    def stop(buf, task, start, stop_, files, mapped=None):
-        if task.name not in started:
-            started.append(task.name)
-        if len(started) > tensors:
-            raise KeyboardInterrupt
-        return original(buf, task, start, stop_, files, mapped)
-
-    monkeypatch.setattr(merge_module, "read_unit", stop)
 
 
 def test_ctrl_c_then_resume_does_not_fetch_finished_tensors_again(hub, reference, tmp_path, monkeypatch, caplog):
