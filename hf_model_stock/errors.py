@@ -21,5 +21,10 @@ class SourceError(ModelStockError):
     """A model source cannot be resolved or downloaded (names the source)."""
 
 
+class NetworkError(SourceError):
+    """The network failed for good, after the retries, while a merge streamed from the Hub (names the
+    file and the byte): the tensors merged before can be kept for ``--resume``."""
+
+
 class LeaderboardError(ModelStockError):
     """A leaderboard spec is malformed, or a batch cannot start (names the key or the model)."""

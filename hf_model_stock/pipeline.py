@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hf_model_stock.errors import ModelStockError
+from hf_model_stock.errors import ModelStockError, NetworkError
 from hf_model_stock.io.index import INDEX_NAME
 from hf_model_stock.io.writer import write_index
 from hf_model_stock.merge.executor import execute
@@ -116,7 +116,8 @@ def execute_plan(
     An interrupted merge (Ctrl-C, SIGTERM, a crash) leaves its partial output and journal beside
     ``out_dir`` (unless ``keep_partial`` is False: then Ctrl-C and SIGTERM remove it; a crash cannot);
     with ``resume`` the journalled tensors whose bytes still check out are kept and only the others
-    are merged. A merge stopped by an error removes its partial output."""
+    are merged. A merge stopped by an error removes its partial output, except when the network
+    failed for good while streaming from the Hub: that is an interruption too."""
     out_dir = Path(out_dir).expanduser().absolute()
     for m in [plan.base, *plan.models]:
         if m.path.resolve() == out_dir.resolve():
@@ -139,6 +140,12 @@ def execute_plan(
         journal.path.unlink()
         report = _write_metadata(plan, result, tmp, tokenizer_dir or plan.base.path, recipe, started)
         output_dir.commit_dir(tmp, out_dir, overwrite)
+    except NetworkError as exc:  # streaming from the Hub failed after its retries: keep what was merged
+        if keep_partial and journal.path.is_file():
+            raise NetworkError(f"{exc}; the tensors merged so far are kept in {tmp}: run the same command with "
+                               "--resume to continue") from None
+        output_dir.remove_dir(tmp)
+        raise
     except ModelStockError:
         output_dir.remove_dir(tmp)  # the inputs or the destination are at fault: nothing worth resuming
         raise

@@ -7,9 +7,15 @@ transfers, commit), with the headers the client checks (X-Repo-Commit, ETag, X-E
 Tests build the repos themselves (``add_commit``), inspect what was served (``log``,
 ``weight_bytes_served``, ``lfs_bytes_received``) and inject faults (``fail``).
 
-Bounded: at most ``max_threads`` requests at once, a socket timeout per connection, one request per
-connection (``Connection: close``), bound to 127.0.0.1 only. Point huggingface_hub at it with the
-``hub_env`` fixture (tests/hub_fixtures.py).
+Bounded: at most ``max_threads`` connections at once, a socket timeout per connection, one request
+per connection (``Connection: close``) unless ``keep_alive``, bound to 127.0.0.1 only. Point
+huggingface_hub at it with the ``hub_env`` fixture (tests/hub_fixtures.py).
+
+With ``cdn=True`` it answers /resolve for LFS files as the Hub does: a 302 to a signed URL on another
+origin (a second port: ``cdn_url``) that expires after ``cdn_ttl`` seconds (then HTTP 403), with the
+file's metadata (X-Linked-Size, X-Linked-Etag, X-Repo-Commit) on the redirect itself. The storage
+origin serves ranges without auth and counts requests that carried an Authorization header
+(``cdn_auth_seen``: a client must not send the Hub token off the Hub).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import base64
 import fnmatch
 import hashlib
+import hmac
 import json
 import re
 import socket
@@ -104,25 +111,33 @@ class FakeHub:
     """In-memory repos served over HTTP. ``with FakeHub() as hub: hub.url ...``"""
 
     def __init__(self, *, token: str | None = None, max_threads: int = 16, timeout: float = 10.0,
-                 bandwidth: float | None = None):
+                 bandwidth: float | None = None, cdn: bool = False, cdn_ttl: float = 3600.0, keep_alive: bool = False):
         self.token = token
+        self.cdn = cdn  # LFS files redirect to signed URLs on the storage origin
+        self.cdn_ttl = cdn_ttl  # seconds a signed URL stays valid
+        self.cdn_auth_seen = 0  # requests to the storage origin that carried an Authorization header
+        self.keep_alive = keep_alive  # serve more than one request per connection (files and ranges)
+        self._secret = hashlib.sha256(str(time.time_ns()).encode()).digest()
         self.bandwidth = bandwidth  # bytes/s over all connections together (a token bucket); None: no cap
         self.ignore_range = False  # answer range requests on /resolve with the whole file (HTTP 200)
         self.corrupt: set[str] = set()  # "org/name/file" served with one bit flipped (its sha256 no longer matches)
         self._next_send = 0.0
         self.repos: dict[str, Repo] = {}
         self.lfs_store: dict[str, bytes] = {}
+        self.lfs_names: dict[str, str] = {}  # sha256 -> a path it was committed under (what the storage origin serves)
         self.faults: list[Fault] = []
         self.log: list[Logged] = []
         self.weight_bytes_served = 0
         self.lfs_bytes_received = 0
         self.lfs_offered: list[str] = []  # oids the client asked about in LFS batch requests
+        self.connections = 0  # connections accepted (both origins)
         self._lock = threading.Lock()
         self._counter = 0
         self._slots = threading.BoundedSemaphore(max_threads)
         self._timeout = timeout
         self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._cdn_server: ThreadingHTTPServer | None = None
+        self._threads: list[threading.Thread] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -138,7 +153,9 @@ class FakeHub:
             allow_reuse_address = True
 
             def process_request(self, request: Any, client_address: Any) -> None:
-                hub._slots.acquire()  # bounded: at most max_threads requests in flight
+                hub._slots.acquire()  # bounded: at most max_threads connections at once
+                with hub._lock:
+                    hub.connections += 1
                 try:
                     super().process_request(request, client_address)
                 except BaseException:
@@ -152,21 +169,38 @@ class FakeHub:
                     hub._slots.release()
 
         self._server = Server(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="fake-hub", daemon=True)
-        self._thread.start()
+        self._cdn_server = Server(("127.0.0.1", 0), Handler) if self.cdn else None
+        for server in filter(None, (self._server, self._cdn_server)):
+            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-hub",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        assert self._server is not None and self._thread is not None
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        for server in filter(None, (self._server, self._cdn_server)):
+            server.shutdown()
+            server.server_close()
+        for thread in self._threads:
+            thread.join(timeout=5)
 
     @property
     def url(self) -> str:
         assert self._server is not None
         return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def cdn_url(self) -> str:
+        """The storage origin (``cdn=True``): another port, so another origin for the client."""
+        assert self._cdn_server is not None
+        return f"http://127.0.0.1:{self._cdn_server.server_address[1]}"
+
+    def signed_url(self, sha256: str, expires: float | None = None) -> str:
+        expires = int(time.time() + self.cdn_ttl) if expires is None else int(expires)
+        return f"{self.cdn_url}/cdn/{sha256}?expires={expires}&sig={self._sign(sha256, expires)}"
+
+    def _sign(self, sha256: str, expires: int) -> str:
+        return hmac.new(self._secret, f"{sha256}:{expires}".encode(), "sha256").hexdigest()[:32]
 
     # -- building repos ------------------------------------------------------------------------
 
@@ -196,6 +230,7 @@ class FakeHub:
             tree[path] = Blob(data, lfs=path.endswith(LFS_SUFFIXES))
             if tree[path].lfs:
                 self.lfs_store[tree[path].sha256] = data
+                self.lfs_names[tree[path].sha256] = path
         sha = self._new_sha(repo_id + branch)
         repo.commits[sha] = tree
         repo.branches[branch] = sha
@@ -227,6 +262,8 @@ class FakeHub:
             self.weight_bytes_served = 0
             self.lfs_bytes_received = 0
             self.lfs_offered.clear()
+            self.connections = 0
+            self.cdn_auth_seen = 0
 
     def requests(self, method: str | None = None, contains: str = "") -> list[Logged]:
         return [r for r in list(self.log) if (method is None or r.method == method) and contains in r.path]
@@ -299,7 +336,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
+        keep = self.fake.keep_alive
+        if not keep:
+            self.send_header("Connection", "close")
         fault = (self.fake._take_fault(self.command, self._path, "drop", self.headers.get("Range"))
                  if self.command != "HEAD" and body else None)
         sent = 0 if self.command == "HEAD" else len(body) if fault is None else min(fault.after_bytes, len(body))
@@ -320,7 +359,7 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None:
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_RDWR)
-        self.close_connection = True
+        self.close_connection = not keep or fault is not None
 
     def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), headers)
@@ -401,6 +440,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200 if parts[1] in self.fake.lfs_store else 404, {"success": True})
         if m == "POST" and n == 6 and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "batch"]:
             return self._lfs_batch(f"{parts[0]}/{parts[1][:-4]}")
+        if m in ("GET", "HEAD") and n == 2 and parts[0] == "cdn":
+            return self._cdn(parts[1])
         if m in ("GET", "HEAD") and n >= 5 and parts[2] == "resolve":
             return self._resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
         raise _Error(404, None, f"not implemented by the fake hub: {m} {self._path}")
@@ -443,6 +484,32 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"X-Repo-Commit": sha, "ETag": f'"{blob.etag}"', "Accept-Ranges": "bytes"}
         if blob.lfs:
             headers.update({"X-Linked-Etag": f'"{blob.etag}"', "X-Linked-Size": str(total)})
+        if blob.lfs and self.fake.cdn:  # the Hub sends LFS files from storage: a redirect to a signed URL
+            if f"{repo_id}/{path}" in self.fake.corrupt:
+                self.fake.lfs_store[blob.sha256 + "-corrupt"] = data
+            key = blob.sha256 + ("-corrupt" if f"{repo_id}/{path}" in self.fake.corrupt else "")
+            return self._send(302, b"", {**headers, "Location": self.fake.signed_url(key)})
+        self._serve_bytes(data, headers, weight_span=_weight_span(path, blob.data))
+
+    def _cdn(self, key: str) -> None:
+        """The storage origin: an LFS object by a signed URL, ranges allowed, no auth (and none expected)."""
+        if self.headers.get("Authorization"):
+            with self.fake._lock:
+                self.fake.cdn_auth_seen += 1
+        expires, sig = self._query.get("expires", "0"), self._query.get("sig", "")
+        if not expires.isdigit() or not hmac.compare_digest(sig, self.fake._sign(key, int(expires))):
+            raise _Error(403, None, "SignatureDoesNotMatch")
+        if time.time() > int(expires):
+            raise _Error(403, None, "Request has expired")
+        data = self.fake.lfs_store.get(key)
+        if data is None:
+            raise _Error(404, None, "NoSuchKey")
+        name = self.fake.lfs_names.get(key.removesuffix("-corrupt"), "")
+        self._serve_bytes(data, {"ETag": f'"{key}"', "Accept-Ranges": "bytes"}, weight_span=_weight_span(name, data))
+
+    def _serve_bytes(self, data: bytes, headers: dict[str, str], weight_span: tuple[int, int]) -> None:
+        """A file's bytes, or the range the request asks for (206), or only its headers (HEAD)."""
+        total = len(data)
         status, offset = 200, 0
         rng = self.headers.get("Range")
         if rng and self.command == "GET" and not self.fake.ignore_range:
@@ -462,8 +529,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.fake._record(Logged("HEAD", self._path, None, 200, 0))
             return
-        self._send(status, data, headers, content_type="application/octet-stream",
-                   weight_span=_weight_span(path, blob.data), offset=offset)
+        self._send(status, data, headers, content_type="application/octet-stream", weight_span=weight_span,
+                   offset=offset)
 
     # -- writes --------------------------------------------------------------------------------
 

@@ -6,16 +6,20 @@ so a remote shard is read as one sequential stream: ``RemoteShard`` fetches the 
 so that one slow connection does not set the pace), consumes them in order and feeds every byte
 (header and gaps included) to a sha256 that is checked against the Hub's LFS oid once the file ends.
 Bytes that will be read again (the first pass over a tensor merged in two passes), bytes skipped
-ahead of the reads (a fine-tune laid out in another order) and pieces that arrive while the reads
-have paused (``RemoteShard.drain``: a second pass reads the spill, not the network, and the
-connections should not idle meanwhile) are kept in a temporary spill file, whose ranges are freed
-as soon as they have been read for the last time; no other byte touches the disk.
+ahead of the reads (a fine-tune laid out in another order) and pieces that arrive while a second pass
+reads the spill (``RemoteShard.drain``: the connections should not idle meanwhile) are kept in a
+temporary spill file, whose ranges are freed as soon as they have been read for the last time; no
+other byte touches the disk. A merge that merely lags behind the network (the CPU sets the pace)
+leaves the pieces in memory: spilling them would only add work.
 
-Requests go through huggingface_hub's session (its auth headers, ``HF_TOKEN``, ``HF_ENDPOINT``,
-redirects to LFS/Xet storage), retried with exponential backoff on 408/429/5xx and on connection
-errors; a connection that
-drops mid-range is resumed from the last byte received. A server that answers a range request with
-the whole file (HTTP 200) is refused, not downloaded in full.
+Requests go through huggingface_hub's session (its auth headers, ``HF_TOKEN``, ``HF_ENDPOINT``).
+The Hub answers a file's URL with a redirect to LFS/Xet storage (a signed URL on another host):
+``Location`` asks once per file (``get_hf_file_metadata``), sends the ranges there without the Hub
+token, and asks again when storage refuses an expired URL. Requests are retried with exponential
+backoff on 408/429/5xx and on connection errors; a connection that drops mid-range is resumed from
+the last byte received; a body read to its end leaves the connection in the session's pool for the
+next range. A server that answers a range request with the whole file (HTTP 200) is refused, not
+downloaded in full.
 
 The sha256 state is OpenSSL's ``SHA256_CTX``, saved at each piece boundary (``StreamState``), so
 that a resumed merge goes on hashing from where the stream was instead of fetching finished tensors
@@ -45,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from hf_model_stock.errors import CheckpointError, SourceError
+from hf_model_stock.errors import CheckpointError, NetworkError, SourceError
 from hf_model_stock.io.reader import ShardFiles, TensorInfo
 
 PIECE_BYTES = 8 << 20  # bytes per range request
@@ -55,7 +59,7 @@ TIMEOUT_S = 60.0
 STREAM_STATE_NAME = ".hfms-stream.jsonl"
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 SPILL_AHEAD = 64 << 20  # bytes per shard that may be fetched ahead of the reads into the spill file
-STALL_S = 0.25  # reads that have not taken a byte of the stream for this long have paused: drain
+STALL_S = 0.25  # a second pass that has not taken a byte of the stream for this long: drain
 _backoff = time.sleep  # between retries (tests make it instant)
 
 
@@ -155,28 +159,91 @@ class _Retry(Exception):
     """A transient failure: the connection dropped, timed out or ended short."""
 
 
+class _Expired(Exception):
+    """Storage refused a signed URL (it expired): ask the Hub for a new one."""
+
+
 def _transient() -> tuple[type[BaseException], ...]:
     import httpx2
 
     return (httpx2.TransportError, OSError, _Retry)
 
 
+def _refused(file: RemoteFile, status: int) -> SourceError:
+    return SourceError(f"{file.repo_id}: the Hub refused {file.filename} (HTTP {status}): log in with `hf auth login` "
+                       "or set HF_TOKEN to a token that can read this repository")
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+
+
+class Location:
+    """Where a file's bytes are fetched from, and with which headers: the Hub's URL for a file stored
+    in git; for one in LFS/Xet storage, the signed URL the Hub redirects to, without the Hub token
+    (it must not leave the Hub). Asked once, and again after ``expire`` (storage refused the URL)."""
+
+    def __init__(self, file: RemoteFile):
+        self.file = file
+        self._lock = threading.Lock()
+        self._current: tuple[str, dict[str, str], int] | None = None
+        self._asked = 0
+
+    def get(self) -> tuple[str, dict[str, str], int]:
+        """(url, headers, generation); ``generation`` identifies this answer for ``expire``."""
+        with self._lock:
+            if self._current is None:
+                url, headers = self._ask()
+                self._asked += 1
+                self._current = (url, headers, self._asked)
+            return self._current
+
+    def expire(self, generation: int) -> None:
+        with self._lock:
+            if self._current is not None and self._current[2] == generation:
+                self._current = None
+
+    def _ask(self) -> tuple[str, dict[str, str]]:
+        from huggingface_hub import get_hf_file_metadata
+        from huggingface_hub.errors import HfHubHTTPError
+        from huggingface_hub.utils import build_hf_headers
+
+        try:
+            meta = get_hf_file_metadata(self.file.url, timeout=TIMEOUT_S, retry_on_errors=True)
+        except HfHubHTTPError as exc:
+            status = getattr(exc.response, "status_code", None)
+            if status in (401, 403):
+                raise _refused(self.file, status) from None
+            if status == 404:
+                raise SourceError(f"{self.file.where}: not found on the Hub (HTTP 404)") from None
+            raise _Retry(f"HTTP {status} asking the Hub where {self.file.filename} is") from None
+        headers = build_hf_headers()
+        if _origin(meta.location) != _origin(self.file.url):
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        return meta.location, headers
+
+
 @contextmanager
-def _range_response(file: RemoteFile, start: int, end: int) -> Iterator[Any]:
-    """GET bytes [start, end] of ``file`` through huggingface_hub's session; the open response, checked
-    to be exactly that range (``_Retry`` for a status worth retrying: 408, 429, 5xx)."""
+def _range_response(file: RemoteFile, start: int, end: int, where: Location | None = None) -> Iterator[Any]:
+    """GET bytes [start, end] of ``file`` (from ``where``, else its Hub URL) through huggingface_hub's
+    session; the open response, checked to be exactly that range (``_Retry`` for a status worth
+    retrying: 408, 429, 5xx; ``_Expired`` when storage refuses its signed URL)."""
     from huggingface_hub.utils import build_hf_headers, get_session
 
-    headers = build_hf_headers()
-    headers.update({"Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"})
-    with get_session().stream("GET", file.url, headers=headers, timeout=TIMEOUT_S) as response:
+    url, headers, generation = where.get() if where is not None else (file.url, build_hf_headers(), 0)
+    headers = {**headers, "Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
+    with get_session().stream("GET", url, headers=headers, timeout=TIMEOUT_S) as response:
         status = response.status_code
         if status in RETRY_STATUS:
             raise _Retry(f"HTTP {status}")
+        if status in (401, 403, 410) and where is not None and _origin(url) != _origin(file.url):
+            where.expire(generation)
+            raise _Expired(f"HTTP {status} from storage")
         if status in (401, 403):
-            raise SourceError(
-                f"{file.repo_id}: the Hub refused {file.filename} (HTTP {status}): log in with `hf auth login` or set "
-                "HF_TOKEN to a token that can read this repository")
+            raise _refused(file, status)
         if status == 404:
             raise SourceError(f"{file.where}: not found on the Hub (HTTP 404)")
         if status == 200:
@@ -192,17 +259,18 @@ def _range_response(file: RemoteFile, start: int, end: int) -> Iterator[Any]:
 
 
 def fetch_range(file: RemoteFile, start: int, dest: memoryview, count: Callable[[int], None] | None = None,
-                cancelled: threading.Event | None = None) -> None:
-    """Fill ``dest`` with the bytes of ``file`` from ``start``; a connection that drops or stalls is
-    resumed from the last byte received, ``RETRIES`` times with backoff."""
-    got, failures = 0, 0
+                cancelled: threading.Event | None = None, where: Location | None = None) -> None:
+    """Fill ``dest`` with the bytes of ``file`` from ``start`` (at ``where``, else its Hub URL); a
+    connection that drops or stalls is resumed from the last byte received, ``RETRIES`` times with
+    backoff; an expired storage URL is asked for again, ``RETRIES`` times."""
+    got, failures, expired = 0, 0, 0
     transient = _transient()
     while got < len(dest):
         if cancelled is not None and cancelled.is_set():
             return
         try:
-            with _range_response(file, start + got, start + len(dest) - 1) as response:
-                for chunk in response.iter_raw():
+            with _range_response(file, start + got, start + len(dest) - 1, where) as response:
+                for chunk in response.iter_raw():  # to the end of the body: the connection goes back to the pool
                     if cancelled is not None and cancelled.is_set():
                         return  # the merge stopped: nobody reads this piece
                     n = min(len(chunk), len(dest) - got)
@@ -210,15 +278,17 @@ def fetch_range(file: RemoteFile, start: int, dest: memoryview, count: Callable[
                     got += n
                     if count is not None:
                         count(n)
-                    if got == len(dest):
-                        break
             if got < len(dest):
                 raise _Retry(f"the response ended after {got} of {len(dest)} bytes")
+        except _Expired as exc:
+            expired += 1
+            if expired > RETRIES:
+                raise NetworkError(f"{file.where}: storage refused the Hub's download URL {expired} times ({exc})") from None
         except transient as exc:
             failures += 1
             if failures > RETRIES:
-                raise SourceError(f"{file.where}: download failed {failures} times at byte {start + got} "
-                                  f"({type(exc).__name__}: {exc}); check the connection and run again") from None
+                raise NetworkError(f"{file.where}: download failed {failures} times at byte {start + got} "
+                                   f"({type(exc).__name__}: {exc}); check the connection") from None
             _backoff(min(8.0, 0.25 * 2 ** failures))
 
 
@@ -347,6 +417,7 @@ class RemoteShard:
         self._state, self._spill_dir, self._count = state, spill_dir, count
         self._spill: Any = None
         self._cancelled = threading.Event()
+        self._location = Location(file)
         kind = "sha256" if file.sha256 else "git-sha1" if file.git_oid else "none"
         start, saved = 0, None
         if state is not None and kind == "sha256" and can_save_hash_state() and self._regions:
@@ -360,6 +431,7 @@ class RemoteShard:
         self._cur_off = start
         self._served = start  # the furthest byte read so far
         self._last_take = time.monotonic()  # when a read last took bytes from the stream
+        self._rereading = False  # the last read was served from the spill file (a second pass)
         self._failed: BaseException | None = None
         self._lock = threading.Lock()
         self.finished = self._live == 0
@@ -374,7 +446,7 @@ class RemoteShard:
 
     def _fetch(self, offset: int, n: int) -> memoryview:
         buf = memoryview(self._buffers.take(n))[:n]
-        fetch_range(self.file, offset, buf, self._count, self._cancelled)
+        fetch_range(self.file, offset, buf, self._count, self._cancelled, self._location)
         return buf
 
     def _drop_current(self) -> None:
@@ -447,14 +519,15 @@ class RemoteShard:
     # -- reads ----------------------------------------------------------------------------------
 
     def drain(self) -> bool:
-        """When every piece in flight has arrived and the reads have not taken any for ``STALL_S`` (a
-        second pass over a big tensor, read from the spill), move one piece to the spill file so
-        that the connections keep going (a merge that merely lags does not pay for the spill). False
-        if nothing was done. Called from the draining thread; never blocks on the network or a read."""
+        """While the reads are in a second pass over a big tensor (served from the spill file, the
+        stream untouched for ``STALL_S``) and the next piece has arrived, move one piece to the spill
+        file so that the connections keep going. A merge that merely lags (its last read took from the
+        stream) is left alone: the CPU sets its pace, and spilling would only add work. False if
+        nothing was done. Called from the draining thread; never blocks on the network or a read."""
         if not self._lock.acquire(blocking=False):
             return False
         try:
-            if (self.finished or self._cancelled.is_set() or len(self._pieces) < self._window - 1
+            if (self.finished or self._cancelled.is_set() or not self._rereading or len(self._pieces) < self._window - 1
                     or time.monotonic() - self._last_take < STALL_S
                     or not self._pieces[0][1].done() or self._cursor - self._served >= SPILL_AHEAD):
                 return False
@@ -496,6 +569,7 @@ class RemoteShard:
         if pos < self._cursor:
             done = min(len(dest), self._cursor - pos)
             self._read_spill(pos, dest[:done])
+        self._rereading = done == len(dest)
         if done < len(dest):
             self._consume(pos + done, None, lambda a, b: True)  # skipped ahead: keep what is still to be read
             again = self._reads[region.offset] > 1

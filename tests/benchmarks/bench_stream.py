@@ -69,7 +69,8 @@ def serve(args: argparse.Namespace) -> None:
     from tests.fake_hub import FakeHub
 
     dirs = [Path(d) for d in args.dirs]
-    with FakeHub(max_threads=64, timeout=120.0, bandwidth=args.bandwidth_mb * MB if args.bandwidth_mb else None) as hub:
+    with FakeHub(max_threads=128, timeout=120.0, bandwidth=args.bandwidth_mb * MB if args.bandwidth_mb else None,
+                 cdn=not args.no_cdn, keep_alive=not args.no_keep_alive) as hub:
         for repo, d in zip(REPOS, dirs):
             hub.add_commit(repo, d)
         Path(args.url_file).write_text(hub.url)
@@ -77,11 +78,11 @@ def serve(args: argparse.Namespace) -> None:
             time.sleep(3600)
 
 
-def start_hub(dirs: list[Path], bandwidth_mb: float, work: Path) -> tuple[subprocess.Popen, str]:
+def start_hub(dirs: list[Path], bandwidth_mb: float, work: Path, flags: list[str]) -> tuple[subprocess.Popen, str]:
     url_file = work / "hub-url"
     url_file.unlink(missing_ok=True)
     proc = subprocess.Popen([sys.executable, __file__, "serve", "--url-file", str(url_file),
-                             "--bandwidth-mb", str(bandwidth_mb), *map(str, dirs)], cwd=REPO)
+                             "--bandwidth-mb", str(bandwidth_mb), *flags, *map(str, dirs)], cwd=REPO)
     while not url_file.exists():
         if proc.poll() is not None:
             raise SystemExit("the Hub stand-in did not start")
@@ -119,7 +120,8 @@ def bench(args: argparse.Namespace) -> dict:
     mergekit = Path(args.mergekit_venv) / "bin" / "python"
     results: dict = {"size_gb": args.size_gb, "input_bytes": input_bytes, "runs": []}
     for bw in args.bandwidth_mb:
-        hub, url = start_hub(dirs, bw, work)
+        hub, url = start_hub(dirs, bw, work, [f for f, on in (("--no-cdn", args.no_cdn),
+                                                              ("--no-keep-alive", args.no_keep_alive)) if on])
         try:
             for rep in range(args.repeat):
                 runs = {}
@@ -194,6 +196,10 @@ def main() -> None:
     s.add_argument("--url-file", required=True)
     s.add_argument("--bandwidth-mb", type=float, default=0)
     s.add_argument("dirs", nargs=4)
+    for q in (s, p):
+        q.add_argument("--no-cdn", action="store_true", help="serve LFS files from the Hub's URL, not by a redirect "
+                       "to signed URLs on a storage origin (as the Hub does)")
+        q.add_argument("--no-keep-alive", action="store_true", help="one request per connection")
     p.add_argument("--size-gb", type=float, default=0.92)
     p.add_argument("--cosine", type=float, default=0.5)
     p.add_argument("--bandwidth-mb", type=float, nargs="+", default=[100.0, 1000.0], help="caps in MB/s (10^6)")

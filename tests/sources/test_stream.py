@@ -90,6 +90,56 @@ def test_local_and_streamed_sources_in_one_merge(hub, published, reference, tmp_
     assert not [r for r in hub.requests("GET", "/resolve/") if "/org/base/" in r.path and r.path.endswith("tensors")]
 
 
+@pytest.fixture
+def storage_hub(tmp_path, monkeypatch):
+    """A Hub that sends LFS files from another origin by signed URLs, keeps connections alive, and
+    holds private repos (the token must reach the Hub, never the storage origin)."""
+    from tests.fake_hub import FakeHub
+    from tests.hub_fixtures import set_hub_env
+
+    with FakeHub(token="hf_secret_token", cdn=True, keep_alive=True, max_threads=32) as fake:
+        set_hub_env(monkeypatch, fake.url, tmp_path, token="hf_secret_token")
+        yield fake
+
+
+def local_reference(models: dict[str, Path], out: Path) -> dict[str, bytes]:
+    assert main(args(out, *(str(models[k]) for k in ["base", "ft0", "ft1", "ft2"]))) == 0
+    return shards(out)
+
+
+def test_stream_from_storage_redirects_asks_once_per_shard_and_sends_no_token_off_the_hub(storage_hub, models,
+                                                                                          tmp_path):
+    for repo, key in zip(REPOS, ["base", "ft0", "ft1", "ft2"]):
+        storage_hub.add_commit(repo, models[key], private=True)
+    reference = local_reference(models, tmp_path / "ref")
+    storage_hub.reset_stats()
+    assert main(args(tmp_path / "out", *REPOS, extra=("--stream",))) == 0
+    assert shards(tmp_path / "out") == reference
+    assert storage_hub.cdn_auth_seen == 0  # the Hub token never went to storage
+    assert storage_hub.weight_bytes_served == data_bytes(storage_hub)  # each byte once, from storage
+    heads = sorted(r.path for r in storage_hub.requests("HEAD", "/resolve/") if r.path.endswith(".safetensors"))
+    assert heads == sorted(f"/{repo}/resolve/{storage_hub.repos[repo].branches['main']}/{shard}"
+                           for repo in REPOS for shard in (SHARD1, SHARD2))  # where each shard lives: asked once
+    gets = storage_hub.requests("GET", "/cdn/")
+    assert len(gets) > 40 and all(r.status == 206 for r in gets)
+    assert storage_hub.connections < len(gets) / 2  # connections were reused for the next ranges
+
+
+def test_an_expired_storage_url_is_asked_for_again(storage_hub, models, tmp_path):
+    for repo, key in zip(REPOS, ["base", "ft0", "ft1", "ft2"]):
+        storage_hub.add_commit(repo, models[key], private=True)
+    reference = local_reference(models, tmp_path / "ref")
+    storage_hub.cdn_ttl = 1.0  # signed URLs last about a second ...
+    storage_hub.bandwidth = data_bytes(storage_hub) / 4  # ... and the merge takes about four
+    storage_hub.reset_stats()
+    assert main(args(tmp_path / "out", *REPOS, extra=("--stream",))) == 0
+    assert shards(tmp_path / "out") == reference
+    assert [r for r in storage_hub.requests("GET", "/cdn/") if r.status == 403]  # storage refused expired URLs
+    heads = [r.path for r in storage_hub.requests("HEAD", "/resolve/") if r.path.endswith(".safetensors")]
+    assert len(heads) > len(set(heads))  # and the client asked the Hub for new ones
+    assert storage_hub.weight_bytes_served == data_bytes(storage_hub)
+
+
 def test_a_connection_dropped_mid_tensor_is_resumed(hub, reference, tmp_path):
     hub.fail("GET", f"/org/ft1/resolve/*/{SHARD2}", mode="drop", after_bytes=300, times=3, range_from=9)
     hub.reset_stats()
@@ -99,12 +149,22 @@ def test_a_connection_dropped_mid_tensor_is_resumed(hub, reference, tmp_path):
     assert hub.weight_bytes_served == data_bytes(hub)  # the retries asked only for the bytes not received
 
 
-def test_a_connection_that_keeps_dropping_fails_in_one_line(hub, published, tmp_path, capsys):
-    hub.fail("GET", f"/org/ft1/resolve/*/{SHARD2}", mode="drop", after_bytes=10, times=100, range_from=9)
-    assert main(args(tmp_path / "out", *REPOS, extra=("--stream",))) == 2
+def test_a_network_that_keeps_failing_stops_in_one_line_keeping_what_was_merged_for_resume(hub, reference, tmp_path,
+                                                                                           capsys):
+    out, partial = tmp_path / "out", tmp_path / ".hfms-partial-out"
+    fault = hub.fail("GET", f"/org/ft1/resolve/*/{SHARD2}", mode="drop", after_bytes=10, times=100, range_from=9)
+    assert main(args(out, *REPOS, extra=("--stream",))) == 2
     err = error_line(capsys)
     assert err.startswith("error: org/ft1@") and f"/{SHARD2}: download failed 6 times" in err
-    assert not (tmp_path / "out").exists() and not (tmp_path / ".hfms-partial-out").exists()
+    assert f"kept in {partial}: run the same command with --resume to continue" in err
+    assert not out.exists() and (partial / JOURNAL_NAME).is_file()
+    done = {e["tensor"] for e in read_journal(partial / JOURNAL_NAME)[1]}
+    assert done  # the tensors of the first shards were merged before the failure
+    fault.times = 0  # the network is back
+    hub.reset_stats()
+    assert main(args(out, *REPOS, extra=("--stream", "--resume"))) == 0
+    assert shards(out) == reference
+    assert hub.weight_bytes_served < data_bytes(hub)  # finished tensors were not fetched again
 
 
 def test_a_server_that_ignores_range_is_refused_not_downloaded(hub, published, tmp_path, capsys):
@@ -222,32 +282,54 @@ def test_incompatible_streamed_models_fail_from_headers_before_any_weight(hub, p
     assert hub.weight_bytes_served == 0
 
 
-def test_pieces_drained_to_the_spill_while_reads_pause_are_read_back_exactly(hub, tmp_path):
-    data = bytes((i * 7) % 251 for i in range(20000))
-    hub.add_commit("org/blob", {"w.safetensors": data})
+def _blob_shard(hub, data: bytes):
     from huggingface_hub import hf_hub_url
 
-    f = RemoteFile(url=hf_hub_url("org/blob", "w.safetensors", revision="main"), size=len(data), repo_id="org/blob",
-                   filename="w.safetensors", revision="main", sha256=hashlib.sha256(data).hexdigest())
+    hub.add_commit("org/blob", {"w.safetensors": data})
+    return RemoteFile(url=hf_hub_url("org/blob", "w.safetensors", revision="main"), size=len(data), repo_id="org/blob",
+                      filename="w.safetensors", revision="main", sha256=hashlib.sha256(data).hexdigest())
+
+
+def _drain_for(shard, seconds: float, until: int) -> int:
+    drained, end = 0, time.monotonic() + seconds
+    while time.monotonic() < end and shard._cursor < until:
+        drained += shard.drain()
+        time.sleep(0.001)
+    return drained
+
+
+def test_pieces_drained_to_the_spill_during_a_second_pass_are_read_back_exactly(hub, tmp_path):
+    data = bytes((i * 7) % 251 for i in range(20000))
+    f = _blob_shard(hub, data)
     regions = [(0, 3000, 2), (3000, 9000, 1), (15000, 5000, 1)]
     with ThreadPoolExecutor(4) as pool:
         shard = RemoteShard(f, pool, regions, piece=700, window=3, spill_dir=tmp_path)
-        out = bytearray(1000)
-        shard.read(0, memoryview(out))
-        drained = 0
-        for _ in range(2000):  # the reads pause: the pieces go to the spill file as they arrive
-            drained += shard.drain()
-            if shard._cursor >= len(data) - 700:
-                break
-            time.sleep(0.001)
-        assert drained > 10, (drained, shard._cursor, [(o, f.done(), f.done() and f.exception()) for o, f in shard._pieces])
         got = bytearray(len(data))
-        for pos, n in [(1000, 2000), (0, 3000), (3000, 4500), (7500, 4500), (15000, 5000)]:
+        shard.read(0, memoryview(got)[:1000])
+        shard.read(0, memoryview(got)[:1000])  # a second pass: read from the spill, the stream is not consumed
+        # meanwhile the pieces that arrive go to the spill file, so that the connections keep going
+        drained = _drain_for(shard, 10.0, len(data) - 700)
+        assert drained > 10, (drained, shard._cursor, [(o, f.done(), f.done() and f.exception()) for o, f in shard._pieces])
+        for pos, n in [(1000, 2000), (1000, 2000), (3000, 4500), (7500, 4500), (15000, 5000)]:
             view = memoryview(got)[pos:pos + n]
             shard.read(pos, view)
             assert view == data[pos:pos + n]
         assert shard.finished
     assert sum(r.body_bytes for r in hub.requests("GET", "/resolve/")) == len(data)
+
+
+def test_a_merge_that_merely_lags_behind_the_network_spills_nothing(hub, tmp_path):
+    """Reads that are slower than the network (the CPU sets the pace) leave the pieces in memory: the
+    spill would only add work; pieces are moved aside only while a second pass reads the spill."""
+    data = bytes((i * 5) % 253 for i in range(20000))
+    f = _blob_shard(hub, data)
+    with ThreadPoolExecutor(4) as pool:
+        shard = RemoteShard(f, pool, [(0, 20000, 1)], piece=700, window=3, spill_dir=tmp_path)
+        got = bytearray(len(data))
+        shard.read(0, memoryview(got)[:1000])
+        assert _drain_for(shard, 0.6, len(data)) == 0  # every piece in the window arrives, the reads take none
+        shard.read(1000, memoryview(got)[1000:])
+        assert got == data and shard.finished and shard._spill is None
 
 
 def test_dry_run_with_stream_prints_the_plan_without_fetching_weights(hub, published, tmp_path, capsys):
