@@ -431,7 +431,7 @@ class RemoteShard:
         self._cur_off = start
         self._served = start  # the furthest byte read so far
         self._last_take = time.monotonic()  # when a read last took bytes from the stream
-        self._rereading = False  # the last read was served from the spill file (a second pass)
+        self._rereading = False  # the last read was a second pass over a region (served from the spill file)
         self._failed: BaseException | None = None
         self._lock = threading.Lock()
         self.finished = self._live == 0
@@ -569,7 +569,9 @@ class RemoteShard:
         if pos < self._cursor:
             done = min(len(dest), self._cursor - pos)
             self._read_spill(pos, dest[:done])
-        self._rereading = done == len(dest)
+        # A later pass (the first pass over the region is complete); not merely bytes drained earlier,
+        # whose reads must not keep the drain going.
+        self._rereading = region.left <= region.nbytes * (self._reads[region.offset] - 1)
         if done < len(dest):
             self._consume(pos + done, None, lambda a, b: True)  # skipped ahead: keep what is still to be read
             again = self._reads[region.offset] > 1

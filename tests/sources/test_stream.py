@@ -305,12 +305,12 @@ def test_pieces_drained_to_the_spill_during_a_second_pass_are_read_back_exactly(
     with ThreadPoolExecutor(4) as pool:
         shard = RemoteShard(f, pool, regions, piece=700, window=3, spill_dir=tmp_path)
         got = bytearray(len(data))
-        shard.read(0, memoryview(got)[:1000])
-        shard.read(0, memoryview(got)[:1000])  # a second pass: read from the spill, the stream is not consumed
+        shard.read(0, memoryview(got)[:3000])  # the first pass over a two-pass region
+        shard.read(0, memoryview(got)[:1000])  # the second: read from the spill, the stream is not consumed
         # meanwhile the pieces that arrive go to the spill file, so that the connections keep going
         drained = _drain_for(shard, 10.0, len(data) - 700)
         assert drained > 10, (drained, shard._cursor, [(o, f.done(), f.done() and f.exception()) for o, f in shard._pieces])
-        for pos, n in [(1000, 2000), (1000, 2000), (3000, 4500), (7500, 4500), (15000, 5000)]:
+        for pos, n in [(1000, 2000), (3000, 4500), (7500, 4500), (15000, 5000)]:
             view = memoryview(got)[pos:pos + n]
             shard.read(pos, view)
             assert view == data[pos:pos + n]
@@ -330,6 +330,24 @@ def test_a_merge_that_merely_lags_behind_the_network_spills_nothing(hub, tmp_pat
         assert _drain_for(shard, 0.6, len(data)) == 0  # every piece in the window arrives, the reads take none
         shard.read(1000, memoryview(got)[1000:])
         assert got == data and shard.finished and shard._spill is None
+
+
+def test_reads_of_drained_bytes_do_not_keep_the_drain_going(hub, tmp_path):
+    """After a second pass, the reads go on with bytes drained meanwhile (from the spill); that is not a
+    second pass: once the drained bytes are used up the reads take from the stream again."""
+    data = bytes((i * 3) % 241 for i in range(30000))
+    f = _blob_shard(hub, data)
+    with ThreadPoolExecutor(4) as pool:
+        shard = RemoteShard(f, pool, [(0, 2000, 2), (2000, 28000, 1)], piece=700, window=3, spill_dir=tmp_path)
+        got = bytearray(len(data))
+        shard.read(0, memoryview(got)[:2000])
+        shard.read(0, memoryview(got)[:2000])  # second pass
+        assert _drain_for(shard, 10.0, 6000) > 0
+        drained_to = shard._cursor
+        shard.read(2000, memoryview(got)[2000:drained_to - 100])  # from the spill: drained bytes
+        assert _drain_for(shard, 0.6, len(data)) == 0 and shard._cursor == drained_to
+        shard.read(drained_to - 100, memoryview(got)[drained_to - 100:])
+        assert got == data and shard.finished
 
 
 def test_dry_run_with_stream_prints_the_plan_without_fetching_weights(hub, published, tmp_path, capsys):
