@@ -4,7 +4,7 @@
 same small files as ``resolve``), lists the shards with their sizes and LFS sha256 and reads each
 shard's header with two range requests, so that the plan can be made with every tensor's offset; the
 tensor bytes are read during the merge (``io.remote``). A source whose shards are all in the HF
-cache already, and a local source, resolve as usual and are read from disk.
+cache already, a local source, and a LoRA adapter (small, and loaded whole) resolve as usual.
 
 >>> model = resolve_streamed(ModelEntry(model="org/name"))  # doctest: +SKIP
 >>> model.checkpoint().tensors["model.norm.weight"].offset  # doctest: +SKIP
@@ -23,6 +23,7 @@ from hf_model_stock.io.reader import Checkpoint, TensorInfo, check_header_length
 from hf_model_stock.io.remote import RemoteFile
 from hf_model_stock.recipe import ModelEntry
 from hf_model_stock.sources import resolve as sources
+from hf_model_stock.sources.adapters import ADAPTER_CONFIG
 from hf_model_stock.sources.preflight import HEADER_TIMEOUT_S, _read_range
 from hf_model_stock.sources.resolve import SMALL_FILE_PATTERNS, ResolvedModel
 
@@ -84,6 +85,8 @@ def resolve_streamed(entry: ModelEntry, *, allow_pickle: bool = False) -> Resolv
                    if isinstance(f, RepoFile)}
     except sources.transport_errors() as exc:
         raise SourceError(sources.hub_error_message(entry, exc)) from None
+    if ADAPTER_CONFIG in listing:  # a LoRA adapter: small, loaded whole, so downloaded as usual
+        return sources.resolve(entry, allow_pickle=allow_pickle)
     shards = sources.safetensors_shards(small)
     if shards is None:
         if SINGLE_NAME not in listing:

@@ -238,6 +238,30 @@ def test_adapters_from_the_hub_merge_into_an_adapter_of_the_base(zoo, tmp_path, 
         assert torch.allclose(merged[name], w, atol=2e-6, rtol=0), name
 
 
+def test_streamed_base_with_adapters_from_the_hub(zoo, tmp_path, hub):
+    """--stream with LoRA adapters on the Hub: the adapters (small) are downloaded, the base is streamed."""
+    hub.add_commit("org/base", zoo["base"])
+    for name in ("a0", "a2"):
+        copy = tmp_path / name
+        shutil.copytree(zoo[name], copy)
+        cfg = json.loads((copy / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = "org/base"
+        (copy / "adapter_config.json").write_text(json.dumps(cfg))
+        hub.add_commit(f"org/{name}", copy)
+    hub.reset_stats()
+    out = tmp_path / "out"
+    assert main(["merge", "--base", "org/base", "--model", "org/a0", "--model", "org/a2", "--out", str(out), "-q",
+                 "--stream"]) == 0
+    cached = {p.name for p in (tmp_path / "hf-cache").rglob("*.safetensors")}
+    assert cached == {"adapter_model.safetensors"}  # the base's weights were streamed, not stored
+    assert [r for r in hub.requests("GET", "/org/base/resolve/") if r.range and r.path.endswith(".safetensors")]
+    want = merge_models(zoo["base"], [zoo["a0"], zoo["a2"]], tmp_path / "local").path
+    merged, local = load_dir(out), load_dir(want)
+    assert merged.keys() == local.keys()
+    for name, w in local.items():
+        assert torch.equal(merged[name], w), name
+
+
 def test_fan_in_fan_out_adapters_of_gpt2_merge_and_stay_an_adapter(tmp_path):
     """GPT-2 stores its projections transposed (Conv1D): LoRA with fan_in_fan_out, delta s·(B·A)ᵀ."""
     from peft import LoraConfig, PeftModel, get_peft_model
