@@ -389,3 +389,19 @@ def test_a_read_waiting_on_a_slow_network_gives_up_when_the_merge_is_interrupted
         assert not reader.is_alive() and time.monotonic() - started < 1.0
         shard.close()
     assert len(errors) == 1 and isinstance(errors[0], SourceError) and "interrupted" in str(errors[0])
+
+
+def test_a_filter_wise_stream_keeps_nothing_for_a_second_pass(hub, published, tmp_path, monkeypatch):
+    spilled: list[int] = []
+    write_spill = RemoteShard._write_spill
+    monkeypatch.setattr(RemoteShard, "_write_spill", lambda self, pos, data: (spilled.append(len(data)),
+                                                                               write_spill(self, pos, data)))
+    assert main(args(tmp_path / "layer", *REPOS, extra=("--stream",))) == 0
+    assert spilled  # layer-wise, the tensors larger than a unit keep their first pass for the second
+    spilled.clear()
+    local = tmp_path / "local"
+    assert main(args(local, *(str(published[k]) for k in ["base", "ft0", "ft1", "ft2"]),
+                     extra=("--granularity", "filter"))) == 0
+    assert main(args(tmp_path / "out", *REPOS, extra=("--stream", "--granularity", "filter"))) == 0
+    assert shards(tmp_path / "out") == shards(local)
+    assert not spilled
