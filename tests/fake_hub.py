@@ -87,7 +87,8 @@ class Repo:
 @dataclass
 class Fault:
     """Make matching requests fail: ``drop`` closes the connection after ``after_bytes`` of body,
-    ``status`` answers with that HTTP status. Applies ``times`` times."""
+    ``status`` answers with that HTTP status, ``slow`` sends the body at ``rate`` bytes/s (a
+    straggling connection). Applies ``times`` times."""
 
     method: str
     pattern: str  # fnmatch pattern on the request path
@@ -96,6 +97,7 @@ class Fault:
     status: int = 403
     times: int = 1
     range_from: int | None = None  # only requests with a Range starting at or after this byte
+    rate: float = 100.0  # bytes/s of a ``slow`` body
 
 
 @dataclass(frozen=True)
@@ -341,6 +343,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         fault = (self.fake._take_fault(self.command, self._path, "drop", self.headers.get("Range"))
                  if self.command != "HEAD" and body else None)
+        slow = (self.fake._take_fault(self.command, self._path, "slow", self.headers.get("Range"))
+                if self.command != "HEAD" and body and fault is None else None)
         sent = 0 if self.command == "HEAD" else len(body) if fault is None else min(fault.after_bytes, len(body))
         lo, hi = weight_span
         served_weights = max(0, min(hi, offset + sent) - max(lo, offset)) if sent else 0
@@ -348,7 +352,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.fake._record(Logged(self.command, self._path, self.headers.get("Range"), status, sent),
                           weight_bytes=served_weights, lfs_bytes=lfs_bytes)
         self.end_headers()
-        if self.fake.bandwidth:
+        if slow is not None:
+            step = max(1, int(slow.rate / 20))
+            for i in range(0, sent, step):  # a write every 50 ms; gives up when the client hangs up
+                time.sleep(step / slow.rate)
+                self.wfile.write(body[i:min(sent, i + step)])
+        elif self.fake.bandwidth:
             view = memoryview(body)[:sent]
             step = max(4096, min(256 << 10, int(self.fake.bandwidth / 50)))  # a write every 20 ms at most
             for i in range(0, len(view), step):

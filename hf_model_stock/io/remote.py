@@ -18,7 +18,9 @@ The Hub answers a file's URL with a redirect to LFS/Xet storage (a signed URL on
 token, and asks again when storage refuses an expired URL. Requests are retried with exponential
 backoff on 408/429/5xx and on connection errors; a connection that drops mid-range is resumed from
 the last byte received; a body read to its end leaves the connection in the session's pool for the
-next range. A server that answers a range request with the whole file (HTTP 200) is refused, not
+next range. A piece the reads wait for that lags far behind the others (a straggling connection, while
+later pieces have arrived) is asked for again on another connection, and the first copy to arrive is
+taken. A server that answers a range request with the whole file (HTTP 200) is refused, not
 downloaded in full.
 
 The sha256 state is OpenSSL's ``SHA256_CTX``, saved at each piece boundary (``StreamState``), so
@@ -33,6 +35,7 @@ import ctypes
 import ctypes.util
 import hashlib
 import json
+import logging
 import mmap
 import os
 import tempfile
@@ -40,8 +43,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,8 @@ import numpy as np
 from hf_model_stock.errors import CheckpointError, NetworkError, SourceError
 from hf_model_stock.io.reader import ShardFiles, TensorInfo
 
+logger = logging.getLogger(__name__)
+
 PIECE_BYTES = 8 << 20  # bytes per range request
 WINDOW = 4  # pieces per shard in flight or waiting to be consumed: memory is WINDOW * PIECE_BYTES per shard
 RETRIES = 5  # per piece, for a connection that drops or times out mid-body
@@ -60,6 +64,8 @@ STREAM_STATE_NAME = ".hfms-stream.jsonl"
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 SPILL_AHEAD = 64 << 20  # bytes per shard that may be fetched ahead of the reads into the spill file
 STALL_S = 0.25  # a second pass that has not taken a byte of the stream for this long: drain
+HEDGE_AFTER_S = 2.0  # a piece the reads wait for, slower than this and than HEDGE_FACTOR x the usual piece,
+HEDGE_FACTOR = 4.0  # while a later piece has arrived, is asked for again on another connection
 _backoff = time.sleep  # between retries (tests make it instant)
 
 
@@ -163,6 +169,16 @@ class _Expired(Exception):
     """Storage refused a signed URL (it expired): ask the Hub for a new one."""
 
 
+class _Either:
+    """Set when any of its events is (the merge stopped, or this copy of a piece lost the race)."""
+
+    def __init__(self, *events: threading.Event | None):
+        self._events = [e for e in events if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self._events)
+
+
 def _transient() -> tuple[type[BaseException], ...]:
     import httpx2
 
@@ -259,7 +275,7 @@ def _range_response(file: RemoteFile, start: int, end: int, where: Location | No
 
 
 def fetch_range(file: RemoteFile, start: int, dest: memoryview, count: Callable[[int], None] | None = None,
-                cancelled: threading.Event | None = None, where: Location | None = None) -> None:
+                cancelled: threading.Event | _Either | None = None, where: Location | None = None) -> None:
     """Fill ``dest`` with the bytes of ``file`` from ``start`` (at ``where``, else its Hub URL); a
     connection that drops or stalls is resumed from the last byte received, ``RETRIES`` times with
     backoff; an expired storage URL is asked for again, ``RETRIES`` times."""
@@ -426,6 +442,9 @@ class RemoteShard:
         self._cursor = start  # the stream is consumed up to here
         self._next = start  # the next byte to ask for
         self._pieces: deque[tuple[int, Future]] = deque()
+        self._started: dict[int, float] = {}  # when each piece in flight was asked for
+        self._took: deque[float] = deque(maxlen=16)  # seconds the last pieces took
+        self._took_lock = threading.Lock()
         self._cur: memoryview | None = None
         self._buffers = buffers or PieceBuffers()
         self._cur_off = start
@@ -441,13 +460,53 @@ class RemoteShard:
     def _fill(self) -> None:
         while len(self._pieces) + (self._cur is not None) < self._window and self._next < self.file.size:
             n = min(self._piece, self.file.size - self._next)
+            self._started[self._next] = time.monotonic()
             self._pieces.append((self._next, self._pool.submit(self._fetch, self._next, n)))
             self._next += n
 
-    def _fetch(self, offset: int, n: int) -> memoryview:
+    def _fetch(self, offset: int, n: int, stop: threading.Event | None = None) -> memoryview:
+        started = time.monotonic()
         buf = memoryview(self._buffers.take(n))[:n]
-        fetch_range(self.file, offset, buf, self._count, self._cancelled, self._location)
+        fetch_range(self.file, offset, buf, self._count, _Either(self._cancelled, stop), self._location)
+        if not (self._cancelled.is_set() or (stop is not None and stop.is_set())):
+            with self._took_lock:
+                self._took.append(time.monotonic() - started)
         return buf
+
+    def _straggling(self, offset: int) -> bool:
+        """The piece at ``offset`` is a straggler: a later piece has arrived, and it has taken longer
+        than ``HEDGE_AFTER_S`` and ``HEDGE_FACTOR`` times the usual piece."""
+        with self._took_lock:
+            took = sorted(self._took)
+        if len(took) < 3 or not any(f.done() for _, f in self._pieces):
+            return False
+        return time.monotonic() - self._started[offset] > max(HEDGE_AFTER_S, HEDGE_FACTOR * took[len(took) // 2])
+
+    def _arrived(self, offset: int, future: Future) -> memoryview:
+        """Wait for the piece at ``offset``; a straggler is asked for again on another connection
+        (one slow connection must not set the pace), and the first copy to arrive is taken."""
+        copies, stops = [future], [threading.Event()]
+        while True:
+            done, _ = wait(copies, timeout=0.1, return_when=FIRST_COMPLETED)
+            good = [f for f in done if f.exception() is None]
+            if good or len(done) == len(copies):
+                break
+            if self._cancelled.is_set():  # the merge stopped (Ctrl-C): do not wait for the network
+                raise SourceError(f"{self.file.where}: interrupted") from None
+            if len(copies) == 1 and self._straggling(offset):
+                stops.append(threading.Event())
+                copies.append(self._pool.submit(self._fetch, offset, self._piece_size(offset), stops[-1]))
+                logger.info("%s: the range from byte %d is slow; asked for again on another connection",
+                            self.file.where, offset)
+        winner = good[0] if good else copies[0]
+        for f, stop in zip(copies, stops):
+            if f is not winner:
+                stop.set()  # the slower copy gives up; its buffer goes back to the pool once it has
+                f.add_done_callback(lambda f: None if f.exception() else self._buffers.give(f.result().obj))
+        return winner.result()  # raises the failure when every copy failed
+
+    def _piece_size(self, offset: int) -> int:
+        return min(self._piece, self.file.size - offset)
 
     def _drop_current(self) -> None:
         if self._cur is not None:
@@ -462,13 +521,8 @@ class RemoteShard:
         self._drop_current()
         self._fill()
         offset, future = self._pieces.popleft()
-        while True:
-            try:
-                self._cur, self._cur_off = future.result(timeout=0.1), offset
-                break
-            except FutureTimeout:
-                if self._cancelled.is_set():  # the merge stopped (Ctrl-C): do not wait for the network
-                    raise SourceError(f"{self.file.where}: interrupted") from None
+        self._cur, self._cur_off = self._arrived(offset, future), offset
+        self._started.pop(offset, None)
         self._hasher.update(self._cur)
         end, state = offset + len(self._cur), self._hasher.state()
         if self._state is not None and state is not None and end < self.file.size:

@@ -149,6 +149,22 @@ def test_a_connection_dropped_mid_tensor_is_resumed(hub, reference, tmp_path):
     assert hub.weight_bytes_served == data_bytes(hub)  # the retries asked only for the bytes not received
 
 
+def test_a_straggling_connection_is_overtaken_by_a_second_one(hub, reference, tmp_path, monkeypatch):
+    """One range answered at 50 bytes/s (20 s for a piece): once later pieces have arrived and it has
+    taken 4x the usual piece, it is asked for again on another connection, and the merge goes on."""
+    monkeypatch.setattr(remote_module, "HEDGE_AFTER_S", 0.3)
+    hub.fail("GET", f"/org/ft1/resolve/*/{SHARD2}", mode="slow", rate=50.0, range_from=3000)
+    hub.reset_stats()
+    started = time.monotonic()
+    assert main(args(tmp_path / "out", *REPOS, extra=("--stream",))) == 0
+    assert time.monotonic() - started < 9.0
+    assert shards(tmp_path / "out") == reference
+    assert all(f.times == 0 for f in hub.faults)  # the slow answer was given ...
+    slow = [r for r in hub.requests("GET", "/org/ft1/resolve/") if r.path.endswith(SHARD2) and r.range
+            and int(r.range[6:].split("-")[0]) >= 3000]
+    assert len({r.range for r in slow}) < len(slow)  # ... and its range asked for twice
+
+
 def test_a_network_that_keeps_failing_stops_in_one_line_keeping_what_was_merged_for_resume(hub, reference, tmp_path,
                                                                                            capsys):
     out, partial = tmp_path / "out", tmp_path / ".hfms-partial-out"
