@@ -73,6 +73,8 @@ def serve(args: argparse.Namespace) -> None:
                  cdn=not args.no_cdn, keep_alive=not args.no_keep_alive) as hub:
         for repo, d in zip(REPOS, dirs):
             hub.add_commit(repo, d)
+            for blob in hub.repos[repo].commits[hub.repos[repo].branches["main"]].values():
+                _ = blob.sha256  # computed now, not during the first run's tree listing
         Path(args.url_file).write_text(hub.url)
         while True:
             time.sleep(3600)
@@ -123,6 +125,16 @@ def bench(args: argparse.Namespace) -> dict:
         hub, url = start_hub(dirs, bw, work, [f for f, on in (("--no-cdn", args.no_cdn),
                                                               ("--no-keep-alive", args.no_keep_alive)) if on])
         try:
+            if not args.no_warmup:  # untimed: on a VM, the first run after the stand-in fills 4 GB pays for new pages
+                warm = work / "warmup"
+                shutil.rmtree(warm, ignore_errors=True)
+                e = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+                e.update({"HF_ENDPOINT": url, "HF_HUB_CACHE": str(warm / "cache"), "HF_HUB_DISABLE_XET": "1",
+                          "HF_TOKEN_PATH": str(warm / "no-token"), "PYTHONPATH": str(REPO)})
+                subprocess.run([sys.executable, "-m", "hf_model_stock.cli", "merge", "--base", REPOS[0],
+                                *sum([["--model", r] for r in REPOS[1:]], []), "--out", str(warm / "out"), "--stream",
+                                "-q", "--device", "cpu"], env=e, cwd=REPO, check=True)
+                shutil.rmtree(warm, ignore_errors=True)
             for rep in range(args.repeat):
                 runs = {}
                 root = work / "stream-runs"
@@ -208,6 +220,7 @@ def main() -> None:
     p.add_argument("--mergekit-venv", default="/work/mergekit-venv")
     p.add_argument("--out", type=Path)
     p.add_argument("--only-stream", action="store_true", help="run (a) alone (a quick check)")
+    p.add_argument("--no-warmup", action="store_true", help="no untimed --stream run before the first timed one")
     args = p.parse_args()
     if args.cmd == "serve":
         serve(args)
