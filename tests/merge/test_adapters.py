@@ -213,15 +213,20 @@ def test_preflight_refuses_a_wrong_base_before_anything_else(zoo, tmp_path, caps
     assert "note:" in capsys.readouterr().out
 
 
-def test_adapters_from_the_hub_merge_into_an_adapter_of_the_base(zoo, tmp_path, capsys, hub):
+def publish(zoo: dict[str, Path], hub, tmp_path: Path, adapters: tuple[str, ...]) -> None:
+    """The base as org/base and each adapter as org/<name>, trained on org/base."""
     hub.add_commit("org/base", zoo["base"])
-    for name in ("a0", "a1"):
+    for name in adapters:
         copy = tmp_path / name
         shutil.copytree(zoo[name], copy)
         cfg = json.loads((copy / "adapter_config.json").read_text())
         cfg["base_model_name_or_path"] = "org/base"
         (copy / "adapter_config.json").write_text(json.dumps(cfg))
         hub.add_commit(f"org/{name}", copy)
+
+
+def test_adapters_from_the_hub_merge_into_an_adapter_of_the_base(zoo, tmp_path, capsys, hub):
+    publish(zoo, hub, tmp_path, ("a0", "a1"))
     recipe = tmp_path / "hub.yaml"
     recipe.write_text("base_model: org/base\nmodels: [org/a0, org/a1]\n"
                       f"compute: {{device: cpu}}\noutput: {{format: adapter, path: {tmp_path / 'out'}}}\n")
@@ -240,14 +245,7 @@ def test_adapters_from_the_hub_merge_into_an_adapter_of_the_base(zoo, tmp_path, 
 
 def test_streamed_base_with_adapters_from_the_hub(zoo, tmp_path, hub):
     """--stream with LoRA adapters on the Hub: the adapters (small) are downloaded, the base is streamed."""
-    hub.add_commit("org/base", zoo["base"])
-    for name in ("a0", "a2"):
-        copy = tmp_path / name
-        shutil.copytree(zoo[name], copy)
-        cfg = json.loads((copy / "adapter_config.json").read_text())
-        cfg["base_model_name_or_path"] = "org/base"
-        (copy / "adapter_config.json").write_text(json.dumps(cfg))
-        hub.add_commit(f"org/{name}", copy)
+    publish(zoo, hub, tmp_path, ("a0", "a2"))
     hub.reset_stats()
     out = tmp_path / "out"
     assert main(["merge", "--base", "org/base", "--model", "org/a0", "--model", "org/a2", "--out", str(out), "-q",
