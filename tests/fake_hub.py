@@ -197,8 +197,9 @@ class FakeHub:
         assert self._cdn_server is not None
         return f"http://127.0.0.1:{self._cdn_server.server_address[1]}"
 
-    def signed_url(self, sha256: str, expires: float | None = None) -> str:
-        expires = int(time.time() + self.cdn_ttl) if expires is None else int(expires)
+    def signed_url(self, sha256: str) -> str:
+        """A URL of the storage origin for the LFS object ``sha256``, valid for ``cdn_ttl`` seconds."""
+        expires = int(time.time() + self.cdn_ttl)
         return f"{self.cdn_url}/cdn/{sha256}?expires={expires}&sig={self._sign(sha256, expires)}"
 
     def _sign(self, sha256: str, expires: int) -> str:
@@ -494,9 +495,10 @@ class _Handler(BaseHTTPRequestHandler):
         if blob.lfs:
             headers.update({"X-Linked-Etag": f'"{blob.etag}"', "X-Linked-Size": str(total)})
         if blob.lfs and self.fake.cdn:  # the Hub sends LFS files from storage: a redirect to a signed URL
+            key = blob.sha256
             if f"{repo_id}/{path}" in self.fake.corrupt:
-                self.fake.lfs_store[blob.sha256 + "-corrupt"] = data
-            key = blob.sha256 + ("-corrupt" if f"{repo_id}/{path}" in self.fake.corrupt else "")
+                key += "-corrupt"
+                self.fake.lfs_store[key] = data
             return self._send(302, b"", {**headers, "Location": self.fake.signed_url(key)})
         self._serve_bytes(data, headers, weight_span=_weight_span(path, blob.data))
 

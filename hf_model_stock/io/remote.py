@@ -185,7 +185,8 @@ def _transient() -> tuple[type[BaseException], ...]:
     return (httpx2.TransportError, OSError, _Retry)
 
 
-def _refused(file: RemoteFile, status: int) -> SourceError:
+def hub_refused(file: RemoteFile, status: int) -> SourceError:
+    """The one-line error for a 401/403 on ``file``: names its repo and how to log in."""
     return SourceError(f"{file.repo_id}: the Hub refused {file.filename} (HTTP {status}): log in with `hf auth login` "
                        "or set HF_TOKEN to a token that can read this repository")
 
@@ -232,7 +233,7 @@ class Location:
         except HfHubHTTPError as exc:
             status = getattr(exc.response, "status_code", None)
             if status in (401, 403):
-                raise _refused(self.file, status) from None
+                raise hub_refused(self.file, status) from None
             if status == 404:
                 raise SourceError(f"{self.file.where}: not found on the Hub (HTTP 404)") from None
             raise _Retry(f"HTTP {status} asking the Hub where {self.file.filename} is") from None
@@ -243,23 +244,23 @@ class Location:
 
 
 @contextmanager
-def _range_response(file: RemoteFile, start: int, end: int, where: Location | None = None) -> Iterator[Any]:
-    """GET bytes [start, end] of ``file`` (from ``where``, else its Hub URL) through huggingface_hub's
-    session; the open response, checked to be exactly that range (``_Retry`` for a status worth
-    retrying: 408, 429, 5xx; ``_Expired`` when storage refuses its signed URL)."""
-    from huggingface_hub.utils import build_hf_headers, get_session
+def _range_response(file: RemoteFile, start: int, end: int, where: Location) -> Iterator[Any]:
+    """GET bytes [start, end] of ``file`` from ``where`` through huggingface_hub's session; the open
+    response, checked to be exactly that range (``_Retry`` for a status worth retrying: 408, 429,
+    5xx; ``_Expired`` when storage refuses its signed URL)."""
+    from huggingface_hub.utils import get_session
 
-    url, headers, generation = where.get() if where is not None else (file.url, build_hf_headers(), 0)
+    url, headers, generation = where.get()
     headers = {**headers, "Range": f"bytes={start}-{end}", "Accept-Encoding": "identity"}
     with get_session().stream("GET", url, headers=headers, timeout=TIMEOUT_S) as response:
         status = response.status_code
         if status in RETRY_STATUS:
             raise _Retry(f"HTTP {status}")
-        if status in (401, 403, 410) and where is not None and _origin(url) != _origin(file.url):
+        if status in (401, 403, 410) and _origin(url) != _origin(file.url):
             where.expire(generation)
             raise _Expired(f"HTTP {status} from storage")
         if status in (401, 403):
-            raise _refused(file, status)
+            raise hub_refused(file, status)
         if status == 404:
             raise SourceError(f"{file.where}: not found on the Hub (HTTP 404)")
         if status == 200:
@@ -274,11 +275,11 @@ def _range_response(file: RemoteFile, start: int, end: int, where: Location | No
         yield response
 
 
-def fetch_range(file: RemoteFile, start: int, dest: memoryview, count: Callable[[int], None] | None = None,
-                cancelled: threading.Event | _Either | None = None, where: Location | None = None) -> None:
-    """Fill ``dest`` with the bytes of ``file`` from ``start`` (at ``where``, else its Hub URL); a
-    connection that drops or stalls is resumed from the last byte received, ``RETRIES`` times with
-    backoff; an expired storage URL is asked for again, ``RETRIES`` times."""
+def fetch_range(file: RemoteFile, start: int, dest: memoryview, where: Location,
+                count: Callable[[int], None] | None = None, cancelled: threading.Event | _Either | None = None) -> None:
+    """Fill ``dest`` with the bytes of ``file`` from ``start``, fetched at ``where``; a connection that
+    drops or stalls is resumed from the last byte received, ``RETRIES`` times with backoff; an expired
+    storage URL is asked for again, ``RETRIES`` times."""
     got, failures, expired = 0, 0, 0
     transient = _transient()
     while got < len(dest):
@@ -406,6 +407,16 @@ class PieceBuffers:
                 self._free.append(buf)
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """One range request of a shard: bytes [offset, offset + size), asked for at ``asked_at``."""
+
+    offset: int
+    size: int
+    future: Future
+    asked_at: float
+
+
 @dataclass
 class _Region:
     """Bytes [offset, offset + nbytes) that the merge will read ``reads`` times."""
@@ -441,8 +452,7 @@ class RemoteShard:
         self._hasher = Hasher(kind if kind != "none" else "sha256", file.size, saved)
         self._cursor = start  # the stream is consumed up to here
         self._next = start  # the next byte to ask for
-        self._pieces: deque[tuple[int, Future]] = deque()
-        self._started: dict[int, float] = {}  # when each piece in flight was asked for
+        self._pieces: deque[_Piece] = deque()  # in flight or arrived, in file order
         self._took: deque[float] = deque(maxlen=16)  # seconds the last pieces took
         self._took_lock = threading.Lock()
         self._cur: memoryview | None = None
@@ -460,32 +470,31 @@ class RemoteShard:
     def _fill(self) -> None:
         while len(self._pieces) + (self._cur is not None) < self._window and self._next < self.file.size:
             n = min(self._piece, self.file.size - self._next)
-            self._started[self._next] = time.monotonic()
-            self._pieces.append((self._next, self._pool.submit(self._fetch, self._next, n)))
+            self._pieces.append(_Piece(self._next, n, self._pool.submit(self._fetch, self._next, n), time.monotonic()))
             self._next += n
 
     def _fetch(self, offset: int, n: int, stop: threading.Event | None = None) -> memoryview:
         started = time.monotonic()
         buf = memoryview(self._buffers.take(n))[:n]
-        fetch_range(self.file, offset, buf, self._count, _Either(self._cancelled, stop), self._location)
+        fetch_range(self.file, offset, buf, self._location, self._count, _Either(self._cancelled, stop))
         if not (self._cancelled.is_set() or (stop is not None and stop.is_set())):
             with self._took_lock:
                 self._took.append(time.monotonic() - started)
         return buf
 
-    def _straggling(self, offset: int) -> bool:
-        """The piece at ``offset`` is a straggler: a later piece has arrived, and it has taken longer
-        than ``HEDGE_AFTER_S`` and ``HEDGE_FACTOR`` times the usual piece."""
+    def _straggling(self, piece: _Piece) -> bool:
+        """``piece`` is a straggler: a later piece has arrived, and it has taken longer than
+        ``HEDGE_AFTER_S`` and ``HEDGE_FACTOR`` times the usual piece."""
         with self._took_lock:
             took = sorted(self._took)
-        if len(took) < 3 or not any(f.done() for _, f in self._pieces):
+        if len(took) < 3 or not any(p.future.done() for p in self._pieces):
             return False
-        return time.monotonic() - self._started[offset] > max(HEDGE_AFTER_S, HEDGE_FACTOR * took[len(took) // 2])
+        return time.monotonic() - piece.asked_at > max(HEDGE_AFTER_S, HEDGE_FACTOR * took[len(took) // 2])
 
-    def _arrived(self, offset: int, future: Future) -> memoryview:
-        """Wait for the piece at ``offset``; a straggler is asked for again on another connection
-        (one slow connection must not set the pace), and the first copy to arrive is taken."""
-        copies, stops = [future], [threading.Event()]
+    def _arrived(self, piece: _Piece) -> memoryview:
+        """Wait for ``piece``; a straggler is asked for again on another connection (one slow
+        connection must not set the pace), and the first copy to arrive is taken."""
+        copies, stops = [piece.future], [threading.Event()]
         while True:
             done, _ = wait(copies, timeout=0.1, return_when=FIRST_COMPLETED)
             good = [f for f in done if f.exception() is None]
@@ -493,20 +502,17 @@ class RemoteShard:
                 break
             if self._cancelled.is_set():  # the merge stopped (Ctrl-C): do not wait for the network
                 raise SourceError(f"{self.file.where}: interrupted") from None
-            if len(copies) == 1 and self._straggling(offset):
+            if len(copies) == 1 and self._straggling(piece):
                 stops.append(threading.Event())
-                copies.append(self._pool.submit(self._fetch, offset, self._piece_size(offset), stops[-1]))
+                copies.append(self._pool.submit(self._fetch, piece.offset, piece.size, stops[-1]))
                 logger.info("%s: the range from byte %d is slow; asked for again on another connection",
-                            self.file.where, offset)
+                            self.file.where, piece.offset)
         winner = good[0] if good else copies[0]
         for f, stop in zip(copies, stops):
             if f is not winner:
                 stop.set()  # the slower copy gives up; its buffer goes back to the pool once it has
                 f.add_done_callback(lambda f: None if f.exception() else self._buffers.give(f.result().obj))
         return winner.result()  # raises the failure when every copy failed
-
-    def _piece_size(self, offset: int) -> int:
-        return min(self._piece, self.file.size - offset)
 
     def _drop_current(self) -> None:
         if self._cur is not None:
@@ -520,11 +526,10 @@ class RemoteShard:
             return self._cur[self._cursor - self._cur_off:]
         self._drop_current()
         self._fill()
-        offset, future = self._pieces.popleft()
-        self._cur, self._cur_off = self._arrived(offset, future), offset
-        self._started.pop(offset, None)
+        piece = self._pieces.popleft()
+        self._cur, self._cur_off = self._arrived(piece), piece.offset
         self._hasher.update(self._cur)
-        end, state = offset + len(self._cur), self._hasher.state()
+        end, state = piece.offset + piece.size, self._hasher.state()
         if self._state is not None and state is not None and end < self.file.size:
             self._state.save(self.file, end, state)
         self._fill()
@@ -583,11 +588,11 @@ class RemoteShard:
         try:
             if (self.finished or self._cancelled.is_set() or not self._rereading or len(self._pieces) < self._window - 1
                     or time.monotonic() - self._last_take < STALL_S
-                    or not self._pieces[0][1].done() or self._cursor - self._served >= SPILL_AHEAD):
+                    or not self._pieces[0].future.done() or self._cursor - self._served >= SPILL_AHEAD):
                 return False
-            if self._pieces[0][1].exception() is not None:
+            if self._pieces[0].future.exception() is not None:
                 return False  # raised again by the read that needs it
-            end = self._pieces[0][0] + self._piece_len(0)
+            end = self._pieces[0].offset + self._pieces[0].size
             if self._cur is not None and self._cursor < self._cur_off + len(self._cur):
                 end = self._cur_off + len(self._cur)  # the current piece first
             try:
@@ -598,11 +603,6 @@ class RemoteShard:
             return True
         finally:
             self._lock.release()
-
-    def _piece_len(self, i: int) -> int:
-        offset = self._pieces[i][0]
-        nxt = self._pieces[i + 1][0] if i + 1 < len(self._pieces) else self._next
-        return nxt - offset
 
     def read(self, pos: int, dest: memoryview) -> None:
         """Bytes [pos, pos + len(dest)) of the file, which lie within one declared region."""
@@ -668,8 +668,8 @@ class RemoteShard:
             self._close()
 
     def _close(self) -> None:
-        for _, future in self._pieces:
-            future.cancel()
+        for piece in self._pieces:
+            piece.future.cancel()
         self._pieces.clear()
         self._cur = None
         if self._spill is not None:

@@ -20,7 +20,7 @@ from typing import Any
 from hf_model_stock.errors import CheckpointError, ModelStockError, SourceError
 from hf_model_stock.io.index import INDEX_NAME, SINGLE_NAME, read_weight_map
 from hf_model_stock.io.reader import Checkpoint, TensorInfo, check_header_length, parse_header
-from hf_model_stock.io.remote import RemoteFile
+from hf_model_stock.io.remote import RemoteFile, hub_refused
 from hf_model_stock.recipe import ModelEntry
 from hf_model_stock.sources import resolve as sources
 from hf_model_stock.sources.adapters import ADAPTER_CONFIG
@@ -145,7 +145,6 @@ def _remote_tensors(remote: RemoteFile, path: Path) -> tuple[dict[str, TensorInf
 def _http_message(remote: RemoteFile, exc: BaseException) -> str:
     status = getattr(getattr(exc, "response", None), "status_code", None)
     if status in (401, 403):
-        return (f"{remote.repo_id}: the Hub refused {remote.filename} (HTTP {status}): log in with `hf auth login` or "
-                "set HF_TOKEN to a token that can read this repository")
+        return str(hub_refused(remote, status))
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return f"{remote.where}: cannot read the safetensors header ({type(exc).__name__}: {first})"

@@ -107,6 +107,21 @@ def job(measure, name: str, mode: str, args: list[str], env: dict[str, str], wor
     return result
 
 
+def client_env(url: str, root: Path, cache: str) -> dict[str, str]:
+    """The environment of a client of the stand-in at ``url``: its own HF cache under ``root``, no token."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    e.update({"HF_ENDPOINT": url, "HF_HUB_CACHE": str(root / cache), "HF_HUB_DISABLE_XET": "1",
+              "HF_HUB_DISABLE_TELEMETRY": "1", "HF_TOKEN_PATH": str(root / "no-token"),
+              "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(REPO)})
+    return e
+
+
+def stream_args(out: Path) -> list[str]:
+    """Our CLI's arguments for (a): merge the four repos with ``--stream`` into ``out``."""
+    models = sum([["--model", r] for r in REPOS[1:]], [])
+    return ["merge", "--base", REPOS[0], *models, "--out", str(out), "--stream", "-q", "--device", "cpu"]
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -128,12 +143,9 @@ def bench(args: argparse.Namespace) -> dict:
             if not args.no_warmup:  # untimed: on a VM, the first run after the stand-in fills 4 GB pays for new pages
                 warm = work / "warmup"
                 shutil.rmtree(warm, ignore_errors=True)
-                e = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-                e.update({"HF_ENDPOINT": url, "HF_HUB_CACHE": str(warm / "cache"), "HF_HUB_DISABLE_XET": "1",
-                          "HF_TOKEN_PATH": str(warm / "no-token"), "PYTHONPATH": str(REPO)})
-                subprocess.run([sys.executable, "-m", "hf_model_stock.cli", "merge", "--base", REPOS[0],
-                                *sum([["--model", r] for r in REPOS[1:]], []), "--out", str(warm / "out"), "--stream",
-                                "-q", "--device", "cpu"], env=e, cwd=REPO, check=True)
+                warm.mkdir(parents=True)
+                if job(measure, "warmup", "ours", stream_args(warm / "out"), client_env(url, warm, "cache"), warm)["rc"]:
+                    raise SystemExit("the warm-up --stream run failed")
                 shutil.rmtree(warm, ignore_errors=True)
             for rep in range(args.repeat):
                 runs = {}
@@ -142,16 +154,10 @@ def bench(args: argparse.Namespace) -> dict:
                 root.mkdir(parents=True)
 
                 def env(cache: str, root: Path = root, url: str = url) -> dict[str, str]:
-                    e = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-                    e.update({"HF_ENDPOINT": url, "HF_HUB_CACHE": str(root / cache), "HF_HUB_DISABLE_XET": "1",
-                              "HF_HUB_DISABLE_TELEMETRY": "1", "HF_TOKEN_PATH": str(root / "no-token"),
-                              "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONPATH": str(REPO)})
-                    return e
+                    return client_env(url, root, cache)
 
-                models = sum([["--model", r] for r in REPOS[1:]], [])
                 out_a = root / "out-stream"
-                runs["stream"] = job(measure, "stream", "ours", ["merge", "--base", REPOS[0], *models, "--out",
-                                     str(out_a), "--stream", "-q", "--device", "cpu"], env("cache-a"), root)
+                runs["stream"] = job(measure, "stream", "ours", stream_args(out_a), env("cache-a"), root)
                 runs["stream"]["output_bytes"] = dir_bytes(out_a) if out_a.exists() else 0
                 shutil.rmtree(out_a, ignore_errors=True)
                 if args.only_stream:
