@@ -1,6 +1,6 @@
 """The executor's shard reader for a plan with streamed Hub sources (``--stream``).
 
-Declares to ``io.remote.RemoteShardFiles`` what the merge will read of each remote shard (every
+Declares to ``hub.stream_files.RemoteShardFiles`` what the merge will read of each remote shard (every
 input of every task still to merge, twice for a tensor merged in two passes), so that each shard is
 fetched once, in order, and its bytes kept only while a second read needs them. Plans without a
 streamed source get the plain ``ShardFiles``.
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hf_model_stock.hub.stream_files import RemoteShardFiles
+from hf_model_stock.hub.stream_state import STREAM_STATE_NAME
 from hf_model_stock.io.reader import ShardFiles
-from hf_model_stock.io.remote import STREAM_STATE_NAME, RemoteShardFiles
 from hf_model_stock.merge.plan import MergePlan
 from hf_model_stock.sources.remote import remote_files
 

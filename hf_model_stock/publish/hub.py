@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hf_model_stock.errors import ModelStockError
+from hf_model_stock.hub.errors import first_line, status_of, transport_errors
 
 if TYPE_CHECKING:
     from hf_model_stock.publish.report import MergeReport
@@ -98,11 +99,11 @@ def _default_message(report: MergeReport | None) -> str:
 def _push_error(repo_id: str, exc: BaseException) -> PushError:
     from huggingface_hub.errors import HfHubHTTPError
 
-    status = getattr(getattr(exc, "response", None), "status_code", None)
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    status = status_of(exc)
+    first = first_line(exc)
     cause = exc.__cause__
     if cause is not None:  # upload errors wrap the HTTP error: name it too
-        first += f": {(str(cause).strip().splitlines() or [type(cause).__name__])[0]}"
+        first += f": {first_line(cause)}"
     if isinstance(exc, HfHubHTTPError) and status in (401, 403):
         return PushError(f"{repo_id}: the Hub refused the push ({status}): log in with a write token "
                          "(hf auth login, or set HF_TOKEN) that may write to this namespace")
@@ -128,7 +129,6 @@ def push_model(
     """
     from huggingface_hub import HfApi, constants
 
-    from hf_model_stock.sources.resolve import transport_errors
 
     directory = Path(directory).expanduser()
     if not REPO_ID.match(repo_id):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,14 +28,12 @@ from hf_model_stock.errors import (
     ModelStockError,
     SourceError,
 )
+from hf_model_stock.hub.errors import hub_error_message, transport_errors
+from hf_model_stock.hub.headers import remote_header
+from hf_model_stock.hub.listing import RepoListing, download, is_offline, list_revision
 from hf_model_stock.io.dtypes import is_floating, itemsize
 from hf_model_stock.io.index import INDEX_NAME, SINGLE_NAME, read_weight_map
-from hf_model_stock.io.reader import (
-    Checkpoint,
-    check_header_length,
-    parse_header,
-    read_header,
-)
+from hf_model_stock.io.reader import Checkpoint, read_header
 from hf_model_stock.recipe import ModelEntry, Recipe
 from hf_model_stock.sources import adapters
 from hf_model_stock.sources import resolve as sources
@@ -50,7 +47,6 @@ from hf_model_stock.sources.resolve import (
 from hf_model_stock.sources.vocab import vocab_tensor_names
 
 MAX_PROBLEMS_IN_MESSAGE = 100
-HEADER_TIMEOUT_S = 30.0
 
 Shape = tuple[int, ...]
 
@@ -235,8 +231,8 @@ def inspect_source(entry: ModelEntry, role: str, *, allow_pickle: bool = False) 
             _inspect_hub(info, allow_pickle)
     except ModelStockError as exc:
         info.error = str(exc)
-    except sources.transport_errors() as exc:
-        info.error = sources.hub_error_message(entry, exc)
+    except transport_errors() as exc:
+        info.error = hub_error_message(entry.label, entry.model, entry.revision, exc)
     return info
 
 
@@ -272,120 +268,84 @@ def _inspect_local(info: SourceInfo, allow_pickle: bool) -> None:
     info.weight_bytes = sum(p.stat().st_size for p in ckpt.files)
 
 
-def _repo_cache_dir(repo_id: str) -> Path:
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
-
-
-def _cached_commit(repo_id: str, revision: str | None) -> str | None:
-    import re
-
-    rev = revision or "main"
-    if re.fullmatch(r"[0-9a-f]{40}", rev):
-        return rev
-    ref = _repo_cache_dir(repo_id) / "refs" / rev
-    return ref.read_text().strip() if ref.is_file() else None
-
-
 def _inspect_hub(info: SourceInfo, allow_pickle: bool) -> None:
-    from huggingface_hub import (
-        HfApi,
-        constants,
-        get_cached_repo_tree,
-        hf_hub_download,
-        try_to_load_from_cache,
-    )
-    from huggingface_hub.errors import CachedRepoTreeNotFoundError
-    from huggingface_hub.hf_api import RepoFile
-
     entry = info.entry
-    repo_id = info.repo_id = entry.model
-    offline = constants.is_offline_mode()
-    partial = False  # the listing is what the cache holds, not the whole repo
-    if offline:
-        commit = _cached_commit(repo_id, entry.revision)
-        try:
-            listing = get_cached_repo_tree(repo_id, revision=commit or entry.revision or "main")
-        except CachedRepoTreeNotFoundError:
-            # fetched file by file (hf_hub_download, transformers, an older huggingface_hub): no listing cached
-            cached_files = sources.snapshot_files(repo_id, commit) if commit else None
-            if not cached_files:
-                raise SourceError(f"{entry.label}: not in the local cache and the Hub is offline (HF_HUB_OFFLINE)") from None
-            listing, partial = cached_files, True
-    else:
-        api = HfApi()
-        commit = api.repo_info(repo_id, revision=entry.revision).sha
-        listing = [f for f in api.list_repo_tree(repo_id, revision=commit, recursive=True) if isinstance(f, RepoFile)]
-    if commit is None:
-        raise SourceError(f"{entry.label}: cannot tell which commit {entry.revision or 'main'!r} is")
-    info.commit = commit
-    files = {f.path: f for f in listing}
-    info.has_tokenizer = "tokenizer.json" in files
+    listing = list_revision(entry.model, entry.revision, entry.label)
+    info.repo_id, info.commit = listing.repo_id, listing.commit
+    info.has_tokenizer = "tokenizer.json" in listing
+    if "config.json" in listing:
+        info.config_data = read_json_object(_fetch(listing, "config.json", entry))
+    shards = _hub_shards(info, listing, allow_pickle)
+    if shards is None:
+        return  # an adapter or pickle weights: recorded by _hub_shards
+    info.weight_files = shards
+    info.weight_bytes = sum(listing.files[s].size for s in shards)
+    info.tensors = _hub_tensors(info, listing, shards)
+    info.download_bytes = _bytes_to_download(listing, [*_small_files(listing), *shards])
 
-    def fetch(name: str) -> Path:
-        return Path(hf_hub_download(repo_id, name, revision=commit))
 
-    def cached(name: str) -> Path | None:
-        found = try_to_load_from_cache(repo_id, name, revision=commit)
-        if isinstance(found, str):
-            return Path(found)
-        f = files.get(name)
-        etag = (f.lfs.sha256 if getattr(f, "lfs", None) else getattr(f, "blob_id", None)) if f else None
-        blob = _repo_cache_dir(repo_id) / "blobs" / etag if etag else None
-        return blob if blob is not None and blob.is_file() else None
+def _fetch(listing: RepoListing, name: str, entry: ModelEntry) -> Path:
+    return download(listing.repo_id, name, listing.commit, entry.label)
 
-    if "config.json" in files:
-        info.config_data = read_json_object(fetch("config.json"))
+
+def _offline_missing(entry: ModelEntry, commit: str, what: str) -> SourceError:
+    return SourceError(f"{entry.label}: {what} in the local cache (snapshot {commit[:12]}) and the Hub is "
+                       "offline (HF_HUB_OFFLINE)")
+
+
+def _hub_shards(info: SourceInfo, listing: RepoListing, allow_pickle: bool) -> list[str] | None:
+    """The safetensors shards of a Hub source; None for an adapter or pickle weights, whose
+    ``SourceInfo`` is filled in here."""
+    entry, files = info.entry, listing.files
     if INDEX_NAME in files:
-        shards = sorted(set(read_weight_map(fetch(INDEX_NAME)).values()))
+        shards = sorted(set(read_weight_map(_fetch(listing, INDEX_NAME, entry)).values()))
         missing = [s for s in shards if s not in files]
-        if missing and partial:
-            raise SourceError(f"{entry.label}: {', '.join(missing)} not in the local cache (snapshot {commit[:12]}) "
-                              "and the Hub is offline (HF_HUB_OFFLINE)")
+        if missing and not listing.complete:
+            raise _offline_missing(entry, listing.commit, ", ".join(missing) + " not")
         if missing:
             raise CheckpointError(f"{entry.label}: {INDEX_NAME} names shard(s) not in the repo: {', '.join(missing)}")
-    elif SINGLE_NAME in files:
-        shards = [SINGLE_NAME]
-    elif adapters.ADAPTER_CONFIG in files:
-        _adapter_info(info, adapters.read_adapter_config(fetch(adapters.ADAPTER_CONFIG), info.label),
-                      [adapters.ADAPTER_WEIGHTS])
+        return shards
+    if SINGLE_NAME in files:
+        return [SINGLE_NAME]
+    if adapters.ADAPTER_CONFIG in files:
+        config = adapters.read_adapter_config(_fetch(listing, adapters.ADAPTER_CONFIG, entry), info.label)
+        _adapter_info(info, config, [adapters.ADAPTER_WEIGHTS])
         if adapters.ADAPTER_WEIGHTS not in files:
             raise SourceError(adapters.missing_weights_message(info.label, adapters.ADAPTER_PICKLE in files))
         info.weight_bytes = files[adapters.ADAPTER_WEIGHTS].size
-        info.download_bytes = _bytes_to_download(files, [*_small_files(files), *adapters.ADAPTER_FILE_PATTERNS], cached)
-        return
-    elif partial and sources.pickle_weight_files(files) is None:
-        raise SourceError(f"{entry.label}: neither {SINGLE_NAME} nor {INDEX_NAME} in the local cache (snapshot "
-                          f"{commit[:12]}) and the Hub is offline (HF_HUB_OFFLINE)")
-    else:
-        _inspect_hub_pickle(info, files, allow_pickle, fetch, cached)
-        return
-    info.weight_files = shards
-    info.weight_bytes = sum(files[s].size for s in shards)
+        info.download_bytes = _bytes_to_download(listing, [*_small_files(listing), *adapters.ADAPTER_FILE_PATTERNS])
+        return None
+    if not listing.complete and sources.pickle_weight_files(files) is None:
+        raise _offline_missing(entry, listing.commit, f"neither {SINGLE_NAME} nor {INDEX_NAME}")
+    _inspect_hub_pickle(info, listing, allow_pickle)
+    return None
+
+
+def _hub_tensors(info: SourceInfo, listing: RepoListing, shards: list[str]) -> dict[str, tuple[str, Shape]]:
+    """Every tensor's (dtype, shape) from the shards' headers: cached ones read from disk, the others with
+    two range requests each (``hub.headers``)."""
+    entry = info.entry
     tensors: dict[str, tuple[str, Shape]] = {}
     for shard in shards:
-        local = cached(shard)
+        local = listing.cached(shard)
         if local is not None:
             found, _ = read_header(local)
-            header = {name: (t.dtype, t.shape) for name, t in found.items()}
-        elif offline:
+        elif is_offline():
             raise SourceError(f"{entry.label}: {shard} is not in the local cache and the Hub is offline (HF_HUB_OFFLINE)")
         else:
-            header, fetched = remote_header(repo_id, shard, commit, file_size=files[shard].size)
+            found, _, fetched = remote_header(listing.remote_file(shard), Path(shard))
             info.header_bytes_fetched += fetched
-        for name, value in header.items():
+        for name, t in found.items():
             if name in tensors:
                 raise CheckpointError(f"{entry.label}: tensor {name!r} is stored in more than one shard")
-            tensors[name] = value
-    if INDEX_NAME in files:
-        index_names = set(read_weight_map(fetch(INDEX_NAME)))
+            tensors[name] = (t.dtype, t.shape)
+    if INDEX_NAME in listing:
+        index_names = set(read_weight_map(_fetch(listing, INDEX_NAME, entry)))
         absent = sorted(index_names - set(tensors))
         if absent:
             raise CheckpointError(f"{entry.label}: {INDEX_NAME} names tensors its shards lack: {', '.join(absent[:5])}")
         tensors = {k: v for k, v in tensors.items() if k in index_names}
-    info.tensors = tensors
-    info.download_bytes = _bytes_to_download(files, [*_small_files(files), *shards], cached)
+    return tensors
 
 
 def _adapter_info(info: SourceInfo, config: dict[str, Any], weight_files: list[str]) -> None:
@@ -416,86 +376,39 @@ def _check_adapters(report: PreflightReport, recipe: Recipe) -> None:
                                    f"{', '.join(full)} {'is a full model' if len(full) == 1 else 'are full models'}")
 
 
-def _small_files(files: dict[str, Any]) -> list[str]:
+def _small_files(listing: RepoListing) -> list[str]:
     from huggingface_hub.utils import filter_repo_objects
 
-    return list(filter_repo_objects(list(files), allow_patterns=SMALL_FILE_PATTERNS))
+    return list(filter_repo_objects(list(listing.files), allow_patterns=SMALL_FILE_PATTERNS))
 
 
-def _bytes_to_download(files: dict[str, Any], names: list[str], cached: Any) -> int:
-    return sum(files[n].size or 0 for n in set(names) if n in files and cached(n) is None)
+def _bytes_to_download(listing: RepoListing, names: list[str]) -> int:
+    return sum(listing.files[n].size for n in set(names) if n in listing and listing.cached(n) is None)
 
 
-def _inspect_hub_pickle(info: SourceInfo, files: dict[str, Any], allow_pickle: bool, fetch: Any, cached: Any) -> None:
-    entry = info.entry
+def _inspect_hub_pickle(info: SourceInfo, listing: RepoListing, allow_pickle: bool) -> None:
+    entry, files = info.entry, listing.files
     chosen = sources.pickle_weight_files(files)
     if chosen is None:
         raise SourceError(f"{entry.label}: no {SINGLE_NAME} or {INDEX_NAME} in the repo")
-    listing = sources._pickle_listing(files) or chosen
     if not allow_pickle:
-        raise SourceError(sources.pickle_refusal(entry, listing))
+        raise SourceError(sources.pickle_refusal(entry, sources._pickle_listing(files) or chosen))
     info.weight_format = "pickle"
     if chosen == [PICKLE_INDEX_NAME]:
-        shards = sorted(set(read_weight_map(fetch(PICKLE_INDEX_NAME)).values()))
+        shards = sorted(set(read_weight_map(_fetch(listing, PICKLE_INDEX_NAME, entry)).values()))
     else:
         shards = chosen
     info.weight_files = shards
     info.weight_bytes = sum(files[s].size for s in shards if s in files)
-    converted = sources.cache_root() / "converted" / ("models--" + entry.model.replace("/", "--")) / str(info.commit)
+    converted = sources.converted_dir(listing.repo_id, listing.commit)
     if (converted / CONVERTED_MARKER).is_file():
         info.path = converted
         info.weight_format = "pickle (converted)"
         info.tensors = headers_of(Checkpoint.open(converted))
-        info.download_bytes = _bytes_to_download(files, _small_files(files), cached)
+        info.download_bytes = _bytes_to_download(listing, _small_files(listing))
         return
     info.convert_bytes = info.weight_bytes
-    info.download_bytes = _bytes_to_download(files, [*_small_files(files), *chosen, *shards], cached)
-
-
-def remote_header(
-    repo_id: str, filename: str, revision: str, *, file_size: int | None = None, timeout: float = HEADER_TIMEOUT_S
-) -> tuple[dict[str, tuple[str, Shape]], int]:
-    """The tensors (name -> (dtype, shape)) in a remote safetensors file's header, and the bytes fetched.
-
-    Two range requests: bytes 0-7 (the header length), then exactly the header. A server that ignores
-    ``Range`` is read only as far as the header. Fails closed on anything malformed.
-    """
-    from huggingface_hub import hf_hub_url
-
-    url = hf_hub_url(repo_id, filename, revision=revision)
-    where = f"{repo_id}@{revision[:12]}/{filename}"
-    prefix = _read_range(url, 0, 8, where, timeout)
-    (header_len,) = struct.unpack("<Q", prefix)
-    check_header_length(where, header_len, file_size)
-    raw = _read_range(url, 8, header_len, where, timeout)
-    entries, _ = parse_header(where, raw, None if file_size is None else file_size - 8 - header_len)
-    return {name: (dtype, shape) for name, (_, _, dtype, shape) in entries.items()}, 8 + header_len
-
-
-def _read_range(url: str, start: int, length: int, where: str, timeout: float) -> bytes:
-    """Bytes [start, start+length) of ``url`` through huggingface_hub's session (auth, endpoint, offline)."""
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-
-    if length == 0:
-        return b""
-    headers = build_hf_headers()
-    headers.update({"Range": f"bytes={start}-{start + length - 1}", "Accept-Encoding": "identity"})
-    buf = bytearray()
-    with get_session().stream("GET", url, headers=headers, timeout=timeout) as response:
-        if response.status_code >= 400:
-            response.read()
-            hf_raise_for_status(response)
-        skip = start if response.status_code == 200 else 0  # the server ignored Range: skip to start
-        for chunk in response.iter_bytes():
-            if skip:
-                cut = min(skip, len(chunk))
-                chunk, skip = chunk[cut:], skip - cut
-            buf += chunk[: length - len(buf)]
-            if len(buf) >= length:
-                break
-    if len(buf) < length:
-        raise CheckpointError(f"{where}: truncated: got {len(buf)} of {length} header bytes")
-    return bytes(buf)
+    info.download_bytes = _bytes_to_download(listing, [*_small_files(listing), *chosen, *shards])
 
 
 # ----------------------------------------------------------------------------------------------

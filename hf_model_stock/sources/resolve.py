@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_model_stock.errors import SourceError
+from hf_model_stock.hub.listing import cache_dir, download_snapshot, is_offline, list_revision
 from hf_model_stock.io.index import INDEX_NAME, SINGLE_NAME, read_weight_map
 from hf_model_stock.io.reader import Checkpoint
 from hf_model_stock.recipe import ModelEntry
@@ -141,43 +142,6 @@ def cache_root() -> Path:
     return Path(base).expanduser() / "hf-model-stock"
 
 
-def transport_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions a Hub call raises when the network or server fails (httpx2 errors are not OSErrors)."""
-    errors: list[type[BaseException]] = [OSError]
-    try:
-        import httpx2
-
-        errors.append(httpx2.HTTPError)
-    except ImportError:  # older huggingface_hub versions use requests, whose errors are OSErrors
-        pass
-    return tuple(errors)
-
-
-def hub_error_message(entry: ModelEntry, exc: BaseException) -> str:
-    """A one-line message for an exception raised by a huggingface_hub download call."""
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        IncompleteSnapshotError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    if isinstance(exc, GatedRepoError):
-        return f"{entry.label}: gated repository: accept its terms on the Hub, then log in (hf auth login or HF_TOKEN)"
-    if isinstance(exc, RepositoryNotFoundError):
-        return f"{entry.label}: repository not found on the Hub (or it is private: log in with hf auth login or HF_TOKEN)"
-    if isinstance(exc, RevisionNotFoundError):
-        return f"{entry.label}: revision {entry.revision or 'main'!r} not found in {entry.model}"
-    if isinstance(exc, IncompleteSnapshotError):
-        return (f"{entry.label}: the cached snapshot is incomplete (an interrupted download?) and the Hub cannot be "
-                "reached: reconnect (unset HF_HUB_OFFLINE) to finish the download")
-    if isinstance(exc, LocalEntryNotFoundError):
-        return f"{entry.label}: not in the local cache and the Hub cannot be reached (HF_HUB_OFFLINE or no network)"
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return f"{entry.label}: download failed ({type(exc).__name__}: {first}); run again to resume"
-
-
 def resolve(
     entry: ModelEntry,
     *,
@@ -208,10 +172,10 @@ def resolve(
         return ResolvedModel(entry=entry, path=path)
     check_repo_id(entry)
     if allow_patterns is not None:
-        snapshot = _snapshot(entry, entry.revision, allow_patterns)
+        snapshot = download_snapshot(entry.model, entry.revision, allow_patterns, entry.label)
         return ResolvedModel(entry=entry, path=snapshot, repo_id=entry.model, commit=snapshot.name)
 
-    small = _snapshot(entry, entry.revision, SMALL_FILE_PATTERNS)
+    small = download_snapshot(entry.model, entry.revision, SMALL_FILE_PATTERNS, entry.label)
     commit = small.name  # snapshot folders are named by the commit sha
     shards = safetensors_shards(small)
     if shards is None:
@@ -219,13 +183,13 @@ def resolve(
         if SINGLE_NAME in names:
             shards = [SINGLE_NAME]
         elif ADAPTER_CONFIG in names:  # a PEFT LoRA adapter: its config and weights (sources.adapters)
-            path = _snapshot(entry, commit, SMALL_FILE_PATTERNS + ADAPTER_FILE_PATTERNS)
+            path = download_snapshot(entry.model, commit, SMALL_FILE_PATTERNS + ADAPTER_FILE_PATTERNS, entry.label)
             return ResolvedModel(entry=entry, path=path, repo_id=entry.model, commit=commit)
         else:
             return _resolve_pickle(entry, commit, small, names, allow_pickle)
     code = ["*.py"] if has_custom_code(small) else []  # auto_map: the repo's modules go with it
     try:
-        path = _snapshot(entry, commit, SMALL_FILE_PATTERNS + shards + code)
+        path = download_snapshot(entry.model, commit, SMALL_FILE_PATTERNS + shards + code, entry.label)
     except SourceError:
         _refuse_missing_offline(entry, commit, small, shards)
         raise
@@ -239,7 +203,7 @@ def resolve(
 def _refuse_missing_offline(entry: ModelEntry, commit: str, snapshot: Path, names: list[str]) -> None:
     """Offline, raise ``SourceError`` naming the files of ``names`` that ``snapshot`` lacks."""
     missing = [name for name in names if not (snapshot / name).is_file()]  # a dangling link is no file
-    if missing and _offline():
+    if missing and is_offline():
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise SourceError(
             f"{entry.label}: the cached snapshot {commit[:12]} is incomplete (no {shown} in the local cache) and "
@@ -247,42 +211,9 @@ def _refuse_missing_offline(entry: ModelEntry, commit: str, snapshot: Path, name
         ) from None
 
 
-@dataclass(frozen=True)
-class CachedFile:
-    """A file of an HF cache snapshot folder, described like an entry of the Hub's tree listing
-    (its size is the blob's; hashes are not known without the listing)."""
-
-    path: str
-    size: int
-    lfs: None = None
-    blob_id: None = None
-
-
-def snapshot_files(repo_id: str, commit: str) -> list[CachedFile] | None:
-    """What the HF cache holds of ``repo_id`` at ``commit``: the snapshot folder's files (links to blobs
-    whose blob is gone are left out); None when there is no such folder."""
-    from huggingface_hub import constants
-
-    folder = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "snapshots" / commit
-    if not folder.is_dir():
-        return None
-    return [CachedFile(p.relative_to(folder).as_posix(), p.stat().st_size)
-            for p in sorted(folder.rglob("*")) if p.is_file()]
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return constants.is_offline_mode()
-
-
-def _snapshot(entry: ModelEntry, revision: str | None, patterns: list[str]) -> Path:
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(entry.model, revision=revision, allow_patterns=patterns))
-    except transport_errors() as exc:
-        raise SourceError(hub_error_message(entry, exc)) from None
+def converted_dir(repo_id: str, commit: str) -> Path:
+    """Where a Hub repo's pickle weights at ``commit`` are kept once converted to safetensors."""
+    return cache_root() / "converted" / cache_dir(repo_id).name / commit
 
 
 def _has_safetensors(directory: Path) -> bool:
@@ -298,21 +229,8 @@ def safetensors_shards(directory: Path) -> list[str] | None:
 
 
 def repo_file_names(entry: ModelEntry, commit: str) -> set[str]:
-    """The files of a Hub repo at ``commit``: from the tree listing snapshot_download cached, else the Hub;
-    offline without a cached listing, the files of the cached snapshot."""
-    from huggingface_hub import HfApi, get_cached_repo_tree
-    from huggingface_hub.errors import CachedRepoTreeNotFoundError
-
-    try:
-        return {f.path for f in get_cached_repo_tree(entry.model, revision=commit)}
-    except (CachedRepoTreeNotFoundError, OSError, ValueError):
-        pass
-    if _offline():  # no listing cached: what the snapshot folder holds is all we can know
-        return {f.path for f in snapshot_files(entry.model, commit) or []}
-    try:
-        return set(HfApi().list_repo_files(entry.model, revision=commit))
-    except transport_errors() as exc:
-        raise SourceError(hub_error_message(entry, exc)) from None
+    """The files of a Hub repo at ``commit`` (offline without a cached listing: the cached snapshot's)."""
+    return set(list_revision(entry.model, commit, entry.label).files)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,13 +280,13 @@ def _resolve_pickle(
         raise SourceError(f"{entry.label}: no {SINGLE_NAME} or {INDEX_NAME} in the repo{hint}")
     if not allow_pickle:
         raise SourceError(pickle_refusal(entry, _pickle_listing(names) or chosen))
-    dest = cache_root() / "converted" / ("models--" + entry.model.replace("/", "--")) / commit
+    dest = converted_dir(entry.model, commit)
     if (dest / CONVERTED_MARKER).is_file():
         return ResolvedModel(entry=entry, path=dest, repo_id=entry.model, commit=commit)
-    path = _snapshot(entry, commit, chosen)
+    path = download_snapshot(entry.model, commit, chosen, entry.label)
     if chosen == [PICKLE_INDEX_NAME]:
         shards = sorted(set(read_weight_map(path / PICKLE_INDEX_NAME).values()))
-        path = _snapshot(entry, commit, [PICKLE_INDEX_NAME, *shards])
+        path = download_snapshot(entry.model, commit, [PICKLE_INDEX_NAME, *shards], entry.label)
         files = [PICKLE_INDEX_NAME, *shards]
     else:
         files = chosen

@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 
 from hf_model_stock.cli import main
-from hf_model_stock.io import remote as remote_module
-from hf_model_stock.io.remote import STREAM_STATE_NAME, RemoteFile, RemoteShard
+from hf_model_stock.hub import ranges as ranges_module
+from hf_model_stock.hub import stream as stream_module
+from hf_model_stock.hub.ranges import RemoteFile
+from hf_model_stock.hub.stream import RemoteShard
+from hf_model_stock.hub.stream_state import STREAM_STATE_NAME
 from hf_model_stock.merge.journal import JOURNAL_NAME, read_journal
 from tests.merge.test_resume import interrupt_after
 
@@ -27,9 +30,9 @@ SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safet
 @pytest.fixture(autouse=True)
 def small_pieces(monkeypatch):
     """1000-byte range requests, 3 in flight: tensors and units cross piece boundaries everywhere."""
-    monkeypatch.setattr(remote_module, "PIECE_BYTES", 1000)
-    monkeypatch.setattr(remote_module, "WINDOW", 3)
-    monkeypatch.setattr(remote_module, "_backoff", lambda s: None)  # no backoff waits in tests
+    monkeypatch.setattr(stream_module, "PIECE_BYTES", 1000)
+    monkeypatch.setattr(stream_module, "WINDOW", 3)
+    monkeypatch.setattr(ranges_module, "_backoff", lambda s: None)  # no backoff waits in tests
 
 
 @pytest.fixture
@@ -152,7 +155,7 @@ def test_a_connection_dropped_mid_tensor_is_resumed(hub, reference, tmp_path):
 def test_a_straggling_connection_is_overtaken_by_a_second_one(hub, reference, tmp_path, monkeypatch):
     """One range answered at 50 bytes/s (20 s for a piece): once later pieces have arrived and it has
     taken 4x the usual piece, it is asked for again on another connection, and the merge goes on."""
-    monkeypatch.setattr(remote_module, "HEDGE_AFTER_S", 0.3)
+    monkeypatch.setattr(stream_module, "HEDGE_AFTER_S", 0.3)
     hub.fail("GET", f"/org/ft1/resolve/*/{SHARD2}", mode="slow", rate=50.0, range_from=3000)
     hub.reset_stats()
     started = time.monotonic()
@@ -203,7 +206,8 @@ def test_a_401_names_the_repo_and_hf_token(hub, published, tmp_path, capsys):
     hub.fail("GET", f"/org/ft0/resolve/*/{SHARD1}", mode="status", status=401, times=100, range_from=9)
     assert main(args(tmp_path / "out", *REPOS, extra=("--stream",))) == 2
     err = error_line(capsys)
-    assert err.startswith(f"error: org/ft0: the Hub refused {SHARD1} (HTTP 401)") and "HF_TOKEN" in err
+    assert err.startswith(f"error: org/ft0: the Hub refused access (HTTP 401, {SHARD1}) and no token was sent")
+    assert "HF_TOKEN" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -235,7 +239,7 @@ def test_ctrl_c_then_resume_does_not_fetch_finished_tensors_again(hub, reference
                 header = json.loads(data[8:8 + header_len])
                 done_bytes += sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if k in done)
     assert done_bytes > 0
-    assert hub.weight_bytes_served <= data_bytes(hub) - done_bytes + 8 * remote_module.PIECE_BYTES
+    assert hub.weight_bytes_served <= data_bytes(hub) - done_bytes + 8 * stream_module.PIECE_BYTES
 
 
 def test_remote_shard_reads_out_of_order_and_twice_then_checks_the_hash(hub, tmp_path):
@@ -345,7 +349,7 @@ def test_a_merge_that_merely_lags_behind_the_network_spills_nothing(hub, tmp_pat
         shard.read(0, memoryview(got)[:1000])
         assert _drain_for(shard, 0.6, len(data)) == 0  # every piece in the window arrives, the reads take none
         shard.read(1000, memoryview(got)[1000:])
-        assert got == data and shard.finished and shard._spill is None
+        assert got == data and shard.finished and not shard._spill.written
 
 
 def test_reads_of_drained_bytes_do_not_keep_the_drain_going(hub, tmp_path):
