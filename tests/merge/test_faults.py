@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from hf_model_stock.cli import main
+from tests.child import start_cli
 from tests.modelgen import finetunes, write_checkpoint
 
 
@@ -148,7 +149,7 @@ def interrupt_merge(tmp_path: Path, sig: int, *options: str) -> tuple[int, str, 
     """Start a merge (32 MiB per model, small chunks) in a subprocess, send ``sig`` once tensors are
     being journalled; return its exit code, its stderr and the partial output's path."""
     args = build(tmp_path, rows=4096, cols=4096, n=3)
-    proc = subprocess.Popen([sys.executable, "-m", "hf_model_stock.cli", *args, "--out", str(tmp_path / "out"),
+    proc = start_cli([*args, "--out", str(tmp_path / "out"),
                              "--chunk-size", "64KiB", "-q", *options], stderr=subprocess.PIPE, text=True)
     partial = tmp_path / ".hfms-partial-out"
     deadline = time.time() + 60

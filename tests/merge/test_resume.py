@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 import hf_model_stock.merge.executor as merge_module
 from hf_model_stock.cli import main
 from hf_model_stock.merge.journal import JOURNAL_NAME, read_journal
+from tests.child import start_cli
 from tests.modelgen import finetunes, write_checkpoint
 
 PARTIAL = ".hfms-partial-out"
@@ -185,7 +185,7 @@ def test_killed_then_resumed_in_a_subprocess(tmp_path, sig, code):
     (nothing runs: only the journal lines already fsync'd count), then --resume."""
     args = build(tmp_path, tensors=48, rows=128, cols=128)
     assert main([*args, "--out", str(tmp_path / "ref")]) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "hf_model_stock.cli", *args, "--out", str(tmp_path / "out")],
+    proc = start_cli([*args, "--out", str(tmp_path / "out")],
                             stderr=subprocess.PIPE, text=True)
     journal = tmp_path / PARTIAL / JOURNAL_NAME
     deadline = time.time() + 120
