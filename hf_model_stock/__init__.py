@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _API = {
     "load_recipe": "hf_model_stock.recipe",
     "Recipe": "hf_model_stock.recipe",
-    "run_recipe": "hf_model_stock.runner",
+    "run_recipe": "hf_model_stock.workflow",
     "merge_models": "hf_model_stock.pipeline",
     "plan_merge": "hf_model_stock.pipeline",
     "execute_plan": "hf_model_stock.pipeline",

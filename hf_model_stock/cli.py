@@ -21,6 +21,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hf_model_stock import __version__
 from hf_model_stock.analysis.inspect_cli import add_inspect_parser
@@ -164,7 +165,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         recipe = recipe.model_copy(update={"compute": recipe.compute.model_copy(update={"stream": True})})
     if not args.dry_run:
         _preload_in_background()
-    from hf_model_stock.runner import run_recipe
+    from hf_model_stock.workflow import run_recipe
 
     run_recipe(recipe, out_dir=args.out, device=args.device, dry_run=args.dry_run,
                overwrite=args.overwrite, resume=args.resume, on_interrupt=args.on_interrupt, progress=not args.quiet)
@@ -185,10 +186,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     if not args.dry_run:
         _preload_in_background()
-    from hf_model_stock.recipe import parse_recipe
-    from hf_model_stock.runner import run_recipe
+    from hf_model_stock.recipe import recipe_from_mapping
+    from hf_model_stock.workflow import run_recipe
 
-    recipe: dict = {
+    recipe: dict[str, Any] = {
         "base_model": args.base,
         "models": args.models,
         "method": args.method,
@@ -217,11 +218,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         recipe["output"]["format"] = args.output_format
     if args.adapter_base_mismatch != "error":
         recipe["adapter_base_mismatch"] = args.adapter_base_mismatch
-    import yaml
-
-    parsed = parse_recipe(yaml.safe_dump(recipe), "command line", with_lines=False)
-    run_recipe(parsed, device=args.device, dry_run=args.dry_run, overwrite=args.overwrite, resume=args.resume,
-               on_interrupt=args.on_interrupt, progress=not args.quiet)
+    run_recipe(recipe_from_mapping(recipe), device=args.device, dry_run=args.dry_run, overwrite=args.overwrite,
+               resume=args.resume, on_interrupt=args.on_interrupt, progress=not args.quiet)
     args.fast_exit = True
     return 0
 

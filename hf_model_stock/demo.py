@@ -141,7 +141,7 @@ def _generate(model_dir: Path, prompt: str) -> str | None:
 def run_demo(workdir: Path, progress: bool = True) -> Path:
     """Build the demo models under ``workdir``, merge them, load the result and generate."""
     from hf_model_stock.recipe import load_recipe
-    from hf_model_stock.runner import run_recipe
+    from hf_model_stock.workflow import run_recipe
 
     workdir = workdir.expanduser().absolute()
     models_dir = workdir / "models"
@@ -156,7 +156,7 @@ def run_demo(workdir: Path, progress: bool = True) -> Path:
     outcome = run_recipe(load_recipe(recipe_path), progress=progress)
     assert outcome is not None
     if not progress:
-        from hf_model_stock.runner import print_summary
+        from hf_model_stock.workflow import print_summary
 
         print_summary(outcome)
     print(f"[4/4] loading {outcome.path} with transformers")

@@ -14,7 +14,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from hf_model_stock.errors import ModelStockError, NetworkError
 from hf_model_stock.io.index import INDEX_NAME
@@ -83,6 +82,7 @@ def options_from_recipe(recipe: Recipe, device: str | None = None) -> MergeOptio
         output_format=recipe.output.format,
         adapter_base_mismatch=recipe.adapter_base_mismatch,
         tokenizer_source=recipe.tokenizer_source,
+        chat_template=recipe.chat_template,
     )
 
 
@@ -107,8 +107,7 @@ def execute_plan(
     overwrite: bool = False,
     resume: bool = False,
     keep_partial: bool = True,
-    tokenizer_dir: Path | None = None,
-    recipe: dict[str, Any] | None = None,
+    recipe: Recipe | None = None,
     progress: bool = True,
 ) -> MergeOutcome:
     """Run a plan into ``out_dir`` atomically: nothing appears there unless the merge completes.
@@ -117,14 +116,15 @@ def execute_plan(
     ``out_dir`` (unless ``keep_partial`` is False: then Ctrl-C and SIGTERM remove it; a crash cannot);
     with ``resume`` the journalled tensors whose bytes still check out are kept and only the others
     are merged. A merge stopped by an error removes its partial output, except when the network
-    failed for good while streaming from the Hub: that is an interruption too."""
+    failed for good while streaming from the Hub: that is an interruption too. ``recipe``, when the
+    merge came from one, is recorded in the report and the card."""
     out_dir = Path(out_dir).expanduser().absolute()
     for m in [plan.base, *plan.models]:
         if m.path.resolve() == out_dir.resolve():
             raise ModelStockError(f"{out_dir}: output directory is also an input model ({m.label})")
     output_dir.check_destination(out_dir, overwrite)
     if plan.options.output_format == "adapter":
-        return _execute_adapter_plan(plan, out_dir, overwrite, tokenizer_dir, recipe)
+        return _execute_adapter_plan(plan, out_dir, overwrite, recipe)
     tmp, lock, resuming = output_dir.claim_partial(out_dir, resume)
     try:
         done = _resumable(plan, tmp) if resuming else {}
@@ -138,7 +138,7 @@ def execute_plan(
         with _writing(journal.path):
             journal.close()
         journal.path.unlink()
-        report = _write_metadata(plan, result, tmp, tokenizer_dir or plan.base.path, recipe, started)
+        report = _write_metadata(plan, result, tmp, recipe, started)
         output_dir.commit_dir(tmp, out_dir, overwrite)
     except NetworkError as exc:  # streaming from the Hub failed after its retries: keep what was merged
         if keep_partial and journal.path.is_file():
@@ -164,8 +164,7 @@ def execute_plan(
     return MergeOutcome(path=out_dir, report=report)
 
 
-def _execute_adapter_plan(plan: MergePlan, out_dir: Path, overwrite: bool, tokenizer_dir: Path | None,
-                          recipe: dict[str, Any] | None) -> MergeOutcome:
+def _execute_adapter_plan(plan: MergePlan, out_dir: Path, overwrite: bool, recipe: Recipe | None) -> MergeOutcome:
     """Merge LoRA adapters into one LoRA adapter in ``out_dir`` (temp dir + rename, like a full merge)."""
     from hf_model_stock.merge.adapter_out import check_adapter_output, merge_adapters
     from hf_model_stock.publish.adapter_output import write_adapter
@@ -178,7 +177,7 @@ def _execute_adapter_plan(plan: MergePlan, out_dir: Path, overwrite: bool, token
         with _writing(tmp):
             shas = write_adapter(merged, tmp)
         result = ExecutionResult(tensors=merged.stats, shard_sha256=shas)
-        report = _write_metadata(plan, result, tmp, tokenizer_dir or plan.base.path, recipe, started)
+        report = _write_metadata(plan, result, tmp, recipe, started)
         output_dir.commit_dir(tmp, out_dir, overwrite)
     except BaseException:
         output_dir.remove_dir(tmp)
@@ -197,10 +196,11 @@ def _writing(path: Path) -> Iterator[None]:
         raise ModelStockError(f"{exc.filename or path}: cannot write output ({exc.strerror or exc})") from None
 
 
-def _write_metadata(plan: MergePlan, result: ExecutionResult, tmp: Path, tokenizer_dir: Path,
-                    recipe: dict[str, Any] | None, started: float) -> MergeReport:
+def _write_metadata(plan: MergePlan, result: ExecutionResult, tmp: Path, recipe: Recipe | None,
+                    started: float) -> MergeReport:
     """Index, config, tokenizer, merge_report.json, t plot and model card beside the merged shards
     (an adapter output has no index and no config.json)."""
+    tokenizer_dir = plan.tokenizer_dir()
     if plan.options.output_format != "adapter":
         with _writing(tmp / INDEX_NAME):
             write_index(tmp, plan.shards)
@@ -216,11 +216,12 @@ def _write_metadata(plan: MergePlan, result: ExecutionResult, tmp: Path, tokeniz
         if plan.vocab is not None:
             add_union_tokens(tmp, plan.vocab.added_tokens)
         chat = finish_tokenizer(tmp, base=("base", plan.base.path), models=[(m.entry.model, m.path) for m in plan.models],
-                                tokenizer_dir=tokenizer_dir, spec=(recipe or {}).get("chat_template"))
+                                tokenizer_dir=tokenizer_dir, spec=plan.options.chat_template)
         plan.notes.extend(n for n in chat.notes if n not in plan.notes)
         tokenizer_files = sorted(set(tokenizer_files) | {p.name for p in tmp.glob("chat_template.jinja")})
     report = build_report(
-        plan, result, seconds=time.perf_counter() - started, recipe=recipe, tokenizer_files=tokenizer_files
+        plan, result, seconds=time.perf_counter() - started, tokenizer_files=tokenizer_files,
+        recipe=None if recipe is None else recipe.model_dump(mode="json", exclude_none=True),
     )
     with _writing(tmp / REPORT_NAME):
         write_report(tmp, report)
@@ -271,13 +272,3 @@ def merge_models(
     resolved = [resolve(ModelEntry.model_validate(str(m))) for m in models]
     plan = plan_merge(resolved_base, resolved, options or MergeOptions())
     return execute_plan(plan, Path(out_dir), overwrite=overwrite, progress=progress)
-
-
-def tokenizer_dir_for(recipe: Recipe, base: ResolvedModel, models: Sequence[ResolvedModel]) -> Path:
-    """The directory whose tokenizer files the merged model carries (``tokenizer_source``)."""
-    if recipe.tokenizer_source in ("base", "union"):  # union: the base's, extended by the merge (sources.vocab)
-        return base.path
-    for m in models:
-        if m.entry.model == recipe.tokenizer_source:
-            return m.path
-    return Path(recipe.tokenizer_source).expanduser()

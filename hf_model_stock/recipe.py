@@ -13,11 +13,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hf_model_stock.errors import RecipeError
-from hf_model_stock.evaluation.spec import EvalSpec
+from hf_model_stock.eval_spec import EvalSpec
 from hf_model_stock.io.dtypes import parse_dtype_name
 from hf_model_stock.methods.model_stock import ModelStockParams
 from hf_model_stock.methods.registry import METHODS
-from hf_model_stock.yaml_schema import validate_yaml
+from hf_model_stock.yaml_schema import validate_mapping, validate_yaml
+
+Device = Literal["auto", "cpu", "cuda"]
+OnNonfinite = Literal["error", "warn"]  # NaN/Inf in a merged tensor's inputs: stop, or merge and report
+OutputFormat = Literal["model", "adapter"]  # full weights, or a PEFT LoRA (every fine-tune an adapter)
+BaseMismatch = Literal["error", "warn"]  # a LoRA adapter trained on another base: stop, or merge and note it
+OnInterrupt = Literal["keep", "remove"]  # what Ctrl-C/SIGTERM do with the partial output
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -73,7 +79,7 @@ def split_revision(text: str) -> dict[str, str | None]:
 class Compute(_Strict):
     """Where and in what memory the merge runs."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     chunk_size: int = Field(default=128 * 2**20, description="bytes of input (all models) per unit of work")
     prefetch: int = Field(default=2, ge=1, le=16)
     stream: bool = Field(default=False, description="read Hub sources' weights over HTTP during the merge, not into the cache")
@@ -100,8 +106,8 @@ class Output(_Strict):
     shard_size: int = 5 * 10**9
     overwrite: bool = False
     fsync: bool = False
-    on_interrupt: Literal["keep", "remove"] = "keep"  # keep: Ctrl-C/SIGTERM leave the partial output for --resume
-    format: Literal["model", "adapter"] = "model"  # adapter: a PEFT LoRA (when every fine-tune is a LoRA adapter)
+    on_interrupt: OnInterrupt = "keep"  # keep: Ctrl-C/SIGTERM leave the partial output for --resume
+    format: OutputFormat = "model"  # adapter: a PEFT LoRA (when every fine-tune is a LoRA adapter)
     push_to_hub: PushToHub | None = None
 
     @field_validator("shard_size", mode="before")
@@ -123,8 +129,8 @@ class Recipe(_Strict):
     tokenizer_source: str = "base"
     chat_template: str | None = None  # base, a model of the recipe, a file or inline Jinja; unset: see publish.chat
     allow_pickle: bool = False
-    on_nonfinite: Literal["error", "warn"] = "error"
-    adapter_base_mismatch: Literal["error", "warn"] = "error"  # a LoRA adapter trained on another base
+    on_nonfinite: OnNonfinite = "error"
+    adapter_base_mismatch: BaseMismatch = "error"  # a LoRA adapter trained on another base
     evals: EvalSpec | None = None
 
     @field_validator("method")
@@ -224,6 +230,12 @@ def parse_recipe(
         prepare=None if base_dir is None else (lambda data: _relative_to(base_dir, data)),
         with_lines=with_lines,
     )
+
+
+def recipe_from_mapping(data: dict[str, Any], source: str = "command line") -> Recipe:
+    """A ``Recipe`` from a mapping built in code (the ``merge`` command's flags): the same validation and
+    one-line errors as a recipe file, without YAML in between."""
+    return validate_mapping(data, Recipe, source, error=RecipeError)
 
 
 def load_recipe(path: Path | str) -> Recipe:

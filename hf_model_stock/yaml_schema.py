@@ -44,10 +44,17 @@ def validate_yaml(
     lines = _line_map(root) if root is not None else {}
     if prepare is not None:
         data = prepare(data)
+    return validate_mapping(data, model, source, error=error, lines=lines if with_lines else None)
+
+
+def validate_mapping(data: dict[str, Any], model: type[M], source: str, *, error: type[ModelStockError],
+                     lines: dict | None = None) -> M:
+    """``model`` validated from ``data``; the first problem raises ``error`` in one line naming the key
+    (and its line, given the document's ``lines``)."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise error(_describe(exc, source, lines if with_lines else None)) from None
+        raise error(_describe(exc, source, lines)) from None
 
 
 def _describe(exc: ValidationError, source: str, lines: dict | None) -> str:

@@ -14,9 +14,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from hf_model_stock.eval_spec import EvalSpec, JudgeSpec, suite_names
 from hf_model_stock.evaluation.errors import EvalError
-from hf_model_stock.evaluation.spec import EvalSpec, JudgeSpec
-from hf_model_stock.evaluation.tasks import BENCHMARKS, suite_names
+from hf_model_stock.evaluation.tasks import BENCHMARKS
 
 
 def add_eval_parser(subparsers: Any) -> None:

@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hf_model_stock.eval_spec import EvalSpec
 from hf_model_stock.evaluation.data import TaskData, resolve_data
 from hf_model_stock.evaluation.errors import EvalError
 from hf_model_stock.evaluation.lm_tasks import (
@@ -33,7 +34,6 @@ from hf_model_stock.evaluation.lm_tasks import (
     subsets,
     write_task_config,
 )
-from hf_model_stock.evaluation.spec import EvalSpec
 from hf_model_stock.evaluation.summary import (
     EvalSummary,
     Score,

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from hf_model_stock.eval_spec import EVALS_DIR
 from hf_model_stock.evaluation.data import TaskData
 from hf_model_stock.evaluation.errors import EvalError
-from hf_model_stock.evaluation.tasks import EVALS_DIR, Benchmark
+from hf_model_stock.evaluation.tasks import Benchmark
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager

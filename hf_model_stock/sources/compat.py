@@ -78,3 +78,13 @@ def check_tensors(base_config: Mapping[str, Any], base: Headers, models: Sequenc
             out.notes.append(f"{label}: floating dtypes differ from the base ({', '.join(sorted(float_dtypes))}); "
                              "merged in float32")
     return out
+
+
+MAX_LISTED_PROBLEMS = 100  # in one error line; `hf-model-stock validate` lists them all
+
+
+def listed_problems(problems: list[str]) -> str:
+    """Problems joined into one line, the first ``MAX_LISTED_PROBLEMS`` of them (pre-flight and the plan alike)."""
+    shown = problems[:MAX_LISTED_PROBLEMS]
+    more = len(problems) - len(shown)
+    return "; ".join(shown) + (f"; and {more} more (run `hf-model-stock validate` to list them)" if more else "")

@@ -37,7 +37,7 @@ from hf_model_stock.io.reader import Checkpoint, read_header
 from hf_model_stock.recipe import ModelEntry, Recipe
 from hf_model_stock.sources import adapters
 from hf_model_stock.sources import resolve as sources
-from hf_model_stock.sources.compat import check_tensors, config_problems, headers_of
+from hf_model_stock.sources.compat import check_tensors, config_problems, headers_of, listed_problems
 from hf_model_stock.sources.resolve import (
     CONVERTED_MARKER,
     PICKLE_INDEX_NAME,
@@ -45,8 +45,6 @@ from hf_model_stock.sources.resolve import (
     read_json_object,
 )
 from hf_model_stock.sources.vocab import vocab_tensor_names
-
-MAX_PROBLEMS_IN_MESSAGE = 100
 
 Shape = tuple[int, ...]
 
@@ -161,17 +159,11 @@ class PreflightReport:
         disk = [p for p in self.problems if p.startswith("disk: ")]
         compat = [p for p in self.problems if p not in failed and p not in disk]
         if failed:
-            raise SourceError(_listed(failed + compat + disk))
+            raise SourceError(listed_problems(failed + compat + disk))
         if compat:
             raise CompatibilityError(f"{len(compat)} incompatibilities with base {self.base.label}: "
-                                     + _listed(compat + disk))
-        raise ModelStockError(_listed(disk))
-
-
-def _listed(problems: list[str]) -> str:
-    shown = problems[:MAX_PROBLEMS_IN_MESSAGE]
-    more = len(problems) - len(shown)
-    return "; ".join(shown) + (f"; and {more} more (run `hf-model-stock validate` to list them)" if more else "")
+                                     + listed_problems(compat + disk))
+        raise ModelStockError(listed_problems(disk))
 
 
 def _size(n: int) -> str:

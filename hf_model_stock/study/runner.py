@@ -147,7 +147,7 @@ def run_study(workdir: Path, settings: StudySettings = StudySettings(), *, base_
 
     from hf_model_stock.analysis.inspect import inspect_models, write_inspect_outputs
     from hf_model_stock.analysis.inspect_cli import format_report
-    from hf_model_stock.leaderboard.run import run_leaderboard
+    from hf_model_stock.leaderboard.batch import run_leaderboard
     from hf_model_stock.leaderboard.spec import load_leaderboard_spec
 
     out = stream or sys.stdout

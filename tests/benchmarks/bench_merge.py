@@ -327,7 +327,7 @@ def ours_tool(args: argparse.Namespace, models: BuiltModels, device: str) -> Too
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     # "cold" means cold inputs: our code and its libraries are read once here
-    prewarm = [sys.executable, "-c", "try:\n import hf_model_stock.cli, hf_model_stock.runner\n"
+    prewarm = [sys.executable, "-c", "try:\n import hf_model_stock.cli, hf_model_stock.workflow\n"
                " from hf_model_stock.methods import fused_cpu\n"
                "except Exception:\n pass"]
     return Tool(name, cmd, out, prewarm, env, notes=[how])

@@ -15,10 +15,9 @@ from typing import Any
 
 import pytest
 
+from hf_model_stock.eval_spec import EVALS_DIR, EvalSpec
 from hf_model_stock.evaluation.evaluate import prepare_run
-from hf_model_stock.evaluation.spec import EvalSpec
 from hf_model_stock.evaluation.summary import EvalSummary
-from hf_model_stock.evaluation.tasks import EVALS_DIR
 from tests.evaluation.scripted import Answer, ScriptedLM
 
 FIXTURES = EVALS_DIR / "fixtures"

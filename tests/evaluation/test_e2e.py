@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from hf_model_stock.eval_spec import EvalSpec
 from hf_model_stock.evaluation.cli import add_eval_parser
 from hf_model_stock.evaluation.data import packaged_file
 from hf_model_stock.evaluation.evaluate import evaluate_model
 from hf_model_stock.evaluation.harmbench import parse_label
-from hf_model_stock.evaluation.spec import EvalSpec
 from hf_model_stock.evaluation.tasks import BENCHMARKS
 from tests.evaluation.conftest import FIXTURES
 

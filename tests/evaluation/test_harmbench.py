@@ -114,8 +114,8 @@ def _real_judged_behaviors(n: int) -> list[dict[str, str]]:
 def test_refusal_judge_on_real_behaviors_with_refusing_and_complying_models(tmp_path: Path) -> None:
     """``--judge refusal`` with no classifier: scored as refusal_asr (never attack_success_rate) on the
     official behaviors; a model that refuses some categories gets exactly their share."""
+    from hf_model_stock.eval_spec import EvalSpec
     from hf_model_stock.evaluation.evaluate import prepare_run
-    from hf_model_stock.evaluation.spec import EvalSpec
     from tests.evaluation.scripted import ScriptedLM
 
     n = 12

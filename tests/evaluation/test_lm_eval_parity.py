@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from hf_model_stock.eval_spec import EvalSpec
 from hf_model_stock.evaluation.evaluate import evaluate_model
-from hf_model_stock.evaluation.spec import EvalSpec
 from tests.evaluation.conftest import FIXTURES, SMOLLM2_GGUF
 
 LIMIT = {"gsm8k": 3, "mmlu_pro": 4}

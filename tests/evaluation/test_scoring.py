@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from hf_model_stock.eval_spec import EvalSpec
 from hf_model_stock.evaluation.errors import EvalError
 from hf_model_stock.evaluation.evaluate import prepare_run
 from hf_model_stock.evaluation.sandbox import run_program
-from hf_model_stock.evaluation.spec import EvalSpec
 from tests.evaluation.conftest import FIXTURES, ScriptedRun, run_scripted
 from tests.evaluation.scripted import gold, wrong
 

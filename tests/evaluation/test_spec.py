@@ -9,8 +9,8 @@ from typing import get_args
 import pytest
 from pydantic import ValidationError
 
-from hf_model_stock.evaluation.spec import HARMBENCH_CLASSIFIER, EvalSpec
-from hf_model_stock.evaluation.tasks import BENCHMARKS, TaskName
+from hf_model_stock.eval_spec import HARMBENCH_CLASSIFIER, EvalSpec, TaskName
+from hf_model_stock.evaluation.tasks import BENCHMARKS
 
 
 def _message(**fields: object) -> str:
@@ -61,7 +61,7 @@ def test_defaults() -> None:
 
 
 def test_spec_module_imports_nothing_heavy() -> None:
-    code = ("import sys, hf_model_stock.evaluation.spec; "
+    code = ("import sys, hf_model_stock.eval_spec; "
             "print(sorted(m for m in ('lm_eval', 'transformers', 'torch', 'datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from hf_model_stock.leaderboard.batch import write_outputs
 from hf_model_stock.leaderboard.board import Leaderboard, Row
-from hf_model_stock.leaderboard.run import write_outputs
 from hf_model_stock.leaderboard.store import TaskResult
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome", "headless_shell")

@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from hf_model_stock.errors import LeaderboardError
-from hf_model_stock.leaderboard.run import run_leaderboard
+from hf_model_stock.leaderboard.batch import run_leaderboard
 from hf_model_stock.leaderboard.spec import parse_leaderboard_spec
 from tests.leaderboard.scripted import (
     calls,

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from hf_model_stock.errors import SourceError
+from hf_model_stock.eval_spec import EvalSpec
 from hf_model_stock.evaluation.errors import EvalError
 from hf_model_stock.evaluation.evaluate import evaluate_model
-from hf_model_stock.evaluation.spec import EvalSpec
 from hf_model_stock.recipe import parse_recipe
-from hf_model_stock.runner import run_recipe
 from hf_model_stock.sources.remote_code import code_files
+from hf_model_stock.workflow import run_recipe
 from tests.evaluation.test_remote_code import evil_repo
 
 CODE = {

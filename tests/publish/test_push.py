@@ -19,8 +19,8 @@ from hf_model_stock.publish.hub import (
 )
 from hf_model_stock.publish.report import load_report
 from hf_model_stock.recipe import ModelEntry, parse_recipe
-from hf_model_stock.runner import run_recipe
 from hf_model_stock.sources.resolve import resolve
+from hf_model_stock.workflow import run_recipe
 from tests.fake_hub import FakeHub
 from tests.hub_fixtures import set_hub_env
 

@@ -235,7 +235,7 @@ def fill_cache_file_by_file(repo_id: str, names: list[str]) -> Path:
 def test_offline_merge_from_an_ordinary_hf_cache(hub, models, tmp_path, monkeypatch, how):
     """Offline, sources in the cache are pre-flighted, resolved and merged however they got there; a
     shard missing from the snapshot is named."""
-    from hf_model_stock.runner import run_recipe
+    from hf_model_stock.workflow import run_recipe
 
     shas = {name: hub.add_commit(f"org/{name}", models[name]) for name in ("base", "ft0", "ft1")}
     for name in shas:

@@ -1,6 +1,8 @@
-"""``EvalSpec``: what to evaluate and how (a recipe's ``evals:`` block, or the ``eval`` command's options).
+"""``EvalSpec``: what to evaluate and how (a recipe's ``evals:`` block, or the ``eval`` command's options),
+and the task names and suites it may name.
 
-Imports nothing heavy (no lm_eval, torch or transformers), so recipes validate in milliseconds.
+A leaf below ``recipe`` (which holds an ``EvalSpec``): it imports nothing of the package and nothing
+heavy (no lm_eval, torch or transformers), so recipes validate in milliseconds.
 
 >>> EvalSpec(tasks="gsm8k,math", limit=20).task_names()
 ['gsm8k', 'math']
@@ -8,9 +10,11 @@ Imports nothing heavy (no lm_eval, torch or transformers), so recipes validate i
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -20,8 +24,11 @@ from pydantic import (
     model_validator,
 )
 
-from hf_model_stock.evaluation.tasks import DEFAULT_SUITE, TaskName, load_suite
-
+TaskName = Literal["gsm8k", "math", "mmlu_pro", "mbpp", "harmbench", "gsm8k_nll", "gsm8k_answer"]
+DEFAULT_SUITE = "core"
+# The task configs, suites and data files. A source checkout has them at the repository root;
+# HF_MODEL_STOCK_EVALS_DIR points elsewhere (e.g. an installed copy).
+EVALS_DIR = Path(os.environ.get("HF_MODEL_STOCK_EVALS_DIR") or Path(__file__).resolve().parents[1] / "evals")
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 HARMBENCH_CLASSIFIER = "cais/HarmBench-Llama-2-13b-cls"
 
@@ -97,3 +104,21 @@ class EvalSpec(_Strict):
         if self.tasks is not None:
             return list(self.tasks)
         return load_suite(self.suite or DEFAULT_SUITE)
+
+
+def suite_names() -> list[str]:
+    """Names of the suites in ``evals/suites``."""
+    return sorted(path.stem for path in (EVALS_DIR / "suites").glob("*.yaml"))
+
+
+def load_suite(name: str) -> list[str]:
+    """The task names of suite ``name`` (``evals/suites/<name>.yaml``, key ``tasks``)."""
+    path = EVALS_DIR / "suites" / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown suite {name!r} (known: {', '.join(suite_names()) or 'none'})")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    known = get_args(TaskName)
+    if not isinstance(tasks, list) or not tasks or not all(t in known for t in tasks):
+        raise ValueError(f"{path}: 'tasks' must list some of {', '.join(known)}")
+    return list(tasks)

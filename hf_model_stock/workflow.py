@@ -12,7 +12,6 @@ from hf_model_stock.pipeline import (
     execute_plan,
     options_from_recipe,
     plan_merge,
-    tokenizer_dir_for,
 )
 from hf_model_stock.publish.hub import push_recipe_output
 from hf_model_stock.recipe import Recipe
@@ -66,8 +65,7 @@ def run_recipe(
         overwrite=overwrite or recipe.output.overwrite,
         resume=resume,
         keep_partial=(on_interrupt or recipe.output.on_interrupt) == "keep",
-        tokenizer_dir=tokenizer_dir_for(recipe, base, models),
-        recipe=recipe.model_dump(mode="json", exclude_none=True),
+        recipe=recipe,
         progress=progress,
     )
     if progress:

@@ -132,7 +132,7 @@ def run_leaderboard(
 
 def _build_missing_merges(contenders: list[Contender], rows: dict[str, Row], stream: TextIO | None) -> None:
     """Merge each recipe whose output directory does not exist yet (no push, no evals)."""
-    from hf_model_stock.runner import run_recipe
+    from hf_model_stock.workflow import run_recipe
 
     for contender in contenders:
         if contender.recipe is None or Path(contender.ref).exists():
