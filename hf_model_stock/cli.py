@@ -56,7 +56,7 @@ def silence_progress_bars() -> None:
         return
 
     @functools.wraps(original)
-    def quiet_init(self: object, *args: object, **kwargs: object) -> None:
+    def quiet_init(self: Any, *args: Any, **kwargs: Any) -> None:
         if len(args) > 10:  # disable passed positionally (tqdm's 11th parameter)
             args = (*args[:10], True, *args[11:])
         else:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 import hf_model_stock
 
 PACKAGE_DIR = Path(hf_model_stock.__file__).parent

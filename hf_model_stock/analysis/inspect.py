@@ -151,7 +151,10 @@ def _layer_rows(rows: list[TensorRow], grams: list[np.ndarray]) -> list[InspectL
     out = []
     for key in sorted(groups, key=layer_sort_key):
         ts = [rows[k].t for k in groups[key]]
-        gram = sum(grams[k] for k in groups[key])  # the Gram of the layer's concatenated deltas
+        first, *rest = groups[key]
+        gram = grams[first].copy()  # the Gram of the layer's concatenated deltas
+        for k in rest:
+            gram += grams[k]
         out.append(InspectLayer(key, len(ts), pair_stats(gram), sum(ts) / len(ts), min(ts), max(ts)))
     return out
 

@@ -31,6 +31,7 @@ from hf_model_stock.io.index import INDEX_NAME
 from hf_model_stock.io.reader import Checkpoint
 from hf_model_stock.merge.plan import MergeOptions
 from hf_model_stock.methods.model_stock import ModelStockParams, Ratio, ratio_from_gram
+from hf_model_stock.publish.report import MergeReport
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
@@ -232,7 +233,7 @@ def merge_checkpoints(
     *,
     params: ModelStockParams = ModelStockParams(),
     chunk_bytes: int = 128 << 20,
-) -> dict[str, Any]:
+) -> MergeReport:
     """Merge the weights of N Trainer checkpoint directories with the streaming merger and write the
     result into every one of them (optimizer and trainer state are kept), so that each run resumes
     from the merged weights with ``trainer.train(resume_from_checkpoint=dir)``.

@@ -63,7 +63,7 @@ def load_causal_lm(path: Path, *, device: str, dtype: str, trust_remote_code: bo
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype if dtype == "auto" else getattr(torch, dtype), trust_remote_code=trust_remote_code)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), tokenizer  # type: ignore[arg-type]  # transformers' decorator hides .to's signature
 
 
 def build_lm(path: Path, spec: EvalSpec) -> LM:

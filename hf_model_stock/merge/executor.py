@@ -11,6 +11,7 @@ buffer each, or the mapped pages, dropped once merged) and three output buffers 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import math
 import queue
@@ -327,7 +328,7 @@ class _UnitMerger:
             self.compute.merge_second_pass(task, unit.views, float(self.ratio.t), out)
         unit.release()
         self.writer.submit(task.name, unit.start * itemsize(task.out_dtype), out_buf[:out_bytes],
-                           lambda b=out_buf: self.out_pool.release(b))
+                           functools.partial(self.out_pool.release, out_buf))
 
 
 def execute(plan: MergePlan, directory: Path, progress: bool = True, *, journal: Journal | None = None,

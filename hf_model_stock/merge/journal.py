@@ -161,7 +161,7 @@ def verified_tensors(plan: MergePlan, directory: Path) -> dict[str, TensorStats]
     try:
         for e in entries:
             name = e.get("tensor")
-            if where.get(name) != (e.get("shard"), e.get("offset"), e.get("nbytes")):
+            if not isinstance(name, str) or where.get(name) != (e.get("shard"), e.get("offset"), e.get("nbytes")):
                 continue
             shard = directory / e["shard"]
             if e["shard"] not in fds:

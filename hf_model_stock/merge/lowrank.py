@@ -84,15 +84,20 @@ class LowRankCompute:
         import torch
 
         da, db = task.deltas[a], task.deltas[b]
-        low_a, low_b = isinstance(da, LowRankDelta), isinstance(db, LowRankDelta)
+        low_a = da if isinstance(da, LowRankDelta) else None
+        low_b = db if isinstance(db, LowRankDelta) else None
         rows = parts[a].shape[0]
-        if (low_a and not da.rank) or (low_b and not db.rank):
+        if (low_a is not None and not low_a.rank) or (low_b is not None and not low_b.rank):
             return torch.zeros(rows, dtype=torch.float64)
-        if not low_a and not low_b:
+        if low_a is None and low_b is None:
             return (parts[a] * parts[b]).sum(-1)
-        if low_a and low_b:
+        if low_a is not None and low_b is not None:
             return ((parts[a] @ cross[(a, b)]) * parts[b]).sum(-1)
-        dense, low, delta = (parts[a], parts[b], db) if low_b else (parts[b], parts[a], da)
+        if low_b is not None:
+            dense, low, delta = parts[a], parts[b], low_b
+        else:
+            assert low_a is not None
+            dense, low, delta = parts[b], parts[a], low_a
         return ((dense @ delta.right.T) * low).sum(-1)
 
     def gram(self, task: TensorTask, views: Sequence[np.ndarray], start: int, stop: int) -> np.ndarray:

@@ -258,9 +258,10 @@ def _vocab(base: ResolvedModel, base_ckpt: Checkpoint, models: list[ResolvedMode
                            "the union of the models' vocabularies")
         found.added_tokens = added
         return found
-    out_tokens = token_ids(source_dir)
-    if out_tokens is None:
+    source_tokens = token_ids(source_dir)
+    if source_tokens is None:
         raise CompatibilityError(f"tokenizer_source {source_dir}: no tokenizer.json to match embedding rows by token")
+    out_tokens = source_tokens
     if source_index is not None:
         out_rows = rows[source_index]
     else:

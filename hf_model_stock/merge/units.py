@@ -44,7 +44,7 @@ def read_unit(buf: np.ndarray, task: TensorTask, start: int, stop: int, files: S
             if not task.two_pass and offset % size == 0 and files.reads_direct(info.path):
                 pos += (offset - buf.ctypes.data - pos) % DIRECT_ALIGN
             region = buf[pos : pos + nbytes]
-            files.read_into(info, start * size, memoryview(region), keep_cached=task.two_pass)
+            files.read_into(info, start * size, region.data, keep_cached=task.two_pass)
             pos += nbytes
             pos += -pos % UNIT_ALIGN
         views.append(region.view(storage_dtype(info.dtype)))

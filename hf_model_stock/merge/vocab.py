@@ -50,7 +50,7 @@ def read_vocab_unit(buf: np.ndarray, task: TensorTask, start: int, stop: int, fi
             e = k + 1
             while e < len(src) and src[e] == src[e - 1] + 1:
                 e += 1
-            files.read_into(info, int(src[k]) * row_bytes, memoryview(region[k * row_bytes : e * row_bytes]),
+            files.read_into(info, int(src[k]) * row_bytes, region[k * row_bytes : e * row_bytes].data,
                             keep_cached=True)
             k = e
         pos += region.nbytes

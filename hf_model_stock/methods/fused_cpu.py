@@ -14,11 +14,13 @@ False and the CPU merge takes the torch kernels.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import ModuleType
 
 import numpy as np
 
 from hf_model_stock.methods.workers import Workers
 
+_fused: ModuleType | None
 try:
     from hf_model_stock.methods import _fused
 except ImportError:  # pragma: no cover - built without a C compiler; the torch kernels remain

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import yaml
 from huggingface_hub import EvalResult, ModelCardData
@@ -41,8 +41,8 @@ def card_text(report: MergeReport, repo_id: str | None = None, t_plot: str | Non
         pipeline_tag="text-generation",
         tags=["merge", "model-stock", "hf-model-stock", *(["lora"] if adapter else [])],
     )
-    if hub_ids:
-        data.base_model_relation = "adapter" if adapter else "merge"
+    if hub_ids:  # a field the Hub reads that ModelCardData keeps as an extra key
+        data.base_model_relation = "adapter" if adapter else "merge"  # type: ignore[attr-defined]
     rows = layer_summary(report.tensors)
     summary = report.summary
     lines = [
@@ -106,7 +106,7 @@ def _eval_row(row: EvalRow) -> tuple[str, str, float, str]:
         task, metric, value = row["task"], row["metric"], row["value"]
         name = row.get("name") or metric
     else:
-        task, metric, value = row.task, row.metric, row.value
+        task, metric, value = getattr(row, "task"), getattr(row, "metric"), getattr(row, "value")  # noqa: B009
         name = getattr(row, "name", None) or metric
     return str(task), str(metric), float(value), str(name)
 
@@ -145,7 +145,7 @@ def card_with_evals(
     from huggingface_hub import ModelCard
 
     rows = [_eval_row(r) for r in results]
-    data = ModelCard(str(card)).data  # a copy
+    data = cast(ModelCardData, ModelCard(str(card)).data)  # a copy
     new_keys = {(task, metric) for task, metric, _, _ in rows}
     kept = [e for e in (data.eval_results or []) if (e.dataset_type, e.metric_type) not in new_keys]
     data.eval_results = kept + [
@@ -174,7 +174,7 @@ def retitle_card(card: ModelCard, repo_id: str) -> ModelCard:
     if card_title(card) != DEFAULT_TITLE:
         return card
     body = re.sub(rf"^# {re.escape(DEFAULT_TITLE)}$", f"# {repo_id}", card.text, count=1, flags=re.MULTILINE)
-    data = ModelCard(str(card)).data
+    data = cast(ModelCardData, ModelCard(str(card)).data)
     if data.eval_results:
         data.model_name = repo_id
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")

@@ -84,7 +84,8 @@ def unchanged_shards(api: Any, repo_id: str, revision: str | None, directory: Pa
     same = []
     for name, digest in sorted(shards.items()):
         local, there = directory / name, remote.get(name)
-        if there is not None and local.is_file() and there.lfs.sha256 == digest and there.lfs.size == local.stat().st_size:
+        lfs = there.lfs if there is not None else None
+        if lfs is not None and local.is_file() and lfs.sha256 == digest and lfs.size == local.stat().st_size:
             same.append(name)
     return same
 
@@ -154,7 +155,7 @@ def push_model(
             commit_message=message or _default_message(report),
             ignore_patterns=[glob.escape(name) for name in skip],
         )
-    except (*transport_errors(), RuntimeError, ValueError) as exc:  # uploads raise RuntimeError, bad metadata ValueError
+    except (*transport_errors(), RuntimeError, ValueError) as exc:  # type: ignore[misc]  # uploads raise RuntimeError, bad metadata ValueError
         raise _push_error(repo_id, exc) from None
     return str(info.commit_url)
 

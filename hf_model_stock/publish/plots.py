@@ -6,6 +6,7 @@ so no GUI backend or global state is involved.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,11 @@ def t_plot_png(tensors: Sequence[TensorStats], path: Path) -> Path:
     xs = [pos[layer_key(r.name)] for r in merged]
     fig = Figure(figsize=(max(6.0, 0.18 * len(keys) + 3), 4))
     ax = fig.subplots()
-    ax.scatter(xs, [r.t for r in merged], s=8, alpha=0.6, label="t (tensor)")
-    ax.scatter(xs, [r.cos for r in merged], s=8, alpha=0.6, marker="x", label="cos (tensor)")
-    means = [[r.t for r, x in zip(merged, xs) if x == i] for i in range(len(keys))]
+    ts = [float(r.t) for r in merged if r.t is not None]  # every merged row has a t
+    coss = [math.nan if r.cos is None else float(r.cos) for r in merged]
+    ax.scatter(xs, ts, s=8, alpha=0.6, label="t (tensor)")
+    ax.scatter(xs, coss, s=8, alpha=0.6, marker="x", label="cos (tensor)")
+    means = [[t for t, x in zip(ts, xs) if x == i] for i in range(len(keys))]
     ax.plot(range(len(keys)), [sum(m) / len(m) for m in means], color="C0", label="mean t")
     ax.set_ylabel("t / cos")
     ax.legend(fontsize=7)

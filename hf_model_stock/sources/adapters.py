@@ -218,8 +218,8 @@ def module_scale(config: Any, module: str, rank: int) -> tuple[int, float]:
 
     rank_pattern = config.rank_pattern or {}
     alpha_pattern = config.alpha_pattern or {}
-    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.r)
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.lora_alpha)
+    r = rank_pattern.get(get_pattern_key(list(rank_pattern), module), config.r)
+    alpha = float(alpha_pattern.get(get_pattern_key(list(alpha_pattern), module), config.lora_alpha))
     if r != rank:
         raise CompatibilityError(f"module {module}: rank {rank} in the weights but {r} in {ADAPTER_CONFIG}")
     return r, (alpha / math.sqrt(r) if config.use_rslora else alpha / r)

@@ -172,8 +172,8 @@ def resolve(
         return ResolvedModel(entry=entry, path=path)
     check_repo_id(entry)
     if allow_patterns is not None:
-        snapshot = download_snapshot(entry.model, entry.revision, allow_patterns, entry.label)
-        return ResolvedModel(entry=entry, path=snapshot, repo_id=entry.model, commit=snapshot.name)
+        folder = download_snapshot(entry.model, entry.revision, allow_patterns, entry.label)
+        return ResolvedModel(entry=entry, path=folder, repo_id=entry.model, commit=folder.name)
 
     small = download_snapshot(entry.model, entry.revision, SMALL_FILE_PATTERNS, entry.label)
     commit = small.name  # snapshot folders are named by the commit sha
