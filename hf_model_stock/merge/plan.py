@@ -20,7 +20,7 @@ from hf_model_stock.io.reader import Checkpoint, TensorInfo
 from hf_model_stock.io.writer import OutputTensor, ShardLayout, layout_shards
 from hf_model_stock.methods.model_stock import DEFAULT_BLOCK, ModelStockParams
 from hf_model_stock.recipe import BaseMismatch, OnNonfinite, OutputFormat
-from hf_model_stock.sources.adapters import Adapter, InMemoryDelta, is_adapter, load_adapter
+from hf_model_stock.sources.adapters import Adapter, BaseRef, InMemoryDelta, is_adapter, load_adapter
 from hf_model_stock.sources.compat import check_tensors, config_problems, headers_of, listed_problems
 from hf_model_stock.sources.resolve import ResolvedModel
 from hf_model_stock.sources.vocab import (
@@ -288,12 +288,11 @@ def _load_adapters(base: ResolvedModel, base_ckpt: Checkpoint, models: list[Reso
             return f.get_tensor(name)
 
     names = [base.entry.model, base.entry.label, base.repo_id or "", str(base.config().get("_name_or_path") or "")]
+    ref = BaseRef(label=base.label, headers=headers_of(base_ckpt), read=read_base, names=names, path=base.path)
     adapters, problems, notes = {}, [], []
     for i, m in enumerate(models):
         if is_adapter(m.path):
-            adapter, found = load_adapter(m.path, m.label, headers_of(base_ckpt), read_base, base_names=names,
-                                          base_path=base.path, base_label=base.label,
-                                          mismatch=options.adapter_base_mismatch)
+            adapter, found = load_adapter(m.path, m.label, ref, options.adapter_base_mismatch)
             adapters[i] = adapter
             problems += found
             notes += adapter.notes

@@ -26,6 +26,7 @@ from hf_model_stock.hub.errors import first_line, status_of, transport_errors
 
 if TYPE_CHECKING:
     from hf_model_stock.publish.report import MergeReport
+    from hf_model_stock.recipe import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def push_model(
     return str(info.commit_url)
 
 
-def push_recipe_output(recipe: Any, directory: Path) -> str | None:
+def push_recipe_output(recipe: Recipe, directory: Path) -> str | None:
     """Push ``directory`` as the recipe's ``output.push_to_hub`` says; None when it says nothing."""
     target = recipe.output.push_to_hub
     if target is None:

@@ -26,7 +26,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,88 +230,123 @@ _EMB_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_embedding_A|lora_embeddin
 _BASE_LAYER = ".base_layer."
 
 
-def load_adapter(
-    path: Path,
-    label: str,
-    base_headers: Mapping[str, tuple[str, Shape]],
-    read_base: Any,
-    *,
-    base_names: list[str],
-    base_path: Path | None,
-    base_label: str,
-    mismatch: str = "error",
-) -> tuple[Adapter, list[str]]:
-    """Load the adapter at ``path`` against the base's tensor headers; returns it and the problems
-    found (tensors the base lacks, shapes that disagree, ranks). ``read_base(name)`` returns a base
-    tensor (torch), used only to compare an embedding's saved base layer with the base's."""
-    import torch
-    from safetensors import safe_open
+@dataclass(frozen=True)
+class BaseRef:
+    """What an adapter is checked and loaded against: the base's tensor headers, a reader of its tensors
+    (torch, for a saved base layer), and the names and path it may be given by (``check_base``)."""
 
+    label: str
+    headers: Mapping[str, tuple[str, Shape]]
+    read: Callable[[str], Any]
+    names: list[str]
+    path: Path | None = None
+
+
+@dataclass
+class _LoraState:
+    """An adapter's state dict, sorted by role (peft prefix removed)."""
+
+    pairs: dict[str, dict[str, Any]] = field(default_factory=dict)  # module -> lora_A/B (or embedding A/B)
+    base_layers: dict[str, Any] = field(default_factory=dict)  # tensor -> a saved base layer
+    whole: dict[str, Any] = field(default_factory=dict)  # modules_to_save and trained biases
+    dtype: str = "F32"
+
+
+def load_adapter(path: Path, label: str, base: BaseRef, mismatch: str = "error") -> tuple[Adapter, list[str]]:
+    """Load the adapter at ``path`` against ``base``; returns it and the problems found (tensors the
+    base lacks, shapes that disagree, ranks). ``mismatch``: what a ``base_model_name_or_path`` naming
+    another base does (``check_base``)."""
     raw_config = read_adapter_config(path, label)
     weights = check_weights_file(path, label)
     config = _lora_config(path, label)
-    notes = [n for n in [check_base(raw_config.get("base_model_name_or_path"), base_names, base_path, label,
-                                     base_label, mismatch)] if n]
-    tensors: dict[str, Any] = {}
-    dtype = "F32"
+    notes = [n for n in [check_base(raw_config.get("base_model_name_or_path"), base.names, base.path, label,
+                                     base.label, mismatch)] if n]
+    state = _read_lora_state(weights, label)
+    problems: list[str] = []
+    fan_in_fan_out = bool(config.fan_in_fan_out)
+    deltas = _module_deltas(config, state, base, label, fan_in_fan_out, problems)
+    notes += _take_saved_base_layers(state, base, label, deltas, problems)
+    _take_whole_tensors(state, base, label, deltas, problems)
+    adapter = Adapter(label=label, path=Path(path), config=config, deltas=deltas, dtype=state.dtype,
+                      fan_in_fan_out=fan_in_fan_out, notes=notes)
+    return adapter, problems
+
+
+def _read_lora_state(weights: Path, label: str) -> _LoraState:
+    import torch
+    from safetensors import safe_open
+
+    state = _LoraState()
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
             if not key.startswith(PEFT_PREFIX):
                 raise SourceError(f"{label}: {ADAPTER_WEIGHTS} tensor {key!r} does not start with {PEFT_PREFIX!r} "
                                   "(not a PEFT LoRA state dict)")
-            tensors[key[len(PEFT_PREFIX):]] = f.get_tensor(key)
-    pairs: dict[str, dict[str, Any]] = {}
-    dense: dict[str, Any] = {}
-    base_layers: dict[str, Any] = {}
-    for key, value in tensors.items():
-        if (m := _LORA_KEY.match(key)) or (m := _EMB_KEY.match(key)):
-            pairs.setdefault(m["module"], {})[m["kind"]] = value
-            dtype = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}.get(value.dtype, "F32")
-        elif _BASE_LAYER in key:
-            base_layers[key.replace(_BASE_LAYER, ".")] = value
-        elif "lora_" in key or "magnitude" in key:
-            raise SourceError(f"{label}: {ADAPTER_WEIGHTS} tensor {key!r} is not part of a plain LoRA")
-        else:
-            dense[key] = value
-    problems: list[str] = []
+            name, value = key[len(PEFT_PREFIX):], f.get_tensor(key)
+            if (m := _LORA_KEY.match(name)) or (m := _EMB_KEY.match(name)):
+                state.pairs.setdefault(m["module"], {})[m["kind"]] = value
+                state.dtype = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}.get(value.dtype, "F32")
+            elif _BASE_LAYER in name:
+                state.base_layers[name.replace(_BASE_LAYER, ".")] = value
+            elif "lora_" in name or "magnitude" in name:
+                raise SourceError(f"{label}: {ADAPTER_WEIGHTS} tensor {name!r} is not part of a plain LoRA")
+            else:
+                state.whole[name] = value
+    return state
+
+
+def _module_deltas(config: Any, state: _LoraState, base: BaseRef, label: str, fan_in_fan_out: bool,
+                   problems: list[str]) -> dict[str, InMemoryDelta]:
+    """Each LoRA module's low-rank delta, over the base tensor it targets."""
     deltas: dict[str, InMemoryDelta] = {}
-    fan_in_fan_out = bool(config.fan_in_fan_out)
-    for module, parts in sorted(pairs.items()):
+    for module, parts in sorted(state.pairs.items()):
         name = f"{module}.weight"
         where = f"{label}: module {module}"
-        if name not in base_headers:
+        if name not in base.headers:
             problems.append(f"{where}: the base has no tensor {name!r}")
             continue
-        shape = base_headers[name][1]
         try:
-            deltas[name] = _low_rank(config, module, parts, shape, fan_in_fan_out)
+            deltas[name] = _low_rank(config, module, parts, base.headers[name][1], fan_in_fan_out)
         except CompatibilityError as exc:
             problems.append(f"{where}: {exc}")
-    for name, value in sorted(base_layers.items()):
-        if name not in base_headers or tuple(value.shape) != base_headers[name][1]:
+    return deltas
+
+
+def _take_saved_base_layers(state: _LoraState, base: BaseRef, label: str, deltas: dict[str, InMemoryDelta],
+                            problems: list[str]) -> list[str]:
+    """A saved base layer that differs from the base's (an embedding trained with the adapter) makes its
+    tensor a whole weight (with the module's low-rank delta added); returns the notes saying so."""
+    import torch
+
+    notes = []
+    for name, value in sorted(state.base_layers.items()):
+        if name not in base.headers or tuple(value.shape) != base.headers[name][1]:
             problems.append(f"{label}: tensor {name!r} (saved base layer) has shape {list(value.shape)}, the base "
-                            f"{list(base_headers[name][1]) if name in base_headers else 'none'}")
+                            f"{list(base.headers[name][1]) if name in base.headers else 'none'}")
             continue
-        if not torch.equal(value.to(torch.float64), read_base(name).to(torch.float64)):
+        if not torch.equal(value.to(torch.float64), base.read(name).to(torch.float64)):
             low = deltas.pop(name, None)
             full = value.to(torch.float64)
             if isinstance(low, LowRankDelta):
                 full = full + (low.left @ low.right).reshape(full.shape)
             deltas[name] = DenseWeight(full)
             notes.append(f"{label}: {name} saved base layer differs from the base's: taken whole")
-    for name, value in sorted(dense.items()):
-        if name not in base_headers:
+    return notes
+
+
+def _take_whole_tensors(state: _LoraState, base: BaseRef, label: str, deltas: dict[str, InMemoryDelta],
+                        problems: list[str]) -> None:
+    """``modules_to_save`` (and trained biases): whole weights of the base's shape."""
+    for name, value in sorted(state.whole.items()):
+        if name not in base.headers:
             problems.append(f"{label}: tensor {name!r} (modules_to_save) is not in the base")
-        elif tuple(value.shape) != base_headers[name][1]:
+        elif tuple(value.shape) != base.headers[name][1]:
             problems.append(f"{label}: tensor {name!r} (modules_to_save) has shape {list(value.shape)}, the base "
-                            f"{list(base_headers[name][1])}")
+                            f"{list(base.headers[name][1])}")
         elif name in deltas:
             problems.append(f"{label}: tensor {name!r} is both a LoRA target and stored whole")
         else:
             deltas[name] = DenseWeight(value)
-    adapter = Adapter(label=label, path=Path(path), config=config, deltas=deltas, dtype=dtype,
-                      fan_in_fan_out=fan_in_fan_out, notes=notes)
-    return adapter, problems
 
 
 def _low_rank(config: Any, module: str, parts: dict[str, Any], shape: Shape, fan_in_fan_out: bool) -> LowRankDelta:
