@@ -79,28 +79,7 @@ def run_leaderboard(
         _build_missing_merges(contenders, rows, stream)
     _identify(contenders, rows, DigestMemo(out / "cache" / "file-digests.json"))
     store = ResultStore(out / "cache" / "results")
-    jobs = []
-    for contender in contenders:
-        row = rows[contender.name]
-        if row.error or row.identity is None:
-            if not row.error:
-                row.error = f"not built: {contender.ref} does not exist (run its recipe, or drop --no-merge)"
-            continue
-        todo = []
-        for task in tasks:
-            cached = store.get(row.identity, task, keys[task]) if resume else None
-            if cached is None:
-                todo.append(task)
-            else:
-                row.results[task] = cached
-                row.cached.append(task)
-        if todo:
-            jobs.append(Job(
-                name=contender.name, ref=contender.ref,
-                spec=spec.evals.model_copy(update={"tasks": todo, "suite": None}).model_dump(mode="json"),
-                run_root=str((out / "runs" / slug(contender.name)).resolve()),
-                log=str((out / "logs" / f"{slug(contender.name)}.log").resolve()),
-            ))
+    jobs = _jobs_to_run(spec, contenders, rows, store if resume else None, out)
 
     def finished(result: JobResult) -> None:
         _record(result, rows[result.job.name], store, keys)
@@ -128,6 +107,36 @@ def run_leaderboard(
 
         write_model_cards(board, stream)
     return LeaderboardRun(board, files)
+
+
+def _jobs_to_run(spec: LeaderboardSpec, contenders: list[Contender], rows: dict[str, Row], store: ResultStore | None,
+                 out: Path) -> list[Job]:
+    """One job per built contender, for the tasks ``store`` (with --resume) has no result for; cached results
+    go into the rows, and a contender that was not built gets its error."""
+    tasks, keys = spec.evals.task_names(), task_keys(spec.evals)
+    jobs = []
+    for contender in contenders:
+        row = rows[contender.name]
+        if row.error or row.identity is None:
+            if not row.error:
+                row.error = f"not built: {contender.ref} does not exist (run its recipe, or drop --no-merge)"
+            continue
+        todo = []
+        for task in tasks:
+            cached = store.get(row.identity, task, keys[task]) if store is not None else None
+            if cached is None:
+                todo.append(task)
+            else:
+                row.results[task] = cached
+                row.cached.append(task)
+        if todo:
+            jobs.append(Job(
+                name=contender.name, ref=contender.ref,
+                spec=spec.evals.model_copy(update={"tasks": todo, "suite": None}).model_dump(mode="json"),
+                run_root=str((out / "runs" / slug(contender.name)).resolve()),
+                log=str((out / "logs" / f"{slug(contender.name)}.log").resolve()),
+            ))
+    return jobs
 
 
 def _build_missing_merges(contenders: list[Contender], rows: dict[str, Row], stream: TextIO | None) -> None:
