@@ -77,61 +77,48 @@ class _Piece:
     asked_at: float
 
 
-@dataclass
-class _Region:
-    """Bytes [offset, offset + nbytes) that the merge will read ``reads`` times."""
+class PieceWindow:
+    """The ranges of one file asked for in order, ``window`` at a time (held pieces included), on a
+    shared pool of fetch threads; ``take`` waits for the next one, asking a straggler again on another
+    connection (one slow connection must not set the pace) and taking the first copy to arrive."""
 
-    offset: int
-    nbytes: int
-    left: int  # bytes still to be read (over all passes)
-    spilled: bool = False
-
-
-class RemoteShard:
-    """The whole of one remote file, fetched in order once, hashed, and served to reads of the
-    ``regions`` (offset, nbytes, times read) the merge declared. Reads come from one thread."""
-
-    def __init__(self, file: RemoteFile, pool: ThreadPoolExecutor, regions: list[tuple[int, int, int]], *,
-                 state: StreamState | None = None, spill_dir: Path | None = None,
-                 count: Callable[[int], None] | None = None, piece: int | None = None, window: int | None = None,
-                 buffers: PieceBuffers | None = None):
-        self.file = file
-        self._pool, self._piece, self._window = pool, piece or PIECE_BYTES, window or WINDOW
-        self._regions = sorted((_Region(o, n, n * r) for o, n, r in regions if n > 0 and r > 0), key=lambda r: r.offset)
-        self._starts = [r.offset for r in self._regions]
-        self._reads = {r.offset: r.left // r.nbytes for r in self._regions}
-        self._live = len(self._regions)
-        self._state, self._count = state, count
-        self._spill = SpillFile(file.where, spill_dir)
-        self._cancelled = threading.Event()
+    def __init__(self, file: RemoteFile, pool: ThreadPoolExecutor, start: int, *, piece: int, window: int,
+                 buffers: PieceBuffers, cancelled: threading.Event, count: Callable[[int], None] | None = None):
+        self.file, self.window = file, window
+        self._pool, self._piece, self._buffers, self._cancelled, self._count = pool, piece, buffers, cancelled, count
         self._location = location_of(file)
-        kind = "sha256" if file.sha256 else "git-sha1" if file.git_oid else "none"
-        start, saved = 0, None
-        if state is not None and kind == "sha256" and can_save_hash_state() and self._regions:
-            start, saved = state.best(file, self._regions[0].offset)
-        self._hasher = Hasher(kind if kind != "none" else "sha256", file.size, saved)
-        self._cursor = start  # the stream is consumed up to here
         self._next = start  # the next byte to ask for
         self._pieces: deque[_Piece] = deque()  # in flight or arrived, in file order
         self._took: deque[float] = deque(maxlen=16)  # seconds the last pieces took
         self._took_lock = threading.Lock()
-        self._cur: memoryview | None = None
-        self._buffers = buffers or PieceBuffers()
-        self._cur_off = start
-        self._served = start  # the furthest byte read so far
-        self._last_take = time.monotonic()  # when a read last took bytes from the stream
-        self._rereading = False  # the last read was a second pass over a region (served from the spill file)
-        self._failed: BaseException | None = None
-        self._lock = threading.Lock()
-        self.finished = self._live == 0
 
-    # -- the stream -----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._pieces)
 
-    def _fill(self) -> None:
-        while len(self._pieces) + (self._cur is not None) < self._window and self._next < self.file.size:
+    def head(self) -> _Piece | None:
+        """The next piece ``take`` returns, if one was asked for."""
+        return self._pieces[0] if self._pieces else None
+
+    def fill(self, held: int = 0) -> None:
+        """Ask for pieces until ``window`` are queued or held (``held``: pieces the reader still holds)."""
+        while len(self._pieces) + held < self.window and self._next < self.file.size:
             n = min(self._piece, self.file.size - self._next)
             self._pieces.append(_Piece(self._next, n, self._pool.submit(self._fetch, self._next, n), time.monotonic()))
             self._next += n
+
+    def take(self) -> tuple[int, memoryview]:
+        """The next piece (its offset and bytes), once it has arrived; raises its failure."""
+        piece = self._pieces.popleft()
+        return piece.offset, self._arrived(piece)
+
+    def give(self, buf: memoryview) -> None:
+        """A piece's buffer, no longer read, back to the pool."""
+        self._buffers.give(buf.obj)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        for piece in self._pieces:
+            piece.future.cancel()
+        self._pieces.clear()
 
     def _fetch(self, offset: int, n: int, stop: threading.Event | None = None) -> memoryview:
         started = time.monotonic()
@@ -174,9 +161,55 @@ class RemoteShard:
                 f.add_done_callback(lambda f: None if f.exception() else self._buffers.give(f.result().obj))
         return winner.result()  # raises the failure when every copy failed
 
+
+@dataclass
+class _Region:
+    """Bytes [offset, offset + nbytes) that the merge will read ``reads`` times."""
+
+    offset: int
+    nbytes: int
+    left: int  # bytes still to be read (over all passes)
+    spilled: bool = False
+
+
+class RemoteShard:
+    """The whole of one remote file, fetched in order once, hashed, and served to reads of the
+    ``regions`` (offset, nbytes, times read) the merge declared. Reads come from one thread."""
+
+    def __init__(self, file: RemoteFile, pool: ThreadPoolExecutor, regions: list[tuple[int, int, int]], *,
+                 state: StreamState | None = None, spill_dir: Path | None = None,
+                 count: Callable[[int], None] | None = None, piece: int | None = None, window: int | None = None,
+                 buffers: PieceBuffers | None = None):
+        self.file = file
+        self._regions = sorted((_Region(o, n, n * r) for o, n, r in regions if n > 0 and r > 0), key=lambda r: r.offset)
+        self._starts = [r.offset for r in self._regions]
+        self._reads = {r.offset: r.left // r.nbytes for r in self._regions}
+        self._live = len(self._regions)
+        self._state = state
+        self._spill = SpillFile(file.where, spill_dir)
+        self._cancelled = threading.Event()
+        kind = "sha256" if file.sha256 else "git-sha1" if file.git_oid else "none"
+        start, saved = 0, None
+        if state is not None and kind == "sha256" and can_save_hash_state() and self._regions:
+            start, saved = state.best(file, self._regions[0].offset)
+        self._hasher = Hasher(kind if kind != "none" else "sha256", file.size, saved)
+        self._cursor = start  # the stream is consumed up to here
+        self._pieces = PieceWindow(file, pool, start, piece=piece or PIECE_BYTES, window=window or WINDOW,
+                                   buffers=buffers or PieceBuffers(), cancelled=self._cancelled, count=count)
+        self._cur: memoryview | None = None  # the piece being consumed, from offset _cur_off
+        self._cur_off = start
+        self._served = start  # the furthest byte read so far
+        self._last_take = time.monotonic()  # when a read last took bytes from the stream
+        self._rereading = False  # the last read was a second pass over a region (served from the spill file)
+        self._failed: BaseException | None = None
+        self._lock = threading.Lock()
+        self.finished = self._live == 0
+
+    # -- the stream -----------------------------------------------------------------------------
+
     def _drop_current(self) -> None:
         if self._cur is not None:
-            self._buffers.give(self._cur.obj)  # type: ignore[arg-type]
+            self._pieces.give(self._cur)
             self._cur = None
 
     def _view(self) -> memoryview:
@@ -185,14 +218,13 @@ class RemoteShard:
         if self._cur is not None and self._cursor < self._cur_off + len(self._cur):
             return self._cur[self._cursor - self._cur_off:]
         self._drop_current()
-        self._fill()
-        piece = self._pieces.popleft()
-        self._cur, self._cur_off = self._arrived(piece), piece.offset
+        self._pieces.fill()
+        self._cur_off, self._cur = self._pieces.take()
         self._hasher.update(self._cur)
-        end, state = piece.offset + piece.size, self._hasher.state()
+        end, state = self._cur_off + len(self._cur), self._hasher.state()
         if self._state is not None and state is not None and end < self.file.size:
             self._state.save(self.file, end, state)
-        self._fill()
+        self._pieces.fill(held=1)
         return self._cur
 
     def _consume(self, until: int, dest: memoryview | None, keep: Callable[[int, int], bool]) -> None:
@@ -233,13 +265,14 @@ class RemoteShard:
         if not self._lock.acquire(blocking=False):
             return False
         try:
-            if (self.finished or self._cancelled.is_set() or not self._rereading or len(self._pieces) < self._window - 1
-                    or time.monotonic() - self._last_take < STALL_S
-                    or not self._pieces[0].future.done() or self._cursor - self._served >= SPILL_AHEAD):
+            head = self._pieces.head()
+            if (self.finished or self._cancelled.is_set() or not self._rereading or head is None
+                    or len(self._pieces) < self._pieces.window - 1 or time.monotonic() - self._last_take < STALL_S
+                    or not head.future.done() or self._cursor - self._served >= SPILL_AHEAD):
                 return False
-            if self._pieces[0].future.exception() is not None:
+            if head.future.exception() is not None:
                 return False  # raised again by the read that needs it
-            end = self._pieces[0].offset + self._pieces[0].size
+            end = head.offset + head.size
             if self._cur is not None and self._cursor < self._cur_off + len(self._cur):
                 end = self._cur_off + len(self._cur)  # the current piece first
             try:
@@ -315,9 +348,7 @@ class RemoteShard:
             self._close()
 
     def _close(self) -> None:
-        for piece in self._pieces:
-            piece.future.cancel()
-        self._pieces.clear()
+        self._pieces.close()
         self._cur = None
         self._spill.close()
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from hf_model_stock.errors import ModelStockError
 from hf_model_stock.io.dtypes import storage_dtype, torch_dtype
-from hf_model_stock.merge.executor import _stats
+from hf_model_stock.merge.executor import tensor_stats
 from hf_model_stock.merge.lowrank import LowRankCompute
 from hf_model_stock.merge.plan import MergePlan
 from hf_model_stock.merge.stats import TensorStats
@@ -77,12 +77,12 @@ def merge_adapters(plan: MergePlan) -> AdapterMerge:
             merged = np.empty(task.numel, storage_dtype(task.out_dtype))
             ratio = compute.merge(task, [view], 0, task.numel, merged, ratio_fn, opts.params)
             out[PEFT_PREFIX + task.name] = torch.from_numpy(merged).view(torch_dtype(task.out_dtype)).reshape(task.shape)
-            stats[task.name] = _stats(task, ratio, granularity)
+            stats[task.name] = tensor_stats(task, ratio, granularity)
             continue
         lows: list[LowRankDelta] = list(task.deltas)  # type: ignore[arg-type]
         g = compute.parts_gram(task, [d.left for d in lows])
         ratio = ratio_fn(g if task.filter_wise else g.sum(0), opts.params)
-        stats[task.name] = _stats(task, ratio, granularity)
+        stats[task.name] = tensor_stats(task, ratio, granularity)
         used = [d for d in lows if d.rank]
         if not used:
             continue

@@ -199,7 +199,8 @@ class _Writer:
             raise self._error
 
 
-def _stats(task: TensorTask, ratio: Ratio, granularity: str) -> TensorStats:
+def tensor_stats(task: TensorTask, ratio: Ratio, granularity: str) -> TensorStats:
+    """The report row of a merged tensor, from its ratio (t per tensor or per row)."""
     stats = TensorStats(
         name=task.name,
         shape=list(task.shape),
@@ -269,7 +270,7 @@ class _UnitMerger:
         self.ratio: Ratio | None = None
 
     def _finish(self, task: TensorTask, ratio: Ratio, granularity: str) -> None:
-        self.record(_check_finite(self.plan, task, _stats(task, ratio, granularity)))
+        self.record(_check_finite(self.plan, task, tensor_stats(task, ratio, granularity)))
 
     def copy(self, unit: _Unit) -> None:
         task = unit.task

@@ -384,7 +384,7 @@ def _inspect_hub_pickle(info: SourceInfo, listing: RepoListing, allow_pickle: bo
     if chosen is None:
         raise SourceError(f"{entry.label}: no {SINGLE_NAME} or {INDEX_NAME} in the repo")
     if not allow_pickle:
-        raise SourceError(sources.pickle_refusal(entry, sources._pickle_listing(files) or chosen))
+        raise SourceError(sources.pickle_refusal(entry, sources.pickle_listing(files) or chosen))
     info.weight_format = "pickle"
     if chosen == [PICKLE_INDEX_NAME]:
         shards = sorted(set(read_weight_map(_fetch(listing, PICKLE_INDEX_NAME, entry)).values()))

@@ -248,7 +248,8 @@ def pickle_weight_files(names: Iterable[str]) -> list[str] | None:
     return None
 
 
-def _pickle_listing(names: Iterable[str]) -> list[str]:
+def pickle_listing(names: Iterable[str]) -> list[str]:
+    """The pickle-looking files at the top of a repo (for messages)."""
     return sorted(n for n in names if "/" not in n and n.endswith(PICKLE_SUFFIXES))
 
 
@@ -275,11 +276,11 @@ def _resolve_pickle(
 ) -> ResolvedModel:
     chosen = pickle_weight_files(names)
     if chosen is None:
-        found = _pickle_listing(names)
+        found = pickle_listing(names)
         hint = f" (found {', '.join(found)}, none of them a known weights file)" if found else ""
         raise SourceError(f"{entry.label}: no {SINGLE_NAME} or {INDEX_NAME} in the repo{hint}")
     if not allow_pickle:
-        raise SourceError(pickle_refusal(entry, _pickle_listing(names) or chosen))
+        raise SourceError(pickle_refusal(entry, pickle_listing(names) or chosen))
     dest = converted_dir(entry.model, commit)
     if (dest / CONVERTED_MARKER).is_file():
         return ResolvedModel(entry=entry, path=dest, repo_id=entry.model, commit=commit)

@@ -329,7 +329,7 @@ def test_pieces_drained_to_the_spill_during_a_second_pass_are_read_back_exactly(
         shard.read(0, memoryview(got)[:1000])  # the second: read from the spill, the stream is not consumed
         # meanwhile the pieces that arrive go to the spill file, so that the connections keep going
         drained = _drain_for(shard, 10.0, len(data) - 700)
-        assert drained > 10, (drained, shard._cursor, [(p.offset, p.future.done()) for p in shard._pieces])
+        assert drained > 10, (drained, shard._cursor, [(p.offset, p.future.done()) for p in shard._pieces._pieces])
         for pos, n in [(1000, 2000), (3000, 4500), (7500, 4500), (15000, 5000)]:
             view = memoryview(got)[pos:pos + n]
             shard.read(pos, view)
