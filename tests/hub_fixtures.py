@@ -49,8 +49,13 @@ def tiny_llama(seed: int = 0, *, vocab: int = 64, hidden: int = 16, inter: int =
 
 def set_hub_env(monkeypatch: pytest.MonkeyPatch, url: str, root: Path, *, offline: bool = False,
                 token: str | None = None) -> None:
-    """Point the already-imported huggingface_hub at ``url`` with caches under ``root``."""
+    """Point the already-imported huggingface_hub at ``url`` with caches under ``root``; no waits
+    between retries."""
     from huggingface_hub import constants
+
+    from hf_model_stock.hub import retry
+
+    monkeypatch.setattr(retry, "_backoff", lambda s: None)
 
     cache = root / "hf-cache"
     env = {"HF_ENDPOINT": url, "HF_HUB_CACHE": str(cache), "HF_HUB_DISABLE_XET": "1",

@@ -1,7 +1,8 @@
 """A Hub revision's files (sizes, LFS sha256), the HF cache, and downloads: online from the Hub, or
 offline from a cached tree listing, or from the snapshot folder alone (a cache filled file by file by
 ``hf_hub_download``, transformers or an older huggingface_hub). Cache paths come from
-huggingface_hub's own helpers; every failure is one line (``hub.errors``).
+huggingface_hub's own helpers; every call is retried by ``hub.retry`` and every failure is one line
+(``hub.errors``).
 
 >>> listing = list_revision("org/name", "main")  # doctest: +SKIP
 >>> listing.files["model.safetensors"].size  # doctest: +SKIP
@@ -17,6 +18,7 @@ from typing import Any
 from hf_model_stock.errors import SourceError
 from hf_model_stock.hub.errors import hub_error_message, transport_errors
 from hf_model_stock.hub.ranges import RemoteFile
+from hf_model_stock.hub.retry import retrying
 
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
@@ -136,11 +138,12 @@ def list_revision(repo_id: str, revision: str | None, label: str | None = None) 
 
     api = HfApi()
     try:
-        commit = revision if revision and COMMIT.fullmatch(revision) else api.repo_info(repo_id, revision=revision).sha
+        commit = revision if revision and COMMIT.fullmatch(revision) else retrying(
+            lambda: api.repo_info(repo_id, revision=revision).sha)
         if commit is None:
             raise SourceError(f"{label}: the Hub did not say which commit {revision or 'main'!r} is")
-        files = [_hub_file(f) for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
-                 if isinstance(f, RepoFile)]
+        files = retrying(lambda: [_hub_file(f) for f in api.list_repo_tree(repo_id, revision=commit, recursive=True)
+                                  if isinstance(f, RepoFile)])
     except transport_errors() as exc:
         raise SourceError(hub_error_message(label, repo_id, revision, exc)) from None
     return RepoListing(repo_id, commit, {f.path: f for f in files})
@@ -151,7 +154,7 @@ def download(repo_id: str, filename: str, commit: str, label: str | None = None)
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=commit))
+        return Path(retrying(lambda: hf_hub_download(repo_id, filename, revision=commit)))
     except transport_errors() as exc:
         raise SourceError(hub_error_message(label or repo_id, repo_id, commit, exc, download=True)) from None
 
@@ -162,6 +165,6 @@ def download_snapshot(repo_id: str, revision: str | None, patterns: list[str], l
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        return Path(retrying(lambda: snapshot_download(repo_id, revision=revision, allow_patterns=patterns)))
     except transport_errors() as exc:
         raise SourceError(hub_error_message(label or repo_id, repo_id, revision, exc, download=True)) from None

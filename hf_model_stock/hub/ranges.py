@@ -17,7 +17,6 @@ of the file per piece, and it is refused.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,10 +24,9 @@ from typing import Any, Protocol
 
 from hf_model_stock.errors import NetworkError, SourceError
 from hf_model_stock.hub.errors import RETRY_STATUS, first_line, refused, status_of
+from hf_model_stock.hub.retry import RETRIES, pause
 
-RETRIES = 5  # per range, for a connection that drops, times out or answers 408/429/5xx
 TIMEOUT_S = 60.0
-_backoff = time.sleep  # between retries (tests make it instant)
 
 
 class Cancelled(Protocol):
@@ -221,7 +219,7 @@ def fetch_range(file: RemoteFile, start: int, dest: memoryview, where: Location,
             if failures > RETRIES:
                 raise NetworkError(f"{file.where}: download failed {failures} times at byte {start + got} "
                                    f"({type(exc).__name__}: {first_line(exc)}); check the connection") from None
-            _backoff(min(8.0, 0.25 * 2 ** failures))
+            pause(failures)
 
 
 def read_range(file: RemoteFile, start: int, length: int, where: Location | None = None) -> bytes:

@@ -9,7 +9,7 @@ import hashlib
 import pytest
 
 from hf_model_stock.cli import main
-from hf_model_stock.hub import ranges as ranges_module
+from hf_model_stock.hub import retry as retry_module
 from tests.hub.test_stream import REPOS, args, local_reference, shards
 
 KEYS = ["base", "ft0", "ft1", "ft2"]
@@ -17,7 +17,7 @@ KEYS = ["base", "ft0", "ft1", "ft2"]
 
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch):
-    monkeypatch.setattr(ranges_module, "_backoff", lambda s: None)
+    monkeypatch.setattr(retry_module, "_backoff", lambda s: None)
 
 
 @pytest.fixture
@@ -55,6 +55,7 @@ def test_a_fault_on_each_shards_header_read_is_retried(storage_hub, private, tmp
     extra = ("--stream",) if stream else ()
     assert main(args(tmp_path / "out", *REPOS, extra=extra)) == 0
     assert shards(tmp_path / "out") == private
+    assert all(f.times == 0 for f in storage_hub.faults)  # every fault was met
     assert all(f.times == 0 for f in storage_hub.faults)  # every fault was met, and got over
 
 
@@ -98,3 +99,27 @@ def test_a_header_read_from_a_server_that_ignores_range_reads_only_the_header(hu
     reference = local_reference(models, tmp_path / "ref")
     assert main(args(tmp_path / "out", *REPOS)) == 0
     assert shards(tmp_path / "out") == reference
+
+
+REQUEST_KINDS = {  # {repo}: each repo gets its own faults
+    "repo info": ("GET", "/api/models/{repo}/revision/*"),
+    "tree listing": ("GET", "/api/models/{repo}/tree/*"),
+    "file metadata (HEAD)": ("HEAD", "/{repo}/resolve/*"),
+    "small files (GET)": ("GET", "/{repo}/resolve/*/config.json"),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["preflight", "stream"])
+@pytest.mark.parametrize("kind, mode", [(k, m) for k in REQUEST_KINDS for m in ("503", "drop")
+                                        if not (m == "drop" and REQUEST_KINDS[k][0] == "HEAD")])  # a HEAD has no body
+def test_faults_on_every_kind_of_hub_request_are_retried(storage_hub, private, tmp_path, stream, kind, mode):
+    """A failure (a 503, or a connection dropped before the body) on each repo's requests of one kind:
+    retried, wherever the request is made, and the merge is bitwise the local one."""
+    method, pattern = REQUEST_KINDS[kind]
+    fault = {"mode": "status", "status": 503} if mode == "503" else {"mode": "drop", "after_bytes": 0}
+    for repo in REPOS:
+        storage_hub.fail(method, pattern.format(repo=repo), times=1, **fault)
+    extra = ("--stream",) if stream else ()
+    assert main(args(tmp_path / "out", *REPOS, extra=extra)) == 0
+    assert shards(tmp_path / "out") == private
+    assert all(f.times == 0 for f in storage_hub.faults)  # every fault was met

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from hf_model_stock.cli import main
-from hf_model_stock.hub import ranges as ranges_module
+from hf_model_stock.hub import retry as retry_module
 from hf_model_stock.hub import stream as stream_module
 from hf_model_stock.hub.ranges import RemoteFile
 from hf_model_stock.hub.stream import RemoteShard
@@ -32,7 +32,7 @@ def small_pieces(monkeypatch):
     """1000-byte range requests, 3 in flight: tensors and units cross piece boundaries everywhere."""
     monkeypatch.setattr(stream_module, "PIECE_BYTES", 1000)
     monkeypatch.setattr(stream_module, "WINDOW", 3)
-    monkeypatch.setattr(ranges_module, "_backoff", lambda s: None)  # no backoff waits in tests
+    monkeypatch.setattr(retry_module, "_backoff", lambda s: None)  # no backoff waits in tests
 
 
 @pytest.fixture
