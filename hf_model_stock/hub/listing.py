@@ -159,6 +159,24 @@ def download(repo_id: str, filename: str, commit: str, label: str | None = None)
         raise SourceError(hub_error_message(label or repo_id, repo_id, commit, exc, download=True)) from None
 
 
+def download_if_present(repo_id: str, filename: str, revision: str | None, label: str | None = None) -> Path | None:
+    """One file of a revision through the HF cache, or None when the revision has no such file (offline:
+    when the cache lacks it); any other failure is a one-line ``SourceError``."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(retrying(lambda: hf_hub_download(repo_id, filename, revision=revision)))
+    except LocalEntryNotFoundError as exc:
+        if is_offline():
+            return None
+        raise SourceError(hub_error_message(label or repo_id, repo_id, revision, exc)) from None
+    except EntryNotFoundError:
+        return None
+    except (*transport_errors(), ValueError) as exc:  # ValueError: an invalid repo id or revision
+        raise SourceError(hub_error_message(label or repo_id, repo_id, revision, exc)) from None
+
+
 def download_snapshot(repo_id: str, revision: str | None, patterns: list[str], label: str | None = None) -> Path:
     """The files of a revision matching ``patterns``, through the HF cache (``snapshot_download``); the
     folder is named by the commit."""
