@@ -173,7 +173,7 @@ def download_if_present(repo_id: str, filename: str, revision: str | None, label
         raise SourceError(hub_error_message(label or repo_id, repo_id, revision, exc)) from None
     except EntryNotFoundError:
         return None
-    except (*transport_errors(), ValueError) as exc:  # ValueError: an invalid repo id or revision
+    except (*transport_errors(), ValueError) as exc:  # type: ignore[misc]  # ValueError: an invalid repo id
         raise SourceError(hub_error_message(label or repo_id, repo_id, revision, exc)) from None
 
 
