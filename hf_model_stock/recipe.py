@@ -73,7 +73,7 @@ def split_revision(text: str) -> dict[str, str | None]:
 class Compute(_Strict):
     """Where and in what memory the merge runs."""
 
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     chunk_size: int = Field(default=128 * 2**20, description="bytes of input (all models) per unit of work")
     prefetch: int = Field(default=2, ge=1, le=16)
     stream: bool = Field(default=False, description="read Hub sources' weights over HTTP during the merge, not into the cache")
