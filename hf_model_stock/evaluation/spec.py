@@ -8,6 +8,7 @@ Imports nothing heavy (no lm_eval, torch or transformers), so recipes validate i
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -24,6 +25,7 @@ from hf_model_stock.evaluation.tasks import DEFAULT_SUITE, TaskName, load_suite
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 HARMBENCH_CLASSIFIER = "cais/HarmBench-Llama-2-13b-cls"
+_TASK_NAME = re.compile(r"[\w][\w.\-+:/]*")  # lm-eval task names: letters, digits, _ . - + : /
 
 
 class _Strict(BaseModel):
@@ -46,7 +48,8 @@ class EvalSpec(_Strict):
     """Evaluations to run on one model. ``tasks`` and ``suite`` are exclusive; neither means the
     ``core`` suite. Every field has the lm-eval default unless noted."""
 
-    tasks: list[TaskName] | None = None
+    tasks: list[str] | None = None  # ours (TaskName) or any lm-eval task, group or tag
+    include_path: Path | None = None  # a directory of the user's own lm-eval task YAMLs
     suite: str | None = None
     limit: PositiveInt | None = None  # items per task (per subtask for MATH): for smoke tests only
     batch_size: Literal["auto"] | PositiveInt = 1
@@ -73,11 +76,22 @@ class EvalSpec(_Strict):
     def _known_unique(cls, value: list[str] | None) -> list[str] | None:
         if value is not None:
             if not value:
-                raise ValueError(f"give at least one of {', '.join(get_args(TaskName))}")
+                raise ValueError(f"give at least one task: ours ({', '.join(get_args(TaskName))}) or any lm-eval "
+                                 "task, group or tag")
+            bad = [name for name in value if not _TASK_NAME.fullmatch(name)]
+            if bad:
+                raise ValueError(f"not a task name: {bad[0]!r}")
             duplicates = sorted({name for name in value if value.count(name) > 1})
             if duplicates:
                 raise ValueError(f"listed more than once: {', '.join(duplicates)}")
         return value
+
+    @field_validator("include_path")
+    @classmethod
+    def _a_directory(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_dir():
+            raise ValueError(f"{value}: no such directory of task YAMLs")
+        return value.expanduser().resolve() if value is not None else None
 
     @field_validator("suite")
     @classmethod
