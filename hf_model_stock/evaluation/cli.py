@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from hf_model_stock.evaluation.errors import EvalError
-from hf_model_stock.evaluation.spec import EvalSpec, JudgeSpec
+from hf_model_stock.evaluation.spec import DEFAULT_BATCH_SIZE, EvalSpec, JudgeSpec
 from hf_model_stock.evaluation.tasks import BENCHMARKS, suite_names
 
 
@@ -32,7 +32,8 @@ def add_eval_parser(subparsers: Any) -> None:
     p.add_argument("--include-path", type=Path, help="a directory of your own lm-eval task YAMLs (for --tasks)")
     p.add_argument("--limit", type=int, help="items per task (per subject for math): smoke tests only")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--batch-size", type=_batch_size, default=1, help="auto or a number (default 1)")
+    p.add_argument("--batch-size", type=_batch_size, default=DEFAULT_BATCH_SIZE,
+                   help=f"auto or a number (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--output", type=Path, help="results directory (default ./eval-results)")

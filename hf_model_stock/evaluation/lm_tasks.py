@@ -115,7 +115,8 @@ def check_task_data(name: str, include_path: Path | None = None) -> None:
         if not isinstance(path, str):
             continue  # a Python task, or one that builds its data in code
         subset = cfg.get("dataset_name")
-        kwargs = cfg.get("dataset_kwargs") if isinstance(cfg.get("dataset_kwargs"), dict) else {}
+        given = cfg.get("dataset_kwargs")
+        kwargs: dict[str, Any] = given if isinstance(given, dict) else {}
         key = (path, subset, json.dumps(kwargs, sort_keys=True, default=str))
         if key in seen:
             continue

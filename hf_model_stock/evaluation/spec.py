@@ -25,6 +25,10 @@ from hf_model_stock.evaluation.tasks import DEFAULT_SUITE, TaskName, load_suite
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 HARMBENCH_CLASSIFIER = "cais/HarmBench-Llama-2-13b-cls"
+# Requests per forward pass. 16, not lm-eval's 1 (HarmBench on SmolLM2-135M, CPU, 16 behaviors, 48 new
+# tokens: see docs/evaluation-tasks.md), nor "auto" (on a CPU lm-eval's search cannot see running out of
+# RAM and takes its maximum, 64).
+DEFAULT_BATCH_SIZE = 16
 _TASK_NAME = re.compile(r"[\w][\w.\-+:/]*")  # lm-eval task names: letters, digits, _ . - + : /
 
 
@@ -46,13 +50,13 @@ class JudgeSpec(_Strict):
 
 class EvalSpec(_Strict):
     """Evaluations to run on one model. ``tasks`` and ``suite`` are exclusive; neither means the
-    ``core`` suite. Every field has the lm-eval default unless noted."""
+    ``core`` suite. Every field has the lm-eval default unless noted (``batch_size``: 16)."""
 
     tasks: list[str] | None = None  # ours (TaskName) or any lm-eval task, group or tag
     include_path: Path | None = None  # a directory of the user's own lm-eval task YAMLs
     suite: str | None = None
     limit: PositiveInt | None = None  # items per task (per subtask for MATH): for smoke tests only
-    batch_size: Literal["auto"] | PositiveInt = 1
+    batch_size: Literal["auto"] | PositiveInt = DEFAULT_BATCH_SIZE
     device: str | None = None  # default: cuda if available, else cpu
     dtype: DType = "auto"
     backend: Literal["hf", "vllm"] = "hf"

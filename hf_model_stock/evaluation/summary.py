@@ -127,8 +127,9 @@ def _leaves(task: str, results: dict[str, Any]) -> list[str]:
 
 
 def _count(task: str, results: dict[str, Any]) -> int:
-    n = results.get("n-samples", {}).get(task, {})
-    return int(n.get("effective", n.get("original", 0)) if isinstance(n, dict) else 0)
+    n = results.get("n-samples", {}).get(task)
+    count = n.get("effective", n.get("original")) if isinstance(n, dict) else None
+    return int(count) if isinstance(count, int) else 0
 
 
 def _leaderboard_normalised(members: list[str], metric: str, table: dict[str, Any],

@@ -37,7 +37,7 @@ def test_options_become_a_spec() -> None:
 def test_defaults() -> None:
     spec = spec_from_args(_parse("./merged"))
     assert (spec.task_names(), spec.batch_size, spec.backend, spec.allow_code_execution, spec.judge.model) == (
-        ["gsm8k", "math", "mmlu_pro"], 1, "hf", False, "cais/HarmBench-Llama-2-13b-cls")
+        ["gsm8k", "math", "mmlu_pro"], 16, "hf", False, "cais/HarmBench-Llama-2-13b-cls")
     assert spec_from_args(_parse("m", "--suite", "code", "--batch-size", "8")).batch_size == 8
 
 

@@ -57,7 +57,7 @@ def test_rejections_name_the_problem() -> None:
 def test_defaults() -> None:
     spec = EvalSpec()
     assert (spec.batch_size, spec.backend, spec.dtype, spec.allow_code_execution, spec.trust_remote_code) == (
-        1, "hf", "auto", False, False)
+        16, "hf", "auto", False, False)
     assert spec.judge.model == HARMBENCH_CLASSIFIER == "cais/HarmBench-Llama-2-13b-cls"
     assert spec.judge.max_completion_tokens == 512
 
