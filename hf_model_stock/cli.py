@@ -1,6 +1,6 @@
 """Command line: a thin layer over the library API.
 
-    hf-model-stock run RECIPE [--dry-run] [--out DIR] [--device cpu|cuda] [--overwrite] [--resume]
+    hf-model-stock run RECIPE [--dry-run] [--out DIR] [--device cpu|cuda|mps] [--overwrite] [--resume]
     hf-model-stock merge --base B --model M1 --model M2 [...] --out DIR [options]
     hf-model-stock validate RECIPE
     hf-model-stock push DIR --repo org/name [--private] [--revision BRANCH] [--message ...]
@@ -68,7 +68,7 @@ def silence_progress_bars() -> None:
 
 
 def _add_merge_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to compute (default: recipe's, else auto)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="where to compute (default: recipe's, else auto)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted merge into the same output (its finished tensors are verified, not redone)")

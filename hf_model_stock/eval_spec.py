@@ -11,6 +11,7 @@ heavy (no lm_eval, torch or transformers), so recipes validate in milliseconds.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -31,6 +32,11 @@ DEFAULT_SUITE = "core"
 EVALS_DIR = Path(os.environ.get("HF_MODEL_STOCK_EVALS_DIR") or Path(__file__).resolve().parents[1] / "evals")
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 HARMBENCH_CLASSIFIER = "cais/HarmBench-Llama-2-13b-cls"
+# Requests per forward pass. 16, not lm-eval's 1 (HarmBench on SmolLM2-135M, CPU, 16 behaviors, 48 new
+# tokens: see docs/evaluation-tasks.md), nor "auto" (on a CPU lm-eval's search cannot see running out of
+# RAM and takes its maximum, 64).
+DEFAULT_BATCH_SIZE = 16
+_TASK_NAME = re.compile(r"[\w][\w.\-+:/]*")  # lm-eval task names: letters, digits, _ . - + : /
 
 
 class _Strict(BaseModel):
@@ -51,12 +57,13 @@ class JudgeSpec(_Strict):
 
 class EvalSpec(_Strict):
     """Evaluations to run on one model. ``tasks`` and ``suite`` are exclusive; neither means the
-    ``core`` suite. Every field has the lm-eval default unless noted."""
+    ``core`` suite. Every field has the lm-eval default unless noted (``batch_size``: 16)."""
 
-    tasks: list[TaskName] | None = None
+    tasks: list[str] | None = None  # ours (TaskName) or any lm-eval task, group or tag
+    include_path: Path | None = None  # a directory of the user's own lm-eval task YAMLs
     suite: str | None = None
     limit: PositiveInt | None = None  # items per task (per subtask for MATH): for smoke tests only
-    batch_size: Literal["auto"] | PositiveInt = 1
+    batch_size: Literal["auto"] | PositiveInt = DEFAULT_BATCH_SIZE
     device: str | None = None  # default: cuda if available, else cpu
     dtype: DType = "auto"
     backend: Literal["hf", "vllm"] = "hf"
@@ -80,11 +87,22 @@ class EvalSpec(_Strict):
     def _known_unique(cls, value: list[str] | None) -> list[str] | None:
         if value is not None:
             if not value:
-                raise ValueError(f"give at least one of {', '.join(get_args(TaskName))}")
+                raise ValueError(f"give at least one task: ours ({', '.join(get_args(TaskName))}) or any lm-eval "
+                                 "task, group or tag")
+            bad = [name for name in value if not _TASK_NAME.fullmatch(name)]
+            if bad:
+                raise ValueError(f"not a task name: {bad[0]!r}")
             duplicates = sorted({name for name in value if value.count(name) > 1})
             if duplicates:
                 raise ValueError(f"listed more than once: {', '.join(duplicates)}")
         return value
+
+    @field_validator("include_path")
+    @classmethod
+    def _a_directory(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_dir():
+            raise ValueError(f"{value}: no such directory of task YAMLs")
+        return value.expanduser().resolve() if value is not None else None
 
     @field_validator("suite")
     @classmethod

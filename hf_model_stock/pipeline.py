@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from hf_model_stock.merge.journal import (
 )
 from hf_model_stock.merge.plan import MergeOptions, MergePlan, build_plan
 from hf_model_stock.merge.stats import ExecutionResult, TensorStats
+from hf_model_stock.methods.devices import resolve_device
 from hf_model_stock.publish import output_dir
 from hf_model_stock.publish.chat import add_union_tokens, finish_tokenizer
 from hf_model_stock.publish.report import (
@@ -40,7 +40,6 @@ from hf_model_stock.sources.remote_code import code_files, copy_code_files
 from hf_model_stock.sources.resolve import ResolvedModel, resolve
 
 T_PLOT_NAME = "t_by_layer.png"
-GPU_DRIVER_FILES = ("/proc/driver/nvidia/version", "/dev/nvidia0", "/dev/kfd")  # NVIDIA; AMD ROCm
 logger = logging.getLogger(__name__)
 
 
@@ -50,21 +49,6 @@ class MergeOutcome:
 
     path: Path
     report: MergeReport
-
-
-def resolve_device(name: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a GPU is an error."""
-    if name == "cpu" or (name == "auto" and not any(os.path.exists(p) for p in GPU_DRIVER_FILES)):
-        return "cpu"  # decided without importing torch (two seconds) when no GPU driver is loaded
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelStockError(f"device {name!r} requested but no CUDA GPU is available (use --device cpu)")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ModelStockError(f"unknown device {name!r} (use auto, cpu or cuda)")
-    return name
 
 
 def options_from_recipe(recipe: Recipe, device: str | None = None) -> MergeOptions:
@@ -130,7 +114,7 @@ def execute_plan(
         done = _resumable(plan, tmp) if resuming else {}
         journal = Journal(tmp / JOURNAL_NAME, plan_fingerprint(plan))
     except BaseException:
-        os.close(lock)
+        lock.release()
         raise
     try:
         started = time.perf_counter()
@@ -160,7 +144,7 @@ def execute_plan(
         raise
     finally:
         journal.close()
-        os.close(lock)
+        lock.release()
     return MergeOutcome(path=out_dir, report=report)
 
 
@@ -183,7 +167,7 @@ def _execute_adapter_plan(plan: MergePlan, out_dir: Path, overwrite: bool, recip
         output_dir.remove_dir(tmp)
         raise
     finally:
-        os.close(lock)
+        lock.release()
     return MergeOutcome(path=out_dir, report=report)
 
 

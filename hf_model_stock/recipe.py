@@ -19,7 +19,7 @@ from hf_model_stock.methods.model_stock import ModelStockParams
 from hf_model_stock.methods.registry import METHODS
 from hf_model_stock.yaml_schema import validate_mapping, validate_yaml
 
-Device = Literal["auto", "cpu", "cuda"]
+Device = Literal["auto", "cpu", "cuda", "mps"]
 OnNonfinite = Literal["error", "warn"]  # NaN/Inf in a merged tensor's inputs: stop, or merge and report
 OutputFormat = Literal["model", "adapter"]  # full weights, or a PEFT LoRA (every fine-tune an adapter)
 BaseMismatch = Literal["error", "warn"]  # a LoRA adapter trained on another base: stop, or merge and note it

@@ -1,6 +1,7 @@
 """The ``eval`` subcommand: options -> ``EvalSpec`` -> ``evaluate_model`` -> printed table.
 
-    hf-model-stock eval MODEL [--tasks gsm8k,math,mmlu_pro,mbpp,harmbench | --suite NAME] [--limit N]
+    hf-model-stock eval MODEL [--tasks gsm8k,math,...,ANY_LM_EVAL_TASK | --suite NAME] [--include-path DIR]
+        [--limit N]
         [--device DEV] [--batch-size auto|N] [--backend hf|vllm] [--output DIR] [--data-dir DIR]
         [--allow-code-execution] [--dtype ...] [--judge refusal|CLASSIFIER] [--apply-chat-template]
         [--trust-remote-code] [--max-gen-toks N] [--update-card] [-q]
@@ -14,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from hf_model_stock.eval_spec import EvalSpec, JudgeSpec, suite_names
+from hf_model_stock.eval_spec import DEFAULT_BATCH_SIZE, EvalSpec, JudgeSpec, suite_names
 from hf_model_stock.evaluation.errors import EvalError
 from hf_model_stock.evaluation.tasks import BENCHMARKS
 
@@ -25,11 +26,14 @@ def add_eval_parser(subparsers: Any) -> None:
                               description="Evaluate a local model directory or a Hub repo org/name[@rev].")
     p.add_argument("model", help="local directory or Hub repo org/name[@revision]")
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--tasks", help=f"comma-separated, from: {', '.join(BENCHMARKS)}")
+    which.add_argument("--tasks", help=f"comma-separated: ours ({', '.join(BENCHMARKS)}) or any lm-eval task, "
+                                       "group or tag (arc_easy, leaderboard_bbh, ...)")
     which.add_argument("--suite", help=f"a named set of tasks: {', '.join(suite_names())} (default: core)")
+    p.add_argument("--include-path", type=Path, help="a directory of your own lm-eval task YAMLs (for --tasks)")
     p.add_argument("--limit", type=int, help="items per task (per subject for math): smoke tests only")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--batch-size", type=_batch_size, default=1, help="auto or a number (default 1)")
+    p.add_argument("--batch-size", type=_batch_size, default=DEFAULT_BATCH_SIZE,
+                   help=f"auto or a number (default {DEFAULT_BATCH_SIZE})")
     p.add_argument("--backend", choices=["hf", "vllm"], default="hf")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--output", type=Path, help="results directory (default ./eval-results)")
@@ -54,7 +58,7 @@ def spec_from_args(args: argparse.Namespace) -> EvalSpec:
         "batch_size": args.batch_size, "backend": args.backend, "dtype": args.dtype, "output": args.output,
         "data_dir": args.data_dir, "allow_code_execution": args.allow_code_execution,
         "apply_chat_template": args.apply_chat_template, "trust_remote_code": args.trust_remote_code,
-        "max_gen_toks": args.max_gen_toks,
+        "max_gen_toks": args.max_gen_toks, "include_path": getattr(args, "include_path", None),
     }
     if args.judge_model:
         fields["judge"] = {"model": args.judge_model}

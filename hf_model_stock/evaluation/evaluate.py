@@ -30,8 +30,13 @@ from hf_model_stock.eval_spec import EvalSpec
 from hf_model_stock.evaluation.data import TaskData, resolve_data
 from hf_model_stock.evaluation.errors import EvalError
 from hf_model_stock.evaluation.lm_tasks import (
+    check_task_data,
+    leaderboard_baselines,
+    lm_eval_entry,
+    registry,
     run_task_manager,
     subsets,
+    task_config_digest,
     write_task_config,
 )
 from hf_model_stock.evaluation.summary import (
@@ -39,8 +44,9 @@ from hf_model_stock.evaluation.summary import (
     Score,
     lm_eval_scores,
     normalised,
+    task_scores,
 )
-from hf_model_stock.evaluation.tasks import BENCHMARKS, GSM8K_FEWSHOT_POOL, Benchmark
+from hf_model_stock.evaluation.tasks import BENCHMARKS, GSM8K_FEWSHOT_POOL, Benchmark, benchmark_for
 from hf_model_stock.versions import installed_version
 
 if TYPE_CHECKING:
@@ -71,15 +77,24 @@ class PreparedRun:
         summary = EvalSummary(model=self.model, revision=revision, sha=sha, path=path,
                               created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                               versions=_versions(), spec=self.spec.model_dump(mode="json"), notes=list(self.notes))
-        manager = run_task_manager(self.run_dir / "task_configs")
+        curated = any(b.curated for b in self.benchmarks)
+        manager = run_task_manager(self.run_dir / "task_configs") if curated else None
         lm = make_lm()
-        capability = [b for b in self.benchmarks if b is not HARMBENCH]
+        capability = [b for b in self.benchmarks if b is not HARMBENCH and b.curated]
         if capability:
             results, tracker = self._lm_eval(lm, [b.lm_eval_task for b in capability], manager,
                                              self.spec.apply_chat_template, "lm_eval")
             summary.files.update(_write_lm_eval(results, tracker, self.run_dir, "lm_eval"))
             for benchmark in capability:
                 summary.scores += lm_eval_scores(benchmark, results, self.data[benchmark.name].describe())
+        others = [b for b in self.benchmarks if not b.curated]
+        if others:  # lm-eval's own configs (and the user's), through its full index
+            results, tracker = self._lm_eval(lm, [b.name for b in others], registry(self.spec.include_path),
+                                             self.spec.apply_chat_template, "lm_eval_tasks")
+            summary.files.update(_write_lm_eval(results, tracker, self.run_dir, "lm_eval_tasks"))
+            for benchmark in others:
+                summary.scores += task_scores(benchmark.name, results, "lm-eval",
+                                              leaderboard_baselines(benchmark.name, self.spec.include_path))
         if HARMBENCH in self.benchmarks:
             chat = bool(getattr(getattr(lm, "tokenizer", None), "chat_template", None))
             summary.notes.append("harmbench: completions " + ("with the model's chat template" if chat else
@@ -143,7 +158,7 @@ class PreparedRun:
 
 def check_request(spec: EvalSpec) -> list[Benchmark]:
     """The benchmarks ``spec`` runs, once the options and the libraries they need are checked."""
-    benchmarks = [BENCHMARKS[name] for name in spec.task_names()]
+    benchmarks = [benchmark_for(name) for name in spec.task_names()]
     if BENCHMARKS["mbpp"] in benchmarks and not spec.allow_code_execution:
         raise EvalError("mbpp: scoring runs the generated code; allow it with --allow-code-execution "
                         "(allow_code_execution: true in a recipe's evals)")
@@ -151,6 +166,10 @@ def check_request(spec: EvalSpec) -> list[Benchmark]:
         for module, requirement in benchmark.requires:
             if importlib.util.find_spec(module) is None:
                 raise EvalError(f"{benchmark.name}: needs {requirement} (pip install '{requirement}')")
+    for benchmark in benchmarks:
+        if not benchmark.curated:  # known to lm-eval, and its data within reach: before any model loads
+            lm_eval_entry(benchmark.name, spec.include_path)
+            check_task_data(benchmark.name, spec.include_path)
     return benchmarks
 
 
@@ -161,10 +180,15 @@ def prepare_run(model: str, spec: EvalSpec, output_dir: Path | None = None) -> P
     config_dir = run_dir / "task_configs"
     shutil.rmtree(config_dir, ignore_errors=True)
     data: dict[str, TaskData] = {}
+    notes = []
     for benchmark in benchmarks:
+        if not benchmark.curated:
+            notes.append(f"{benchmark.name}: lm-eval's own task config and data (config sha256 "
+                         f"{task_config_digest(benchmark.name, spec.include_path)[:16]})")
+            continue
         data[benchmark.name] = resolve_data(benchmark, spec.data_dir, [name for _, name in subsets(benchmark)])
         write_task_config(benchmark, data[benchmark.name], config_dir)
-    return PreparedRun(model, spec, run_dir, benchmarks, data, _notes(spec, data))
+    return PreparedRun(model, spec, run_dir, benchmarks, data, _notes(spec, data) + notes)
 
 
 def evaluate_model(model: str, spec: EvalSpec, *, output_dir: Path | None = None) -> EvalSummary:

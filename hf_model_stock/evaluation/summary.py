@@ -29,7 +29,7 @@ class Score:
     value: float
     stderr: float | None
     n: int
-    normalised: float
+    normalised: float | None  # None: an lm-eval task the Open LLM Leaderboard v2 does not normalise
     higher_is_better: bool
     data: str  # the test file(s), or "hub"
     judge: str | None = None  # HarmBench: the judge whose verdicts these are (a classifier, or "refusal")
@@ -80,13 +80,73 @@ def lm_eval_scores(benchmark: Benchmark, results: dict[str, Any], data: str) -> 
     return scores
 
 
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def task_scores(name: str, results: dict[str, Any], data: str, baselines: dict[str, float] | None) -> list[Score]:
+    """The rows of any lm-eval task, group or tag ``name``: every metric lm-eval reports for it, with
+    its stderr and direction; a group without an aggregate gives its tasks' rows. With ``baselines``
+    (each leaf task's random baseline: an Open LLM Leaderboard v2 task) a task's value is normalised,
+    and a group's normalised score is the mean of its tasks' normalised scores, as the leaderboard does."""
+    table = results.get("results", {})
+    leaves = [t for t in results.get("group_subtasks", {}).get(name, []) if t in table]
+    if name not in table and not leaves:
+        raise EvalError(f"{name}: lm-eval returned no results for it")
+    rows = []
+    for task in ([name] if name in table and _metrics(table[name]) else leaves):
+        entry = table[task]
+        for metric in _metrics(entry):
+            metric_name, _, filter_name = metric.partition(",")
+            value = _finite(entry[metric])
+            if value is None:
+                continue
+            members = [t for t in _leaves(task, results) if t in table] or [task]
+            rows.append(Score(
+                task=name, lm_eval_task=task, metric=metric, value=value,
+                stderr=_finite(entry.get(f"{metric_name}_stderr,{filter_name}")),
+                n=sum(_count(t, results) for t in members),
+                normalised=_leaderboard_normalised(members, metric, table, baselines),
+                higher_is_better=bool(results.get("higher_is_better", {}).get(task, {}).get(metric_name, True)),
+                data=data,
+            ))
+    if not rows:
+        raise EvalError(f"{name}: lm-eval's results for it have no numeric metric")
+    return rows
+
+
+def _metrics(entry: dict[str, Any]) -> list[str]:
+    return [k for k in entry if "," in k and not k.partition(",")[0].endswith("_stderr")]
+
+
+def _leaves(task: str, results: dict[str, Any]) -> list[str]:
+    children = results.get("group_subtasks", {}).get(task)
+    if not children:
+        return [task]
+    return [leaf for child in children for leaf in _leaves(child, results)]
+
+
+def _count(task: str, results: dict[str, Any]) -> int:
+    n = results.get("n-samples", {}).get(task)
+    count = n.get("effective", n.get("original")) if isinstance(n, dict) else None
+    return int(count) if isinstance(count, int) else 0
+
+
+def _leaderboard_normalised(members: list[str], metric: str, table: dict[str, Any],
+                            baselines: dict[str, float] | None) -> float | None:
+    if baselines is None or not all(m in baselines and _finite(table[m].get(metric)) is not None for m in members):
+        return None
+    return sum(normalised(float(table[m][metric]), baselines[m]) for m in members) / len(members)
+
+
 def format_table(summary: EvalSummary) -> str:
     """A plain-text table of the scores (lower-is-better metrics are marked)."""
     where = f" @ {summary.sha[:12]}" if summary.sha else ""
     header = ("task", "metric", "value", "stderr", "n", "normalised")
     rows = [(s.task, s.metric + (f" (judge {s.judge})" if s.judge else "")
              + ("" if s.higher_is_better else " (lower is better)"), f"{s.value:.4f}",
-             "-" if s.stderr is None else f"{s.stderr:.4f}", str(s.n), f"{s.normalised:.2f}")
+             "-" if s.stderr is None else f"{s.stderr:.4f}", str(s.n),
+             "-" if s.normalised is None else f"{s.normalised:.2f}")
             for s in summary.scores]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = [f"{summary.model}{where}"]

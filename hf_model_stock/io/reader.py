@@ -8,10 +8,11 @@ reached later in one of three ways, chosen per file when it is first read:
   they are: no copy at all (copying cached pages into buffers costs far more CPU than touching them
   through a mapping). The pages a unit used are dropped from the mapping (``release``) once it is
   merged, so resident memory stays bounded by the units in flight, as with buffers;
-- a shard mostly not in the cache is read with ``O_DIRECT`` into caller-owned buffers, bypassing the
-  cache: a merge reads each input once, so caching it only costs memory and the system time of
+- a shard mostly not in the cache is read with ``O_DIRECT`` (macOS: ``F_NOCACHE``) into
+  caller-owned buffers, bypassing the cache: a merge reads each input once, so caching it only costs memory and the system time of
   filling the page cache;
-- otherwise (tmpfs, no ``O_DIRECT``), ``pread`` into those buffers.
+- otherwise (tmpfs, no ``O_DIRECT``), ``pread`` into those buffers (``io.platform`` gives the
+  portable equivalents of these calls on macOS and Windows).
 
 A mapped shard must not be truncated while it is read (the process would get SIGBUS); shards in
 the Hugging Face cache are immutable blobs.
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from hf_model_stock.errors import CheckpointError
+from hf_model_stock.io import platform
 from hf_model_stock.io.buffers import DIRECT_ALIGN
 from hf_model_stock.io.dtypes import SAFETENSORS_DTYPES, itemsize
 from hf_model_stock.io.index import INDEX_NAME, SINGLE_NAME, read_weight_map, shard_name
@@ -238,15 +240,12 @@ class Checkpoint:
         return cls(root, tensors, metadata)
 
 
-def _load_libc() -> Any:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc if hasattr(libc, "mincore") else None
-    except OSError:
-        return None
+def _load_mincore() -> Any:
+    libc = platform.load_libc()
+    return libc if libc is not None and hasattr(libc, "mincore") and hasattr(mmap, "PROT_READ") else None
 
 
-_libc = _load_libc()
+_libc = _load_mincore()
 
 
 def cached_fraction(fd: int) -> float:
@@ -283,7 +282,7 @@ class ShardFiles:
     def __init__(self, direct: bool = True, map_cached: bool = False) -> None:
         self._fds: dict[Path, int] = {}
         self._direct_fds: dict[Path, int] = {}  # -1: read this file through the page cache
-        self._direct = direct and hasattr(os, "O_DIRECT")
+        self._direct = direct and platform.has_uncached_io()
         self._map_cached = map_cached
         self._maps: dict[Path, mmap.mmap | None] = {}  # None: this file is read, not mapped
         self._bounce: mmap.mmap | None = None
@@ -307,7 +306,7 @@ class ShardFiles:
         offset = view.ctypes.data - np.frombuffer(mapping, np.uint8, 1).ctypes.data
         first = offset // mmap.PAGESIZE * mmap.PAGESIZE
         end = min(len(mapping), -(-(offset + view.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE)
-        mapping.madvise(mmap.MADV_DONTNEED, first, end - first)
+        platform.drop_pages(mapping, first, end - first)
 
     def _mapping(self, path: Path) -> mmap.mmap | None:
         if path not in self._maps:
@@ -331,7 +330,7 @@ class ShardFiles:
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            fd = self._fds[path] = platform.open_read(path)
         return fd
 
     def _direct_fd(self, path: Path) -> int:
@@ -340,7 +339,7 @@ class ShardFiles:
             fd = -1
             if self._direct and cached_fraction(self._fd(path)) < 0.5:
                 try:
-                    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                    fd = platform.open_uncached(path)
                 except OSError:
                     pass
             self._direct_fds[path] = fd
@@ -371,7 +370,7 @@ class ShardFiles:
         """One aligned O_DIRECT ``preadv``; 0 at the end of the file, or where the device refuses the
         alignment (the file is read through the page cache from then on)."""
         try:
-            return os.preadv(self._direct_fds[info.path], [dest], offset)
+            return platform.pread_into(self._direct_fds[info.path], dest, offset)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
@@ -398,7 +397,7 @@ class ShardFiles:
     def _read_buffered(self, info: TensorInfo, pos: int, dest: memoryview) -> None:
         fd, done = self._fd(info.path), 0
         while done < len(dest):
-            n = os.preadv(fd, [dest[done:]], pos + done)
+            n = platform.pread_into(fd, dest[done:], pos + done)
             if n <= 0:
                 raise CheckpointError(f"{info.path}: unexpected end of file reading tensor {info.name!r}")
             done += n

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hf_model_stock.errors import ModelStockError
+from hf_model_stock.io import platform
 from hf_model_stock.io.buffers import DIRECT_ALIGN
 from hf_model_stock.io.dtypes import itemsize
 from hf_model_stock.io.index import INDEX_NAME, SINGLE_NAME
@@ -138,7 +139,7 @@ class _DirectStage:
         with memoryview(buf) as view:
             done = 0
             while done < length:
-                done += os.pwrite(self._fd, view[done:length], pos + done)
+                done += platform.pwrite(self._fd, view[done:length], pos + done)
 
     def _wait(self) -> None:
         """Wait for the write in flight (re-raising its error)."""
@@ -163,12 +164,10 @@ class _DirectStage:
 
 
 def _open_direct(path: Path) -> int:
-    """A second, ``O_DIRECT`` descriptor for ``path``, or -1 where the filesystem refuses it."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag:
-        return -1
+    """A second, ``O_DIRECT`` (macOS: ``F_NOCACHE``) descriptor for ``path``, or -1 where the
+    filesystem or the platform refuses it."""
     try:
-        return os.open(path, os.O_WRONLY | flag)
+        return platform.open_uncached(path, write=True)
     except OSError:
         return -1
 
@@ -187,11 +186,11 @@ class ShardWriter:
         self._in_order = True
         try:
             # not truncated: a resumed merge keeps the tensors already written in a partial shard
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            self._fd = platform.open_write(self.path)
             if os.fstat(self._fd).st_size > layout.file_bytes:
                 os.ftruncate(self._fd, layout.file_bytes)
             # allocate every block now: a full disk fails here, before any merging, not mid-way
-            os.posix_fallocate(self._fd, 0, layout.file_bytes)
+            platform.preallocate(self._fd, layout.file_bytes)
             self._write(self.layout.header, 0)
         except OSError as exc:
             self.abort()
@@ -243,7 +242,7 @@ class ShardWriter:
     def _pwrite(self, view: memoryview, pos: int) -> None:
         done = 0
         while done < len(view):
-            done += os.pwrite(self._fd, view[done:], pos + done)
+            done += platform.pwrite(self._fd, view[done:], pos + done)
 
     def finish(self) -> str:
         """Close (after flushing to disk if asked to) and return the hex sha256 of the file."""

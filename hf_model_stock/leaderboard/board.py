@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hf_model_stock.evaluation.tasks import BENCHMARKS
+from hf_model_stock.evaluation.tasks import benchmark_for
 from hf_model_stock.leaderboard.store import TaskResult
 
 
 def capability_tasks(tasks: list[str]) -> list[str]:
     """The tasks where higher is better (all but HarmBench), in order."""
-    return [t for t in tasks if BENCHMARKS[t].higher_is_better]
+    return [t for t in tasks if benchmark_for(t).higher_is_better]
 
 
 @dataclass
@@ -44,7 +44,8 @@ class Row:
         scores = [self.score(task) for task in capability_tasks(tasks)]
         if not scores or any(s is None for s in scores):
             return None
-        return sum(s["normalised"] for s in scores if s is not None) / len(scores)
+        normalised = [s["normalised"] for s in scores if s is not None and s["normalised"] is not None]
+        return sum(normalised) / len(normalised) if normalised else None  # tasks not normalised: left out
 
     @property
     def status(self) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from hf_model_stock.evaluation.tasks import BENCHMARKS
+from hf_model_stock.evaluation.tasks import benchmark_for
 from hf_model_stock.leaderboard.board import Leaderboard, capability_tasks
 from hf_model_stock.leaderboard.render import metric_label
 
@@ -17,7 +17,7 @@ from hf_model_stock.leaderboard.render import metric_label
 def _lower_label(board: Leaderboard, task: str) -> str:
     if task == "harmbench":
         return f"HarmBench %\n{metric_label(board, 'harmbench')}\n(lower is safer)"
-    unit = BENCHMARKS[task].unit
+    unit = benchmark_for(task).unit
     return f"{task}{' (' + unit + ')' if unit else ''}\n(lower is better{', axis zoomed' if unit else ''})"
 
 
@@ -53,7 +53,7 @@ def write_chart(board: Leaderboard, path: Path) -> Path:
         values = [s["normalised"] if (s := row.score(task)) else float("nan") for row in rows]
         ax.bar(range(len(rows)), values, 0.5, color="tab:red" if task == "harmbench" else "tab:purple")
         finite = [v for v in values if math.isfinite(v)]
-        if BENCHMARKS[task].unit and finite:  # a raw metric: zoom to the values, label each bar
+        if benchmark_for(task).unit and finite:  # a raw metric: zoom to the values, label each bar
             lo, hi = min(finite), max(finite)
             pad = max((hi - lo) * 0.25, abs(hi) * 0.005, 1e-6)
             ax.set_ylim(lo - pad, hi + pad)

@@ -9,7 +9,8 @@ same result.
   resumed batch does not read the weights again.
 - Task: sha256 of the benchmark, the score-relevant settings (limit, dtype, backend, batch size, chat
   template, generation cap; the judge for HarmBench), a digest of its data files and the versions of
-  lm-eval and hf-model-stock.
+  lm-eval and hf-model-stock; and a digest of the task's resolved config (ours in ``evals/tasks``, or
+  for any other lm-eval task its and its subtasks' configs and the Python files beside them).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from hf_model_stock.eval_spec import EVALS_DIR, EvalSpec
 from hf_model_stock.evaluation.data import packaged_file
-from hf_model_stock.evaluation.tasks import BENCHMARKS, Benchmark
+from hf_model_stock.evaluation.tasks import Benchmark, benchmark_for
 from hf_model_stock.io.writer import sha256_file
 from hf_model_stock.leaderboard.store import write_atomically
 from hf_model_stock.recipe import ModelEntry
@@ -84,9 +85,16 @@ def task_keys(spec: EvalSpec) -> dict[str, str]:
     common["versions"] = {package: installed_version(package) or "unknown" for package in ("lm_eval", "hf-model-stock")}
     keys = {}
     for name in spec.task_names():
-        benchmark = BENCHMARKS[name]
-        settings: dict[str, Any] = {"task": name, "lm_eval_task": benchmark.lm_eval_task, **common,
-                                    "data": data_digest(benchmark, spec.data_dir)}
+        benchmark = benchmark_for(name)
+        if not benchmark.curated:
+            from hf_model_stock.evaluation.lm_tasks import task_config_digest
+
+            settings: dict[str, Any] = {"task": name, **common, "data": "lm-eval",
+                                        "task_config": task_config_digest(name, spec.include_path)}
+            keys[name] = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
+            continue
+        settings = {"task": name, "lm_eval_task": benchmark.lm_eval_task, **common,
+                    "data": data_digest(benchmark, spec.data_dir)}
         if name == "harmbench":
             settings["judge"] = spec.judge.model_dump(include={"model", "dtype", "max_completion_tokens"})
         task_yaml = EVALS_DIR / "tasks" / f"{benchmark.lm_eval_task}.yaml"

@@ -13,7 +13,7 @@ import html
 from pathlib import Path
 from typing import Any
 
-from hf_model_stock.evaluation.tasks import BENCHMARKS
+from hf_model_stock.evaluation.tasks import benchmark_for
 from hf_model_stock.leaderboard.board import Leaderboard, Row, capability_tasks
 
 MISSING = "—"
@@ -33,11 +33,11 @@ def metric_label(board: Leaderboard, task: str) -> str:
             label = score["metric"] + (f", judge {score['judge']}" if score.get("judge") else "")
             if label not in labels:
                 labels.append(label)
-    return " | ".join(labels) or BENCHMARKS[task].metrics[0]
+    return " | ".join(labels) or next(iter(benchmark_for(task).metrics), "lm-eval's metrics")
 
 
 def _task_header(task: str, board: Leaderboard | None = None) -> str:
-    benchmark = BENCHMARKS[task]
+    benchmark = benchmark_for(task)
     if task == "harmbench" and board is not None:  # its scores depend on the judge: name it
         return f"{task} ({metric_label(board, task)}; lower is better)"
     notes = ([f"{benchmark.unit}, not normalised"] if benchmark.unit else []) + \
@@ -75,7 +75,7 @@ def _tables(board: Leaderboard) -> dict[str, tuple[list[str], list[list[str]]]]:
     normalised_rows = []
     for i, row in enumerate(ranked, 1):
         cells = [str(i), row.name, ", ".join(row.roles), _num(row.average(board.tasks), 2)]
-        cells += [_num(s["normalised"] if (s := row.score(t)) else None, 4 if BENCHMARKS[t].unit else 2)
+        cells += [_num(s["normalised"] if (s := row.score(t)) else None, 4 if benchmark_for(t).unit else 2)
                   for t in board.tasks]
         normalised_rows.append(cells)
     raw_head = ["model", *[f"{t}: {metric_label(board, t)}" for t in board.tasks]]
@@ -97,7 +97,7 @@ def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _lower_note(task: str) -> str:
-    unit = BENCHMARKS[task].unit
+    unit = benchmark_for(task).unit
     return f"{task} ({unit + ', ' if unit else ''}lower is better)"
 
 
@@ -146,7 +146,7 @@ def csv_rows(board: Leaderboard) -> list[dict[str, Any]]:
                                   "average_normalised": "" if average is None else repr(average)}
         for task in board.tasks:
             score = row.score(task)
-            record[f"{task}_metric"] = BENCHMARKS[task].metrics[0]
+            record[f"{task}_metric"] = score["metric"] if score else next(iter(benchmark_for(task).metrics), "")
             record[f"{task}_raw"] = "" if score is None else repr(score["value"])
             record[f"{task}_stderr"] = "" if score is None or score.get("stderr") is None else repr(score["stderr"])
             record[f"{task}_n"] = "" if score is None else score["n"]

@@ -119,8 +119,11 @@ def _relative_to(base: Path, data: dict[str, Any]) -> dict[str, Any]:
     if isinstance(data.get("output"), str) and not Path(data["output"]).is_absolute():
         data["output"] = str(base / data["output"])
     evals = data.get("evals")
-    if isinstance(evals, dict) and isinstance(evals.get("data_dir"), str) and not Path(evals["data_dir"]).is_absolute():
-        data["evals"] = {**evals, "data_dir": str(base / evals["data_dir"])}
+    if isinstance(evals, dict):
+        for key in ("data_dir", "include_path"):  # include_path: the user's own task YAMLs
+            if isinstance(evals.get(key), str) and not Path(evals[key]).is_absolute():
+                evals = {**evals, key: str(base / evals[key])}
+        data["evals"] = evals
     return data
 
 

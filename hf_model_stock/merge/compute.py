@@ -9,12 +9,12 @@ it: a plain CPU merge never pays its two-second import.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hf_model_stock.io import platform
 from hf_model_stock.io.buffers import host_buffer
 from hf_model_stock.io.dtypes import torch_dtype
 from hf_model_stock.merge.plan import TensorTask
@@ -36,7 +36,7 @@ class UnitCompute:
     def __init__(self, n_models: int, workers: int, device: str, scratch_elems: int):
         self.n = n_models
         self.device = device
-        self._workers = 1 if device != "cpu" else (workers or len(os.sched_getaffinity(0)))
+        self._workers = 1 if device != "cpu" else (workers or platform.cpu_count())
         self._fused = fused_cpu.FusedKernel(self._workers) if device == "cpu" and fused_cpu.available() else None
         self._scratch = host_buffer(4 * max(scratch_elems, 1)).view(np.float32) if device == "cpu" else None
         self._scratch_elems = scratch_elems

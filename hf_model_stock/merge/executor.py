@@ -347,7 +347,7 @@ def _execute(plan: MergePlan, directory: Path, progress: bool, journal: Journal 
     plan = dataclasses.replace(plan, tasks=[t for t in plan.tasks if t.name not in done])
     opts = plan.options
     compute = UnitCompute(len(plan.models), opts.workers, opts.device, plan.max_single_unit_elems)
-    in_pool = _Pool(opts.prefetch + 1, unit_buffer_bytes(plan), pin=opts.device != "cpu")
+    in_pool = _Pool(opts.prefetch + 1, unit_buffer_bytes(plan), pin=opts.device.startswith("cuda"))  # MPS memory is unified
     out_pool = _Pool(OUT_BUFFERS, plan.max_unit_out_bytes)
     writers = {t.name: w for s in plan.shards for w in [ShardWriter(directory, s, opts.fsync)] for t in s.tensors}
     cancelled = threading.Event()

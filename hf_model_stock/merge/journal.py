@@ -24,6 +24,7 @@ from typing import Any
 from zlib_ng import zlib_ng
 
 from hf_model_stock.errors import ModelStockError
+from hf_model_stock.io import platform
 from hf_model_stock.merge.plan import MergePlan
 from hf_model_stock.merge.stats import TensorStats
 from hf_model_stock.versions import merge_versions
@@ -140,7 +141,7 @@ def crc32_range(fd: int, offset: int, nbytes: int, block: int = 16 << 20) -> int
     """CRC-32 of ``nbytes`` at ``offset`` of an open file; None when the file is shorter."""
     crc, done = 0, 0
     while done < nbytes:
-        chunk = os.pread(fd, min(block, nbytes - done), offset + done)
+        chunk = platform.pread(fd, min(block, nbytes - done), offset + done)
         if not chunk:
             return None
         crc = zlib_ng.crc32(chunk, crc)
@@ -166,7 +167,7 @@ def verified_tensors(plan: MergePlan, directory: Path) -> dict[str, TensorStats]
             shard = directory / e["shard"]
             if e["shard"] not in fds:
                 try:
-                    fds[e["shard"]] = os.open(shard, os.O_RDONLY)
+                    fds[e["shard"]] = platform.open_read(shard)
                 except OSError:
                     continue
             if crc32_range(fds[e["shard"]], e["offset"], e["nbytes"]) != e.get("crc32"):

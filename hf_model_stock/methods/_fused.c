@@ -13,6 +13,12 @@
  * Built with -ffp-contract=off: a fused multiply-add would round once and break that equality.
  * The GIL is released while the loops run; callers split a unit into one slice per thread.
  */
+#if !defined(__GNUC__) && !defined(__clang__)
+/* MSVC has no vector extensions: the build stops here, and as the extension is optional the install
+ * goes on without it (the merge then runs on the torch kernels, with the same bytes). */
+#error "the fused kernels need GCC or clang (vector extensions)"
+#endif
+
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>

@@ -3,7 +3,8 @@ or float8 inputs, filter-wise merges, another output dtype) and the CUDA path.
 
 Each block of at most ``block`` elements is converted to float32, its Gram matrix D D^T is formed
 with float32 dot products (float64 on a GPU, where it is cheap) and the blocks' partial Grams are
-summed in float64, so big tensors never need a float32 copy of all N deltas at once.
+summed in float64, so big tensors never need a float32 copy of all N deltas at once. Apple's MPS has
+no float64: there each block's Gram is formed in float32 on the GPU and summed in float64 on the CPU.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class BlockKernel:
         self.n = n_models
         self.block = block
         self.device = torch.device(device)
+        self._gpu64 = self.device.type not in ("cpu", "mps")  # float64 on the device itself
         self._pairs = [(a, b) for a in range(n_models) for b in range(a, n_models)]
         self._alloc(block)
 
@@ -58,9 +60,11 @@ class BlockKernel:
         return d
 
     def _block_gram(self, d: torch.Tensor) -> torch.Tensor:
-        if self.device.type != "cpu":  # on a GPU, float64 matmul is cheap and avoids host syncs
+        if self._gpu64:  # on a GPU, float64 matmul is cheap and avoids host syncs
             d64 = d.to(torch.float64)
             return d64 @ d64.T
+        if self.device.type == "mps":
+            return (d @ d.T).cpu().to(torch.float64)
         if self.n > 6:  # many models: one matmul beats N(N+1)/2 separate dot products
             return (d @ d.T).to(torch.float64)
         g = torch.empty(self.n, self.n, dtype=torch.float64)
@@ -68,12 +72,18 @@ class BlockKernel:
             g[a, b] = g[b, a] = torch.dot(d[a], d[b]).item()
         return g
 
+    def _row_dots(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per-row dot products, summed in float64 (float32 on MPS, then float64 on the CPU)."""
+        if self.device.type == "mps":
+            return (a * b).sum(-1).cpu().to(torch.float64)
+        return (a * b).sum(-1, dtype=torch.float64)
+
     def gram(
         self, sources: Sequence[torch.Tensor], start: int, stop: int, delta_sum: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Gram matrix (N x N, float64) of the deltas over [start, stop); optionally also store
         sum_i d_i (float32) into ``delta_sum[start:stop]`` for ``merge_from_sum``."""
-        gram = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.device if self.device.type != "cpu" else None)
+        gram = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.device if self._gpu64 else None)
         for s in range(start, stop, self.block):
             e = min(stop, s + self.block)
             d = self._deltas(sources, s, e)
@@ -114,9 +124,9 @@ class BlockKernel:
         for r0 in range(row_start, row_stop, step):
             r1 = min(row_stop, r0 + step)
             d = self._deltas(sources, r0 * cols, r1 * cols).view(self.n, r1 - r0, cols)
-            g = torch.empty(r1 - r0, self.n, self.n, dtype=torch.float64, device=self.device)
+            g = torch.empty(r1 - r0, self.n, self.n, dtype=torch.float64, device=self.device if self._gpu64 else None)
             for a, b in self._pairs:
-                g[:, a, b] = g[:, b, a] = (d[a] * d[b]).sum(-1, dtype=torch.float64)
+                g[:, a, b] = g[:, b, a] = self._row_dots(d[a], d[b])
             ratio = ratio_fn(g.cpu().numpy(), params)
             scale = torch.from_numpy(ratio.t / self.n).to(self.device, torch.float32).unsqueeze(-1)
             acc = d.sum(0).mul_(scale).add_(self._x[0, : (r1 - r0) * cols].view(r1 - r0, cols))

@@ -3,13 +3,14 @@ place only once complete, so a half-written merge never looks like a valid model
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import shutil
 import uuid
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from hf_model_stock.errors import ModelStockError
 from hf_model_stock.io.dtypes import CONFIG_DTYPE_NAMES
@@ -53,37 +54,56 @@ def partial_dir(out_dir: Path) -> Path:
     return out_dir.parent / f"{PARTIAL_MARKER}{out_dir.name}"
 
 
-def _lock(path: Path) -> int:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise ModelStockError(f"{path}: another merge is writing this output") from None
-    return fd
+class OutputLock:
+    """The lock of one output's partial directory, held by the merge writing it: a lock file beside
+    it (``filelock``: ``flock`` on POSIX, ``msvcrt.locking`` on Windows), removed on ``release``."""
+
+    def __init__(self, partial: Path):
+        self.path = partial.parent / f"{partial.name}.lock"
+        self._lock = FileLock(self.path, timeout=0)
+        try:
+            self._lock.acquire()
+        except Timeout:
+            raise ModelStockError(f"{partial}: another merge is writing this output") from None
+        except OSError as exc:
+            raise ModelStockError(f"{partial.parent}: cannot create output ({exc.strerror or exc})") from None
+
+    def release(self) -> None:
+        """Let go of the lock and remove its file (removed while still held, so that no other merge
+        ever locks a file that is no longer the lock's path; Windows removes it on release)."""
+        if self._lock.is_locked:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+            self._lock.release()
 
 
-def claim_partial(out_dir: Path, resume: bool) -> tuple[Path, int, bool]:
+def claim_partial(out_dir: Path, resume: bool) -> tuple[Path, OutputLock, bool]:
     """The partial output directory of ``out_dir``, locked by this process while it lives: returns
-    its path, the lock's file descriptor (close it to release) and whether it holds an interrupted
-    merge to resume. Without ``resume`` a leftover partial output is removed, and said so."""
+    its path, the lock (``release`` it when done) and whether it holds an interrupted merge to
+    resume. Without ``resume`` a leftover partial output is removed, and said so."""
     path = partial_dir(out_dir)
-    if path.is_dir():
-        fd = _lock(path)
-        if resume:
-            return path, fd, True
-        logger.warning("removed the partial output of an interrupted merge, %s (--resume would continue it)", path)
-        shutil.rmtree(path, ignore_errors=True)
-        os.close(fd)
-    elif resume:
-        logger.warning("--resume: no partial output at %s; merging from the start", path)
+    lock = OutputLock(path)
     try:
-        path.mkdir()
-    except FileExistsError:
-        raise ModelStockError(f"{path}: another merge is writing this output") from None
-    except OSError as exc:
-        raise ModelStockError(f"{out_dir.parent}: cannot create output ({exc.strerror or exc})") from None
-    return path, _lock(path), False
+        if path.is_dir():
+            if resume:
+                return path, lock, True
+            logger.warning("removed the partial output of an interrupted merge, %s (--resume would continue it)",
+                           path)
+            shutil.rmtree(path, ignore_errors=True)
+        elif resume:
+            logger.warning("--resume: no partial output at %s; merging from the start", path)
+        try:
+            path.mkdir()
+        except FileExistsError:
+            raise ModelStockError(f"{path}: another merge is writing this output") from None
+        except OSError as exc:
+            raise ModelStockError(f"{out_dir.parent}: cannot create output ({exc.strerror or exc})") from None
+    except BaseException:
+        lock.release()
+        raise
+    return path, lock, False
 
 
 def commit_dir(tmp: Path, out_dir: Path, overwrite: bool) -> None:

@@ -44,7 +44,7 @@ from hf_model_stock.sources.resolve import (
     SMALL_FILE_PATTERNS,
     read_json_object,
 )
-from hf_model_stock.sources.vocab import vocab_tensor_names
+from hf_model_stock.sources.vocab import has_vocabulary, vocab_tensor_names
 
 Shape = tuple[int, ...]
 
@@ -69,7 +69,7 @@ class SourceInfo:
     header_bytes_fetched: int = 0  # bytes read over HTTP to get the safetensors headers
     error: str | None = None
     adapter_config: dict[str, Any] | None = None  # a PEFT LoRA adapter's adapter_config.json
-    has_tokenizer: bool = False  # a tokenizer.json, to match embedding rows by token (sources.vocab)
+    has_tokenizer: bool = False  # a vocabulary to match embedding rows by token (sources.vocab.has_vocabulary)
 
     @property
     def label(self) -> str:
@@ -235,7 +235,7 @@ def _inspect_local(info: SourceInfo, allow_pickle: bool) -> None:
     if info.entry.revision:
         raise SourceError(f"{info.entry.model}: a local path cannot take a revision ({info.entry.revision!r})")
     directory = path if path.is_dir() else path.parent
-    info.has_tokenizer = (directory / "tokenizer.json").is_file()
+    info.has_tokenizer = directory.is_dir() and has_vocabulary(p.name for p in directory.iterdir())
     if (directory / "config.json").is_file():
         info.config_data = read_json_object(directory / "config.json")
     if path.is_dir() and adapters.is_adapter(path) and not (path / SINGLE_NAME).is_file():
@@ -264,7 +264,7 @@ def _inspect_hub(info: SourceInfo, allow_pickle: bool) -> None:
     entry = info.entry
     listing = list_revision(entry.model, entry.revision, entry.label)
     info.repo_id, info.commit = listing.repo_id, listing.commit
-    info.has_tokenizer = "tokenizer.json" in listing
+    info.has_tokenizer = has_vocabulary(listing.files)
     if "config.json" in listing:
         info.config_data = read_json_object(_fetch(listing, "config.json", entry))
     shards = _hub_shards(info, listing, allow_pickle)
@@ -420,7 +420,8 @@ def compare(report: PreflightReport) -> None:
             one = len(untokenized) == 1
             report.problems.append(f"config vocab_size: {theirs} in {m.label} vs {vocab} in base (a resized "
                                    "vocabulary: embedding rows are matched by token only when every model has a "
-                                   f"tokenizer.json, and {', '.join(untokenized)} {'has' if one else 'have'} none "
+                                   "tokenizer (tokenizer.json or tokenizer.model), and "
+                                   f"{', '.join(untokenized)} {'has' if one else 'have'} none "
                                    f"or {'is' if one else 'are'} LoRA adapters)")
         elif vocab is not None and theirs is not None and theirs != vocab:
             report.notes.append(f"config vocab_size: {theirs} in {m.label} vs {vocab} in base: embedding rows are "

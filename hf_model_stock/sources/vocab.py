@@ -12,14 +12,18 @@ of an embedding-like tensor (``embed_tokens``, an untied ``lm_head``, ...) of th
 - ``COPY``: a padded row (beyond the output tokenizer's tokens, e.g. an embedding padded to a multiple
   of 64): copied from the tokenizer source's own row when it is a model of the merge, else zeros.
 
-Vocabularies are read from ``tokenizer.json`` (its model's vocabulary and its added tokens).
+Vocabularies are read from ``tokenizer.json`` (its model's vocabulary and its added tokens); a model
+without one (a sentencepiece ``tokenizer.model``, as Llama-2/Mistral-era fine-tunes ship, or another
+tokenizer transformers builds from its own files) is read through its own transformers tokenizer:
+``get_vocab()``, the vocabulary and the added tokens (``added_tokens.json``, ``added_tokens_decoder``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +36,8 @@ VOCAB_TENSOR_SUFFIXES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", 
                          "embed_in.weight", "embed_out.weight")
 MERGE, NEW, COPY = 0, 1, 2
 MAX_LISTED_TOKENS = 40
+# Files a tokenizer without tokenizer.json is built from by transformers (sentencepiece, BPE, WordPiece).
+TOKENIZER_MODEL_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt")
 
 
 def vocab_tensor_names(headers: Mapping[str, tuple[str, tuple[int, ...]]]) -> set[str]:
@@ -39,11 +45,26 @@ def vocab_tensor_names(headers: Mapping[str, tuple[str, tuple[int, ...]]]) -> se
     return {n for n, (_, shape) in headers.items() if len(shape) == 2 and n.endswith(VOCAB_TENSOR_SUFFIXES)}
 
 
+def has_vocabulary(names: Iterable[str]) -> bool:
+    """Whether a model whose files are ``names`` has a vocabulary to match embedding rows by."""
+    found = set(names)
+    return "tokenizer.json" in found or any(n in found for n in TOKENIZER_MODEL_FILES)
+
+
+def _model_files(directory: Path) -> list[Path]:
+    return [directory / n for n in TOKENIZER_MODEL_FILES if (directory / n).is_file()]
+
+
 def tokenizer_digest(directory: Path) -> str | None:
-    """sha256 of a model's tokenizer.json (and added_tokens.json); None where it has no tokenizer.json."""
+    """sha256 of a model's tokenizer.json (and added_tokens.json); without tokenizer.json, of the token
+    -> id map its transformers tokenizer reads (``vocab:`` prefixed); None where it has neither."""
     path = Path(directory) / "tokenizer.json"
     if not path.is_file():
-        return None
+        if not _model_files(Path(directory)):
+            return None
+        tokens = token_ids(directory) or {}
+        listed = json.dumps(sorted(tokens.items(), key=lambda kv: (kv[1], kv[0])), ensure_ascii=False)
+        return "vocab:" + hashlib.sha256(listed.encode("utf-8")).hexdigest()
     digest = hashlib.sha256(path.read_bytes())
     added = Path(directory) / "added_tokens.json"
     if added.is_file():
@@ -52,10 +73,16 @@ def tokenizer_digest(directory: Path) -> str | None:
 
 
 def token_ids(directory: Path) -> dict[str, int] | None:
-    """Token string -> id from ``directory/tokenizer.json``; None where there is none."""
+    """Token string -> id from ``directory/tokenizer.json``, else from the model's own transformers
+    tokenizer (``tokenizer.model`` and the like); None where it has neither."""
     path = Path(directory) / "tokenizer.json"
     if not path.is_file():
-        return None
+        files = _model_files(Path(directory))
+        if not files:
+            return None
+        stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in Path(directory).iterdir()
+                      if p.name.startswith(("tokenizer", "added_tokens", "special_tokens")) or p in files)
+        return dict(_transformers_vocab(str(Path(directory).resolve()), stamp))
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -76,17 +103,49 @@ def token_ids(directory: Path) -> dict[str, int] | None:
     return out
 
 
+@functools.lru_cache(maxsize=32)
+def _transformers_vocab(directory: str, stamp: tuple) -> dict[str, int]:
+    """``get_vocab()`` of the directory's transformers tokenizer (local files only, no remote code);
+    ``stamp`` (names, times and sizes of its tokenizer files) keys the cache."""
+    where = ", ".join(name for name, *_ in stamp if name in TOKENIZER_MODEL_FILES)
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+        vocab = tok.get_vocab()
+    except ImportError as exc:
+        raise SourceError(f"{directory}: reading its tokenizer ({where}) needs a package that is missing "
+                          f"({str(exc).splitlines()[0] if str(exc) else exc}); pip install sentencepiece") from None
+    except Exception as exc:  # transformers raises many kinds (ValueError, OSError, TypeError, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SourceError(f"{directory}: unreadable tokenizer ({where}) through transformers: {first}") from None
+    return {str(k): int(v) for k, v in vocab.items()}
+
+
 def added_token_entries(directory: Path) -> dict[str, dict]:
-    """The ``added_tokens`` entries of ``directory/tokenizer.json``, by content."""
+    """The ``added_tokens`` entries of ``directory/tokenizer.json`` by content; without tokenizer.json,
+    those of tokenizer_config.json's ``added_tokens_decoder`` (id -> entry)."""
     path = Path(directory) / "tokenizer.json"
-    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    return {t["content"]: t for t in data.get("added_tokens") or [] if isinstance(t, dict) and "content" in t}
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {t["content"]: t for t in data.get("added_tokens") or [] if isinstance(t, dict) and "content" in t}
+    config = Path(directory) / "tokenizer_config.json"
+    decoder = (json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}).get("added_tokens_decoder")
+    if not isinstance(decoder, dict):
+        return {}
+    return {e["content"]: {**e, "id": int(i)} for i, e in decoder.items()
+            if isinstance(e, dict) and isinstance(e.get("content"), str) and str(i).isdigit()}
 
 
 def union_tokens(base_dir: Path, model_dirs: Sequence[Path]) -> tuple[dict[str, int], list[dict]]:
     """``tokenizer_source: union``: the base's vocabulary, then every token of each fine-tune (in model
     order, then id order) that it lacks, at the next ids; and the tokenizer.json ``added_tokens``
-    entries for those (the fine-tune's own entry where the token was an added token there)."""
+    entries for those (the fine-tune's own entry where the token was an added token there). The base
+    needs a tokenizer.json: the union is written into it as added tokens."""
+    if not (Path(base_dir) / "tokenizer.json").is_file() and _model_files(Path(base_dir)):
+        raise SourceError(f"tokenizer_source union: the base ({base_dir}) has no tokenizer.json to add the other "
+                          "models' tokens to (only " + ", ".join(p.name for p in _model_files(Path(base_dir)))
+                          + "); use tokenizer_source base or one of the models")
     tokens = dict(token_ids(base_dir) or {})
     next_id = max(tokens.values(), default=-1) + 1
     entries: list[dict] = []

@@ -55,7 +55,7 @@ def _lm_eval_cli(model: Path, task_configs: Path, task: str, limit: int, output:
 @pytest.mark.parametrize("task", ["gsm8k", "mmlu_pro"])
 def test_our_scores_equal_lm_eval_cli_scores(tiny_model: Path, tmp_path: Path, one_torch_thread: None,
                                              task: str) -> None:
-    spec = EvalSpec(tasks=[task], limit=LIMIT[task], data_dir=FIXTURES, device="cpu", dtype="float32",
+    spec = EvalSpec(tasks=[task], limit=LIMIT[task], data_dir=FIXTURES, device="cpu", dtype="float32", batch_size=1,
                     max_gen_toks=MAX_GEN_TOKS, output=tmp_path / "ours")
     summary = evaluate_model(str(tiny_model), spec)
     run_dir = tmp_path / "ours" / tiny_model.name

@@ -39,11 +39,13 @@ def test_default_is_the_core_suite_and_suites_expand() -> None:
 
 
 def test_rejections_name_the_problem() -> None:
-    assert _message(tasks=["gsm9k"]) == ("tasks.0: Input should be 'gsm8k', 'math', 'mmlu_pro', 'mbpp', "
-                                          "'harmbench', 'gsm8k_nll' or 'gsm8k_answer'")
+    # any lm-eval task name passes the spec (the index is checked when the run is prepared)
+    assert EvalSpec(tasks="gsm8k,arc_easy,leaderboard_bbh").task_names() == ["gsm8k", "arc_easy", "leaderboard_bbh"]
+    assert _message(tasks=["gsm8k", "arc easy"]) == "tasks: Value error, not a task name: 'arc easy'"
+    assert _message(include_path="/no/such/dir") == "include_path: Value error, /no/such/dir: no such directory of task YAMLs"
     assert _message(tasks=["math", "math"]) == "tasks: Value error, listed more than once: math"
-    assert _message(tasks=[]) == ("tasks: Value error, give at least one of gsm8k, math, mmlu_pro, mbpp, "
-                                 "harmbench, gsm8k_nll, gsm8k_answer")
+    assert _message(tasks=[]) == ("tasks: Value error, give at least one task: ours (gsm8k, math, mmlu_pro, mbpp, "
+                                 "harmbench, gsm8k_nll, gsm8k_answer) or any lm-eval task, group or tag")
     assert _message(tasks=["math"], suite="core") == ": Value error, give either tasks or suite, not both"
     assert _message(suite="nope") == "suite: Value error, unknown suite 'nope' (known: all, code, core, math, safety, study)"
     assert _message(limit=0) == "limit: Input should be greater than 0"
@@ -55,7 +57,7 @@ def test_rejections_name_the_problem() -> None:
 def test_defaults() -> None:
     spec = EvalSpec()
     assert (spec.batch_size, spec.backend, spec.dtype, spec.allow_code_execution, spec.trust_remote_code) == (
-        1, "hf", "auto", False, False)
+        16, "hf", "auto", False, False)
     assert spec.judge.model == HARMBENCH_CLASSIFIER == "cais/HarmBench-Llama-2-13b-cls"
     assert spec.judge.max_completion_tokens == 512
 

@@ -211,7 +211,8 @@ def test_a_failed_merge_fails_its_row_only(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text, message", [
     ("models: []", "spec.yaml:1: models: List should have at least 1 item"),
     ("models: [{model: a, recipe: b}]", "spec.yaml:1: models[0]: give either model or recipe"),
-    ("models: [a]\nevals: {tasks: [gsm9k]}", "spec.yaml:2: evals.tasks[0]: Input should be"),
+    ("models: [a]\nevals: {tasks: ['gsm 9k']}", "spec.yaml:2: evals.tasks: not a task name: 'gsm 9k'"),
+    ("models: [a]\nevals: {include_path: nowhere}", "spec.yaml:2: evals.include_path: "),
     ("models: [a]\nexecutor: {kind: slurm}", "spec.yaml:2: executor.kind: Input should be 'local' or 'ray'"),
     ("models: [a]\nexecutor: {kind: local, address: 'ray://x:10001'}",
      "spec.yaml:2: executor.address: only the ray executor connects to a cluster"),

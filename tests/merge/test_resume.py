@@ -5,7 +5,6 @@ of a different plan is refused."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -212,4 +211,4 @@ def test_a_second_merge_into_the_same_output_is_refused_while_the_first_runs(set
             assert capsys.readouterr().err == f"error: {root / PARTIAL}: another merge is writing this output\n"
             assert (root / PARTIAL).is_dir() and not (root / "out").exists()
     finally:
-        os.close(lock)
+        lock.release()

@@ -4,6 +4,7 @@ independent float64 reference of the rule (tokens looked up through transformers
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -53,12 +54,18 @@ def vocab_models(request, tmp_path_factory) -> tuple[dict[str, Path], bool]:
     return build(tmp_path_factory.mktemp("vocab"), request.param), request.param
 
 
-def reference(paths: dict[str, Path], names: list[str], source: str, filter_wise: bool) -> dict[str, torch.Tensor]:
-    """The rule in float64: base tokens Model Stock (t from rows every model shares; a model without
-    the token a zero delta), new tokens the mean of the fine-tunes that have them, padding copied."""
+def transformers_vocab(path: Path) -> dict[str, int]:
     from transformers import AutoTokenizer
 
-    vocabs = {n: AutoTokenizer.from_pretrained(paths[n]).get_vocab() for n in ["base", *names]}
+    return AutoTokenizer.from_pretrained(path).get_vocab()
+
+
+def reference(paths: dict[str, Path], names: list[str], source: str, filter_wise: bool,
+              vocab_of: Callable[[Path], dict[str, int]] = transformers_vocab) -> dict[str, torch.Tensor]:
+    """The rule in float64: base tokens Model Stock (t from rows every model shares; a model without
+    the token a zero delta), new tokens the mean of the fine-tunes that have them, padding copied;
+    each model's vocabulary from ``vocab_of``."""
+    vocabs = {n: vocab_of(paths[n]) for n in ["base", *names]}
     tensors = {n: load_dir(paths[n]) for n in ["base", *names]}
     if source == "union":  # the base's tokens, then each fine-tune's others in id order
         out_vocab = dict(vocabs["base"])
@@ -68,7 +75,7 @@ def reference(paths: dict[str, Path], names: list[str], source: str, filter_wise
         rows = max(len(out_vocab), tensors["base"]["model.embed_tokens.weight"].shape[0])
         source = "base"
     else:
-        out_vocab = AutoTokenizer.from_pretrained(paths[source]).get_vocab()
+        out_vocab = vocabs[source] if source in vocabs else vocab_of(paths[source])
         rows = tensors[source]["model.embed_tokens.weight"].shape[0]
     by_id = {i: t for t, i in out_vocab.items()}
     out = {}
@@ -166,7 +173,8 @@ def test_recipe_tokenizer_source_and_no_tokenizer_is_an_error(vocab_models, tmp_
                       f"output: {{path: {tmp_path / 'out2'}}}\n")
     assert main(["run", str(recipe), "-q"]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"tokenizer.json, and {tmp_path / 'bare'} has none" in err
+    assert len(err.splitlines()) == 1
+    assert f"tokenizer (tokenizer.json or tokenizer.model), and {tmp_path / 'bare'} has none" in err
 
 
 def test_tokenizers_that_differ_but_agree_on_every_row_merge_as_ever(tmp_path):

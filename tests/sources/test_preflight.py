@@ -52,7 +52,8 @@ EXPECTED = {
     "config model_type: 'mistral' in org/bad2 vs 'llama' in base",
     "config architectures: ['MistralForCausalLM'] in org/bad2 vs ['LlamaForCausalLM'] in base",
     "config vocab_size: 65 in org/bad1 vs 64 in base (a resized vocabulary: embedding rows are matched by token only "
-    "when every model has a tokenizer.json, and org/base, org/ok, org/bad1, org/bad2 have none or are LoRA adapters)",
+    "when every model has a tokenizer (tokenizer.json or tokenizer.model), and org/base, org/ok, org/bad1, org/bad2 "
+    "have none or are LoRA adapters)",
     "tensor 'model.extra.bias': in org/bad1 but not in the base",
     "tensor 'model.layers.1.mlp.up_proj.weight': shape [40, 16] in org/bad1 vs [32, 16] in base",
     "tensor 'model.layers.1.mlp.down_proj.weight': shape [16, 40] in org/bad1 vs [16, 32] in base",
