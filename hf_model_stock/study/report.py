@@ -116,7 +116,8 @@ def geometry(report: InspectReport) -> Geometry:
                     whole_angles=whole_angles, whole_norms=whole_norms)
 
 
-def _value(board: Leaderboard, name: str, task: str) -> float | None:
+def headline_value(board: Leaderboard, name: str, task: str) -> float | None:
+    """The row's headline score of ``task``, or None."""
     row = next((r for r in board.rows if r.name == name), None)
     score = row.score(task) if row else None
     return None if score is None else float(score["value"])
@@ -124,7 +125,7 @@ def _value(board: Leaderboard, name: str, task: str) -> float | None:
 
 def _values(board: Leaderboard, task: str) -> dict[str, float]:
     """Each row's headline value of ``task`` (rows without one left out)."""
-    return {row.name: v for row in board.rows if (v := _value(board, row.name, task)) is not None}
+    return {row.name: v for row in board.rows if (v := headline_value(board, row.name, task)) is not None}
 
 
 def _with_stderr(board: Leaderboard, name: str, task: str) -> str:
@@ -150,11 +151,11 @@ def result_table(result: StudyResult) -> list[str]:
     for row in board.rows:
         cells = [row.name, describe_row(row.name, result.settings.seeds())]
         for task in nll_tasks:
-            value, base = _value(board, row.name, task), _value(board, "base", task)
+            value, base = headline_value(board, row.name, task), headline_value(board, "base", task)
             cells += [_with_stderr(board, row.name, task),
                       "—" if value is None or base is None or row.name == "base" else f"{value - base:+.4f}"]
         for task in extra:
-            value, score = _value(board, row.name, task), row.score(task)
+            value, score = headline_value(board, row.name, task), row.score(task)
             cells.append("—" if value is None or score is None else
                          f"{value:.3f} ({round(value * score['n'])}/{score['n']})")
         t = result.merge_t.get(row.name)
@@ -268,10 +269,16 @@ def _interp_findings(result: StudyResult, tasks: list[str]) -> list[str]:
     return out
 
 
+def line_points(result: StudyResult) -> list[tuple[float, str]]:
+    """(t, row) of the models on the base-to-soup-N line, by t: the base, the line's points, interp-N, the soup."""
+    n = result.settings.n_models
+    points = [(0.0, "base"), (1.0, f"soup-{n}")]
+    points += [(t, name) for name, t in result.merge_t.items() if name.startswith("line-") or name == f"interp-{n}"]
+    return sorted(points)
+
+
 def _line_findings(result: StudyResult, tasks: list[str]) -> list[str]:
     """The NLL along the base-to-soup-N line (interp-N and the line's points are on it; stock-N is not)."""
-    from hf_model_stock.study.plots import line_points
-
     board = result.board
     n = result.settings.n_models
     points = line_points(result)
@@ -281,17 +288,20 @@ def _line_findings(result: StudyResult, tasks: list[str]) -> list[str]:
     for task in tasks:
         scores = _values(board, task)
         values = [(t, name, scores[name]) for t, name in points if name in scores]
-        best_t, best_name, _ = min(values, key=lambda v: v[2])
+        ranked = sorted(values, key=lambda v: v[2])
+        best_t, best_name, _ = ranked[0]
         where = ("beyond the soup: the line is still falling at t = 1" if best_t > 1 else
                  "at the soup" if best_t == 1 else "at the base" if best_t == 0 else
                  "between the base and the soup")
+        runner_up = ranked[1][1]
+        p = paired(board, best_name, runner_up, task)
         out.append(f"- Along the base-to-soup-{n} line ({task}): "
-                   + ", ".join(f"t {t:g} {v:.4f}" for t, _, v in values)
-                   + f"; lowest at t = {best_t:g} ({best_name}), {where}.")
-    lo = [result.merge_t[f"stock-{n}"]] if f"stock-{n}" in result.merge_t else []
-    if lo:
-        out.append(f"- stock-{n} is not on this line: its t differs by layer (mean {lo[0]:.3f}); interp-{n} is the "
-                   "point of the line at its distance from the base.")
+                   + ", ".join(f"t {t:.4g} {v:.4f}" for t, _, v in values)
+                   + f"; lowest at t = {best_t:.4g} ({best_name}), {where}; against the next lowest, {runner_up}: "
+                   f"{p.diff:+.4f} ± {p.stderr:.4f} ({'more' if p.significant else 'less'} than 2 standard errors).")
+    if f"stock-{n}" in result.merge_t:
+        out.append(f"- stock-{n} is not on this line: its t differs by layer (mean {result.merge_t[f'stock-{n}']:.3f}); "
+                   f"interp-{n} is the point of the line at its distance from the base.")
     return out
 
 
