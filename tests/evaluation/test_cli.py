@@ -45,7 +45,7 @@ def test_bad_options_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(EvalError) as info:
         spec_from_args(_parse("m", "--tasks", "gsm8k,humaneval"))
     assert str(info.value) == ("tasks.1: Input should be 'gsm8k', 'math', 'mmlu_pro', 'mbpp', 'harmbench', "
-                               "'gsm8k_nll' or 'gsm8k_answer'")
+                               "'gsm8k_nll', 'gsm8k_answer' or 'pydoc_nll'")
     with pytest.raises(EvalError) as info:
         spec_from_args(_parse("m", "--suite", "fast"))
     assert str(info.value) == "suite: unknown suite 'fast' (known: all, code, core, math, safety, study)"

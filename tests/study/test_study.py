@@ -199,4 +199,5 @@ def test_split_and_eval_files(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     records = [json.loads(line) for line in files["gsm8k_nll"].read_text().splitlines()]
     assert [r["answer_tokens"] for r in records] == [len(token_ids(tok, i)[1]) for i in split.heldout[:3]]
     assert len((tmp_path / "gsm8k" / "train.jsonl").read_text().splitlines()) == 8
-    assert with_overrides(StudySettings(), steps=9, exact_match=True).tasks == ("gsm8k_nll", *EXACT_MATCH_TASKS)
+    assert with_overrides(StudySettings(), steps=9, exact_match=True).tasks == ("gsm8k_nll", "pydoc_nll",
+                                                                            *EXACT_MATCH_TASKS)
