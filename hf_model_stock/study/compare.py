@@ -1,7 +1,8 @@
 """``python -m hf_model_stock.study.compare STUDY_DIR...``: one Markdown table over several study runs
 (e.g. ``--steps 6``, ``12``, ``24``), read from each run's ``leaderboard/leaderboard.json`` and lm-eval's
 per-item files: for each run and metric, the fine-tunes' range, soup-N, stock-N, interp-N, and the paired
-differences stock-N - soup-N and stock-N - interp-N with their standard errors."""
+differences of stock-N from the best fine-tune (on that metric), soup-N and interp-N, with their
+standard errors."""
 
 from __future__ import annotations
 
@@ -33,8 +34,8 @@ def steps_of(study_dir: Path) -> int:
 
 def compare_table(study_dirs: Sequence[Path]) -> list[str]:
     """The Markdown table, one line per run and metric."""
-    head = ["steps", "metric", "base", "fine-tunes", "soup-N", "stock-N", "interp-N", "stock − soup", "stock − interp",
-            "stock-N mean t", "interp-N t"]
+    head = ["steps", "metric", "base", "fine-tunes", "soup-N", "stock-N", "interp-N", "stock − best ft", "stock − soup",
+            "stock − interp", "stock-N mean t", "interp-N t"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for study_dir in study_dirs:
         board = load_board(study_dir)
@@ -44,12 +45,13 @@ def compare_table(study_dirs: Sequence[Path]) -> list[str]:
         for task in (ID_TASK, OOD_TASK):
             if task not in board.tasks:
                 continue
-            fts = [v for i in range(1, n + 1) if (v := headline_value(board, f"ft-{i}", task)) is not None]
+            scored = {f"ft-{i}": v for i in range(1, n + 1) if (v := headline_value(board, f"ft-{i}", task)) is not None}
+            fts, best = list(scored.values()), min(scored, key=lambda name: scored[name])
             cells = [str(steps_of(study_dir)), task, f"{headline_value(board, 'base', task):.4f}",
                      f"{min(fts):.4f}-{max(fts):.4f}",
                      *[f"{headline_value(board, f'{kind}-{n}', task):.4f}" for kind in ("soup", "stock", "interp")]]
-            for other in ("soup", "interp"):
-                p = paired(board, f"stock-{n}", f"{other}-{n}", task)
+            for other in (best, f"soup-{n}", f"interp-{n}"):
+                p = paired(board, f"stock-{n}", other, task)
                 cells.append(f"{p.diff:+.4f} ± {p.stderr:.4f}" + (" *" if p.significant else ""))
             cells += [f"{report['summary']['t_mean']:.3f}", f"{interp['summary']['t_mean']:.4f}"]
             lines.append("| " + " | ".join(cells) + " |")

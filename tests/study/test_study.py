@@ -147,6 +147,12 @@ def test_study_end_to_end_on_a_tiny_model(tiny: tuple[Path, Path], tmp_path: Pat
         soup = reference_distance(w0, weights(f"soup-{k}"))
         assert result.merge_t[f"interp-{k}"] * soup == pytest.approx(interp, rel=1e-5)
     assert result.merge_t["line-1.25"] == 1.25 and (root / "id_ood.png").is_file()
+    from hf_model_stock.study.compare import compare_table
+
+    table = compare_table([root])  # the longer run's table, read back from the files
+    assert len(table) == 4 and table[2].startswith("| 3 | gsm8k_nll | ") and table[3].startswith("| 3 | pydoc_nll | ")
+    ids = [float(rows[name]["gsm8k_nll_raw"]) for name in ("soup-3", "stock-3", "interp-3")]
+    assert "| " + " | ".join(f"{v:.4f}" for v in ids) + " |" in table[2]
     nlls = {n: float(r["gsm8k_nll_raw"]) for n, r in rows.items()}
     assert all(nlls[f"ft-{i}"] < nlls["base"] for i in (1, 2, 3))  # the fine-tunes learned something
     assert len({nlls["ft-1"], nlls["ft-2"], nlls["ft-3"]}) == 3  # and different things
