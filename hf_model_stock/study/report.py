@@ -10,16 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hf_model_stock.study.data import packaged_gsm8k
+from hf_model_stock.study.data import ID_TASK, OOD_TASK, packaged_gsm8k
 
 if TYPE_CHECKING:
     from hf_model_stock.analysis.inspect import InspectReport
     from hf_model_stock.leaderboard.board import Leaderboard
     from hf_model_stock.study.runner import StudyResult
 
-NLL = "gsm8k_nll"
+NLL = ID_TASK
 EXTRA_HEADS = {"gsm8k_answer": "answer, teacher-forced", "gsm8k": "GSM8K exact match (5-shot, strict)"}
-NLL_SAMPLES = "samples_hfms_gsm8k_nll_*.jsonl"  # lm-eval's per-sample file (EvaluationTracker layout)
+SAMPLES = "samples_hfms_{task}_*.jsonl"  # lm-eval's per-sample file (EvaluationTracker layout)
+SIGNIFICANT = 2.0  # a difference is called one when it exceeds this many standard errors
 
 
 @dataclass(frozen=True)
@@ -31,20 +32,24 @@ class Paired:
     diff: float
     stderr: float
     n: int
+    task: str = NLL
+
+    @property
+    def significant(self) -> bool:
+        return abs(self.diff) > SIGNIFICANT * self.stderr
 
     def describe(self) -> str:
         verdict = "lower" if self.diff < 0 else "higher"
-        sig = abs(self.diff) > 2 * self.stderr
-        return (f"{self.a} vs {self.b}: {self.diff:+.4f} ± {self.stderr:.4f} nats/token ({verdict} for {self.a}; "
-                f"{'more' if sig else 'less'} than 2 standard errors, {self.n} items)")
+        return (f"{self.a} vs {self.b} ({self.task}): {self.diff:+.4f} ± {self.stderr:.4f} nats/token ({verdict} "
+                f"for {self.a}; {'more' if self.significant else 'less'} than 2 standard errors, {self.n} items)")
 
 
-def item_nll(board: Leaderboard, name: str) -> dict[int, tuple[float, int]]:
-    """Per held-out item: (summed log-likelihood of the gold solution, its tokens), from the row's
+def item_nll(board: Leaderboard, name: str, task: str = NLL) -> dict[int, tuple[float, int]]:
+    """Per evaluated item: (summed log-likelihood of the scored text, its tokens), from the row's
     lm-eval sample file."""
     row = next(r for r in board.rows if r.name == name)
-    run_dir = Path(row.results[NLL].run_dir)
-    (path,) = list(run_dir.glob(f"*/lm_eval/**/{NLL_SAMPLES}"))
+    run_dir = Path(row.results[task].run_dir)
+    (path,) = list(run_dir.glob(f"*/lm_eval/**/{SAMPLES.format(task=task)}"))
     out = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
@@ -53,10 +58,10 @@ def item_nll(board: Leaderboard, name: str) -> dict[int, tuple[float, int]]:
     return out
 
 
-def paired(board: Leaderboard, a: str, b: str) -> Paired:
+def paired(board: Leaderboard, a: str, b: str, task: str = NLL) -> Paired:
     """Token-weighted difference of NLL/token (A - B) over the items both were scored on, with the
     ratio estimator's standard error (items as the sampling unit)."""
-    xa, xb = item_nll(board, a), item_nll(board, b)
+    xa, xb = item_nll(board, a, task), item_nll(board, b, task)
     ids = sorted(set(xa) & set(xb))
     d = [(-xa[i][0]) - (-xb[i][0]) for i in ids]
     n = [xa[i][1] for i in ids]
@@ -64,7 +69,7 @@ def paired(board: Leaderboard, a: str, b: str) -> Paired:
     diff = sum(d) / total
     m = len(ids)
     var = sum((dj - diff * nj) ** 2 for dj, nj in zip(d, n)) / (m - 1) if m > 1 else float("nan")
-    return Paired(a, b, diff, math.sqrt(var * m) / total if m > 1 else float("nan"), m)
+    return Paired(a, b, diff, math.sqrt(var * m) / total if m > 1 else float("nan"), m, task)
 
 
 @dataclass(frozen=True)
@@ -111,29 +116,52 @@ def geometry(report: InspectReport) -> Geometry:
                     whole_angles=whole_angles, whole_norms=whole_norms)
 
 
-def _value(board: Leaderboard, name: str, task: str) -> float | None:
+def headline_value(board: Leaderboard, name: str, task: str) -> float | None:
+    """The row's headline score of ``task``, or None."""
     row = next((r for r in board.rows if r.name == name), None)
     score = row.score(task) if row else None
     return None if score is None else float(score["value"])
 
 
+def _values(board: Leaderboard, task: str) -> dict[str, float]:
+    """Each row's headline value of ``task`` (rows without one left out)."""
+    return {row.name: v for row in board.rows if (v := headline_value(board, row.name, task)) is not None}
+
+
+def _with_stderr(board: Leaderboard, name: str, task: str) -> str:
+    row = next((r for r in board.rows if r.name == name), None)
+    score = row.score(task) if row else None
+    if score is None:
+        return "—"
+    return f"{score['value']:.4f}" + (f" ± {score['stderr']:.4f}" if score.get("stderr") is not None else "")
+
+
 def result_table(result: StudyResult) -> list[str]:
-    """The Markdown table: one row per model in study order; NLL, then any exact-match task."""
+    """The Markdown table: one row per model in study order; the ID and OOD NLL (± standard error),
+    any exact-match task, t, and the measured distance from the base."""
     board = result.board
-    base_nll = _value(board, "base", NLL)
-    extra = [t for t in board.tasks if t != NLL]
-    head = ["model", "what", "NLL/token ↓", "vs base", *[f"{EXTRA_HEADS.get(t, t)} ↑" for t in extra], "mean t"]
+    nll_tasks = [t for t in (NLL, OOD_TASK) if t in board.tasks]
+    extra = [t for t in board.tasks if t not in nll_tasks]
+    heads = {NLL: "ID: GSM8K NLL/token ↓", OOD_TASK: "OOD: pydoc NLL/token ↓"}
+    head = ["model", "what"]
+    for task in nll_tasks:
+        head += [heads[task], "vs base"]
+    head += [*[f"{EXTRA_HEADS.get(t, t)} ↑" for t in extra], "t", "‖w − w0‖"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in board.rows:
-        nll = _value(board, row.name, NLL)
-        what = describe_row(row.name, result.settings.seeds())
-        cells = [row.name, what, "—" if nll is None else f"{nll:.4f}",
-                 "—" if nll is None or base_nll is None or row.name == "base" else f"{nll - base_nll:+.4f}"]
+        cells = [row.name, describe_row(row.name, result.settings.seeds())]
+        for task in nll_tasks:
+            value, base = headline_value(board, row.name, task), headline_value(board, "base", task)
+            cells += [_with_stderr(board, row.name, task),
+                      "—" if value is None or base is None or row.name == "base" else f"{value - base:+.4f}"]
         for task in extra:
-            value, score = _value(board, row.name, task), row.score(task)
+            value, score = headline_value(board, row.name, task), row.score(task)
             cells.append("—" if value is None or score is None else
                          f"{value:.3f} ({round(value * score['n'])}/{score['n']})")
-        cells.append(f"{result.merge_t[row.name]:.3f}" if row.name in result.merge_t else "")
+        t = result.merge_t.get(row.name)
+        cells.append("" if t is None else (f"mean {t:.3f}" if row.name.startswith("stock") else f"{t:.4g}"))
+        distance = result.distances.get(row.name)
+        cells.append("" if distance is None else f"{distance:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -144,31 +172,55 @@ def describe_row(name: str, seeds: list[int]) -> str:
     kind, _, k = name.partition("-")
     if kind == "ft":
         return f"fine-tune, seed {seeds[int(k) - 1]}"
+    if kind == "line":
+        return f"base + {float(k):g} (soup-{len(seeds)} − base)" + (", beyond the soup" if float(k) > 1 else "")
     members = ", ".join(f"ft-{i}" for i in range(1, int(k) + 1))
-    return f"uniform average of {members}" if kind == "soup" else f"Model Stock of {members}"
+    return {"soup": f"uniform average of {members}", "stock": f"Model Stock of {members}",
+            "interp": f"base-to-soup-{k} line, as far from the base as stock-{k}"}[kind]
+
+
+def _verdict(p: Paired) -> str:
+    if not p.significant:
+        return "no difference beyond 2 standard errors"
+    return f"{p.a if p.diff < 0 else p.b} is better"
 
 
 def findings(result: StudyResult, geo: Geometry) -> list[str]:
     """What the numbers show, sentence by sentence, each chosen by a comparison."""
     board = result.board
     n = result.settings.n_models
-    nll = {row.name: _value(board, row.name, NLL) for row in board.rows}
+    has_ood = OOD_TASK in board.tasks
+    nll = _values(board, NLL)
     fts = [f"ft-{i}" for i in range(1, n + 1)]
     best_ft = min(fts, key=lambda x: nll[x])
     worst_ft = max(fts, key=lambda x: nll[x])
     out = []
     base = nll["base"]
     moved = all(nll[f] < base for f in fts)
-    out.append(f"- Fine-tuning {'lowers' if moved else 'does not consistently lower'} the held-out NLL: base "
+    out.append(f"- Fine-tuning {'lowers' if moved else 'does not consistently lower'} the held-out (ID) NLL: base "
                f"{base:.4f}, fine-tunes {nll[best_ft]:.4f} to {nll[worst_ft]:.4f} nats/token.")
+    if has_ood:
+        ood = _values(board, OOD_TASK)
+        forget = [paired(board, f, "base", OOD_TASK) for f in fts]
+        worse = sum(p.diff > 0 and p.significant for p in forget)
+        better = sum(p.diff < 0 and p.significant for p in forget)
+        out.append(f"- Out of distribution (the Python reference's prose, never trained on): base {ood['base']:.4f}, "
+                   f"fine-tunes {min(ood[f] for f in fts):.4f} to {max(ood[f] for f in fts):.4f} nats/token; "
+                   f"{worse} of {n} fine-tunes are worse than the base by more than 2 standard errors (paired), "
+                   f"{better} better" + (": fine-tuning on GSM8K costs some general prose, the forgetting a merge "
+                                         "should limit." if worse else "."))
     stock, soup = f"stock-{n}", f"soup-{n}"
-    for p in (paired(board, stock, best_ft), paired(board, stock, soup), paired(board, "stock-2", soup),
-              paired(board, "soup-2", best_ft)):
-        out.append(f"- {p.describe()}.")
+    tasks = [NLL, OOD_TASK] if has_ood else [NLL]
+    for task in tasks:
+        for p in (paired(board, stock, best_ft, task), paired(board, stock, soup, task),
+                  paired(board, "soup-2", best_ft, task)):
+            out.append(f"- {p.describe()}.")
     beats_fts = all(nll[stock] < nll[f] for f in fts)
     beats_soup = nll[stock] < nll[soup]
-    out.append(f"- {stock} {'beats' if beats_fts else 'does not beat'} every fine-tune and "
-               f"{'beats' if beats_soup else 'does not beat'} {soup} on NLL.")
+    out.append(f"- ID: {stock} {'beats' if beats_fts else 'does not beat'} every fine-tune and "
+               f"{'beats' if beats_soup else 'does not beat'} {soup}.")
+    out += _interp_findings(result, tasks)
+    out += _line_findings(result, tasks)
     t = result.merge_t.get(stock)
     if t is not None:
         cos_whole = [math.cos(math.radians(a)) for a in geo.whole_angles]
@@ -177,7 +229,6 @@ def findings(result: StudyResult, geo: Geometry) -> list[str]:
                    f"{', '.join(f'{c:.3f}' for c in cos_whole)}), so mean t is {t:.3f} for {stock}"
                    + (f" and {result.merge_t['stock-2']:.3f} for stock-2" if "stock-2" in result.merge_t and n > 2
                       else "") + ".")
-        out.append("- Why: " + _line_reading(stock, soup, t, base, nll[stock], nll[soup]))
     out.append(f"- Thin shell: within a layer the {n} deltas' norms differ by {100 * geo.norm_spread_median:.1f}% "
                f"(max - min over mean; median over {geo.layers} layers, at most {100 * geo.norm_spread_max:.1f}%), "
                f"and their pairwise angles by at most {geo.angle_spread_max:.1f}°: "
@@ -188,21 +239,70 @@ def findings(result: StudyResult, geo: Geometry) -> list[str]:
     return out
 
 
-def _line_reading(stock: str, soup: str, t: float, base: float, at_t: float, at_soup: float) -> str:
-    """What the NLL along the line from the base to the soup says about t (the stock lies on it)."""
-    line = (f"{stock} is w_0 + t (w_{soup} - w_0), a point on the line from the base to {soup}. Along it the NLL "
-            f"is {base:.4f} at the base, {at_t:.4f} at t = {t:.3f} and {at_soup:.4f} at the soup")
-    if at_soup < at_t < base:
-        return (line + ": still falling at the soup, so t < 1 gives back part of the gain. Model Stock assumes "
-                "that the fine-tunes lie on a thin shell around a center that is the better model, and t picks "
-                "the point of this line nearest that center. Here moving away from the base along the "
-                "fine-tunes' shared direction still helps all the way to the soup, so the pull toward the base "
-                "costs more than the seed noise it removes. (The paper's fine-tunes are full ImageNet "
-                "fine-tunes of CLIP ViTs, trained for epochs; these are a few steps from the base: `--steps` "
-                "tests longer ones.)")
-    if at_t < at_soup:
-        return line + ": the best point on the line lies short of the soup, and t stops there: the anchor pays off."
-    return line + "."
+def _interp_findings(result: StudyResult, tasks: list[str]) -> list[str]:
+    """Does the per-layer t carry information? stock-k against interp-k, equally far from the base."""
+    board = result.board
+    out = []
+    for k in range(2, result.settings.n_models + 1):
+        stock, interp = f"stock-{k}", f"interp-{k}"
+        if stock not in result.distances or interp not in result.distances:
+            continue
+        ds, di = result.distances[stock], result.distances[interp]
+        verdicts = [(task, paired(board, stock, interp, task)) for task in tasks]
+        out.append(f"- Per-layer t against one t: {stock} and {interp} are equally far from the base (measured "
+                   f"‖w − w0‖ {ds:.4f} and {di:.4f}; {interp} at t = {result.merge_t[interp]:.4f}). "
+                   + "; ".join(f"{task}: {p.diff:+.4f} ± {p.stderr:.4f} ({_verdict(p)})" for task, p in verdicts)
+                   + ".")
+    pairs = [paired(board, f"stock-{k}", f"interp-{k}", task) for k in range(2, result.settings.n_models + 1)
+             for task in tasks if f"interp-{k}" in result.distances]
+    if pairs:
+        wins = [p for p in pairs if p.significant and p.diff < 0]
+        losses = [p for p in pairs if p.significant and p.diff > 0]
+        out.append("- So the layer-wise t " + (
+            "carries information here: Model Stock's split of the same distance between layers beats one t "
+            f"in {len(wins)} of {len(pairs)} comparisons and loses none." if wins and not losses else
+            "is worse than one t here: spreading the same distance evenly does better "
+            f"in {len(losses)} of {len(pairs)} comparisons." if losses and not wins else
+            f"gives mixed results here ({len(wins)} wins, {len(losses)} losses of {len(pairs)})." if wins else
+            f"shows no effect here: at equal distance from the base, none of {len(pairs)} comparisons differs by "
+            "more than 2 standard errors; what Model Stock changes is mainly how far it goes from the base."))
+    return out
+
+
+def line_points(result: StudyResult) -> list[tuple[float, str]]:
+    """(t, row) of the models on the base-to-soup-N line, by t: the base, the line's points, interp-N, the soup."""
+    n = result.settings.n_models
+    points = [(0.0, "base"), (1.0, f"soup-{n}")]
+    points += [(t, name) for name, t in result.merge_t.items() if name.startswith("line-") or name == f"interp-{n}"]
+    return sorted(points)
+
+
+def _line_findings(result: StudyResult, tasks: list[str]) -> list[str]:
+    """The NLL along the base-to-soup-N line (interp-N and the line's points are on it; stock-N is not)."""
+    board = result.board
+    n = result.settings.n_models
+    points = line_points(result)
+    if len(points) <= 2:
+        return []
+    out = []
+    for task in tasks:
+        scores = _values(board, task)
+        values = [(t, name, scores[name]) for t, name in points if name in scores]
+        ranked = sorted(values, key=lambda v: v[2])
+        best_t, best_name, _ = ranked[0]
+        where = ("beyond the soup: the line is still falling at t = 1" if best_t > 1 else
+                 "at the soup" if best_t == 1 else "at the base" if best_t == 0 else
+                 "between the base and the soup")
+        runner_up = ranked[1][1]
+        p = paired(board, best_name, runner_up, task)
+        out.append(f"- Along the base-to-soup-{n} line ({task}): "
+                   + ", ".join(f"t {t:.4g} {v:.4f}" for t, _, v in values)
+                   + f"; lowest at t = {best_t:.4g} ({best_name}), {where}; against the next lowest, {runner_up}: "
+                   f"{p.diff:+.4f} ± {p.stderr:.4f} ({'more' if p.significant else 'less'} than 2 standard errors).")
+    if f"stock-{n}" in result.merge_t:
+        out.append(f"- stock-{n} is not on this line: its t differs by layer (mean {result.merge_t[f'stock-{n}']:.3f}); "
+                   f"interp-{n} is the point of the line at its distance from the base.")
+    return out
 
 
 def write_study_readme(result: StudyResult, path: Path) -> Path:
@@ -233,7 +333,11 @@ def write_study_readme(result: StudyResult, path: Path) -> Path:
         + (" (of the same pool: with this few steps, a different order means mostly different items)."
            if seen <= result.n_train_usable / 2 else "."),
         "- Merges of the fine-tunes: `soup-k` is the uniform average of ft-1..ft-k (Model Soup), `stock-k` "
-        "their Model Stock merge (layer-wise, the authors' eps 1e-8, t clamped to [0, 1]), all float32.",
+        "their Model Stock merge (layer-wise, the authors' eps 1e-8, t clamped to [0, 1]), `interp-k` the line "
+        "from the base to soup-k at the one t where it is as far from the base as stock-k (whole model: "
+        "t = sqrt(Σ_l t_l² ‖m_l‖² / Σ_l ‖m_l‖²), m_l the layer's mean delta; same distance, only its split "
+        f"between layers differs), `line-t` the line from the base to soup-{s.n_models} at fixed t (t 1.25 "
+        "extrapolates past the soup); all float32, all built by the leaderboard from recipes.",
         f"- Evaluation through the leaderboard ({rel(result.leaderboard_files['md'])}) on the first "
         f"{result.n_heldout} held-out items of at most {s.max_item_tokens} tokens: `gsm8k_nll`, the per-token "
         "negative log-likelihood of the gold solution given the question (zero-shot, nats, lower is better)"
@@ -243,7 +347,14 @@ def write_study_readme(result: StudyResult, path: Path) -> Path:
            else "") + "."
         + ("" if "gsm8k" in s.tasks else " Exact match is not scored by default: generative GSM8K costs minutes "
            "per model on a CPU and is near 0 for a 135M model; `--exact-match` adds it and a teacher-forced "
-           "variant."),
+           "variant.")
+        + (f" Out of distribution: `{OOD_TASK}`, the same per-token NLL on {result.n_ood} prose paragraphs of the "
+           "Python language reference (the standard library's `pydoc_data.topics`, what `help()` shows) given "
+           "each section's title: English expository text with no arithmetic word problems, installed with "
+           "Python, never trained on, so a rise measures what fine-tuning on GSM8K forgot." if OOD_TASK in s.tasks
+           else "")
+        + " Each score's ± is its standard error over items (a ratio estimator, items as the unit); the "
+        "comparisons below are paired, over the same items, called a difference only beyond 2 standard errors.",
         "- Stage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in result.seconds.items())
         + f"; {sum(result.seconds.values()):.0f} in all.",
         "",
@@ -255,6 +366,7 @@ def write_study_readme(result: StudyResult, path: Path) -> Path:
         "",
         *findings(result, geo),
         "",
+        *([f"![in vs out of distribution]({rel(result.id_ood)})", ""] if result.id_ood else []),
         "## Files",
         "",
         f"- Leaderboard: {', '.join(rel(p) for p in result.leaderboard_files.values())}",

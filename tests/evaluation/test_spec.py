@@ -28,7 +28,7 @@ def test_tasks_from_list_or_comma_string() -> None:
 
 def test_every_task_name_has_a_benchmark() -> None:
     assert list(get_args(TaskName)) == list(BENCHMARKS) == ["gsm8k", "math", "mmlu_pro", "mbpp", "harmbench",
-                                                         "gsm8k_nll", "gsm8k_answer"]
+                                                         "gsm8k_nll", "gsm8k_answer", "pydoc_nll"]
 
 
 def test_default_is_the_core_suite_and_suites_expand() -> None:
@@ -45,7 +45,7 @@ def test_rejections_name_the_problem() -> None:
     assert _message(include_path="/no/such/dir") == "include_path: Value error, /no/such/dir: no such directory of task YAMLs"
     assert _message(tasks=["math", "math"]) == "tasks: Value error, listed more than once: math"
     assert _message(tasks=[]) == ("tasks: Value error, give at least one task: ours (gsm8k, math, mmlu_pro, mbpp, "
-                                 "harmbench, gsm8k_nll, gsm8k_answer) or any lm-eval task, group or tag")
+                                 "harmbench, gsm8k_nll, gsm8k_answer, pydoc_nll) or any lm-eval task, group or tag")
     assert _message(tasks=["math"], suite="core") == ": Value error, give either tasks or suite, not both"
     assert _message(suite="nope") == "suite: Value error, unknown suite 'nope' (known: all, code, core, math, safety, study)"
     assert _message(limit=0) == "limit: Input should be greater than 0"

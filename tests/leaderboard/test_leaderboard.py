@@ -71,11 +71,12 @@ def test_local_batch_ranks_models_and_writes_every_file(board_models: Path, tmp_
     assert rows[0]["identity"].startswith("sha256:") and rows[0]["status"] == "ok"
 
     md = (tmp_path / "lb" / "leaderboard.md").read_text(encoding="utf-8")
-    assert "| 1 | beta | model | 62.50 | 75.00 | 50.00 | 5.00 |" in md
+    # each score with its standard error, on the normalised scale (mmlu_pro: 0.01 x 100 / 0.9)
+    assert "| 1 | beta | model | 62.50 | 75.00 ± 1.00 | 50.00 ± 1.11 | 5.00 ± 1.00 |" in md
     assert "| alpha | 0.5000 ± 0.0100 (n=100) | 0.3250 ± 0.0100 (n=100) | 0.2000 ± 0.0100 (n=100) |" in md
     assert "![scores per task](leaderboard.png)" in md
     page = (tmp_path / "lb" / "leaderboard.html").read_text(encoding="utf-8")
-    assert "<td>62.50</td>" in page and "data:image/png;base64," in page
+    assert "<td>62.50</td>" in page and "<td>75.00 ± 1.00</td>" in page and "data:image/png;base64," in page
     width, height = png_size(tmp_path / "lb" / "leaderboard.png")
     assert width >= 600 and height >= 400
     data = json.loads((tmp_path / "lb" / "leaderboard.json").read_text(encoding="utf-8"))
@@ -188,7 +189,7 @@ def test_recipes_bring_base_fine_tunes_and_both_merge_methods(tmp_path: Path) ->
     torch.testing.assert_close(merged["soup"], (fts[0] + fts[1]) / 2, rtol=0, atol=1e-6)  # the uniform average
     assert not torch.equal(merged["stock"], merged["soup"])
     md = (tmp_path / "lb" / "leaderboard.md").read_text(encoding="utf-8")
-    assert "| 1 | stock | merge:model_stock | 50.00 | 50.00 |" in md and "| 2 | soup | merge:linear | 45.00 |" in md
+    assert "| 1 | stock | merge:model_stock | 50.00 | 50.00" in md and "| 2 | soup | merge:linear | 45.00 |" in md
 
 
 def test_a_failed_merge_fails_its_row_only(tmp_path: Path) -> None:

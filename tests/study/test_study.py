@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import random
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from hf_model_stock.study.data import Item, continuation, prompt, split_items
 from hf_model_stock.study.finetune import TrainSettings, data_order, finetune, usable_items
 from hf_model_stock.study.runner import StudySettings, run_study
 
-NAMES = ["base", "ft-1", "ft-2", "ft-3", "soup-2", "soup-3", "stock-2", "stock-3"]
+NAMES = ["base", "ft-1", "ft-2", "ft-3", "soup-2", "soup-3", "stock-2", "stock-3", "interp-2", "interp-3",
+         "line-0.25", "line-0.50", "line-1.25"]
 
 
 def gsm8k_like(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -61,9 +63,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return base, data
 
 
-def reference(model_dir: Path, tokenizer_dir: Path, items: list[dict]) -> tuple[float, float]:
-    """(NLL per token of the gold solutions, teacher-forced answer accuracy) with a float64 forward
-    pass; the continuation's tokens are those whose text starts at or after the context's end."""
+def reference(model_dir: Path, tokenizer_dir: Path, items: list[dict],
+              prose: list[dict]) -> tuple[float, float, float, float]:
+    """(NLL per token of the gold solutions, teacher-forced answer accuracy, NLL per token of the
+    prose paragraphs given their titles, its standard error) with a float64 forward pass; the
+    continuation's tokens are those whose text starts at or after the context's end."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -87,7 +91,11 @@ def reference(model_dir: Path, tokenizer_dir: Path, items: list[dict]) -> tuple[
         body, final = item["answer"].split("####")
         _, _, greedy = score(prompt(item["question"]) + " " + body + "####", " " + final.strip())
         correct += greedy
-    return -total_ll / total_n, correct / len(items)
+    pairs = [score(p["title"] + ":", " " + p["text"])[:2] for p in prose]
+    ratio = -sum(ll for ll, _ in pairs) / sum(n for _, n in pairs)
+    m = len(pairs)  # the ratio estimator's standard error, written out
+    se = math.sqrt(m / (m - 1) * sum((-ll - ratio * n) ** 2 for ll, n in pairs)) / sum(n for _, n in pairs)
+    return -total_ll / total_n, correct / len(items), ratio, se
 
 
 def test_study_end_to_end_on_a_tiny_model(tiny: tuple[Path, Path], tmp_path: Path) -> None:
@@ -95,7 +103,7 @@ def test_study_end_to_end_on_a_tiny_model(tiny: tuple[Path, Path], tmp_path: Pat
     settings = StudySettings(train=TrainSettings(steps=3, batch_size=4, max_length=512, learning_rate=3e-3,
                                                  warmup_steps=0),
                              items=5, max_item_tokens=512, device="cpu", parallel=2,
-                             tasks=("gsm8k_nll", "gsm8k_answer"))
+                             tasks=("gsm8k_nll", "pydoc_nll", "gsm8k_answer"))
     log = io.StringIO()
     result = run_study(tmp_path, settings, base_dir=base, data_file=data, stream=log)
     root = tmp_path / "study"
@@ -112,10 +120,39 @@ def test_study_end_to_end_on_a_tiny_model(tiny: tuple[Path, Path], tmp_path: Pat
     trained = {(i.question, i.answer) for i in split_items([Item(**r) for r in gsm8k_like(40)], 10).train}
     assert not trained & {(r["question"], r["answer"]) for r in heldout}  # never trained on
 
-    for name, model_dir in [("base", base), ("stock-3", root / "models" / "stock-3")]:
-        nll, acc = reference(model_dir, base, heldout)
+    prose = [json.loads(line) for line in (root / "data" / "pydoc_nll" / "test.jsonl").read_text().splitlines()]
+    assert len(prose) == 5 and all(r["pydoc_nll_n"] == "5" for r in rows.values())
+    assert not {p["text"] for p in prose} & {i for r in gsm8k_like(40) for i in r.values()}
+    for name, model_dir in [("base", base), ("stock-3", root / "models" / "stock-3"),
+                            ("interp-3", root / "models" / "interp-3")]:
+        nll, acc, ood, ood_se = reference(model_dir, base, heldout, prose)
         assert float(rows[name]["gsm8k_nll_raw"]) == pytest.approx(nll, rel=2e-6, abs=0), name
         assert float(rows[name]["gsm8k_answer_raw"]) == acc, name
+        assert float(rows[name]["pydoc_nll_raw"]) == pytest.approx(ood, rel=2e-6, abs=0), name
+        assert float(rows[name]["pydoc_nll_stderr"]) == pytest.approx(ood_se, rel=1e-4), name
+    assert all(float(r["gsm8k_nll_stderr"]) > 0 for r in rows.values())
+
+    # interp-k: on the base-to-soup-k line, as far from the base as stock-k (measured on the files)
+    from safetensors.torch import load_file
+
+    from tests.methods.test_interp import reference_distance
+
+    def weights(name: str) -> dict[str, torch.Tensor]:
+        return load_file(str((base if name == "base" else root / "models" / name) / "model.safetensors"))
+
+    w0 = weights("base")
+    for k in (2, 3):
+        stock, interp = reference_distance(w0, weights(f"stock-{k}")), reference_distance(w0, weights(f"interp-{k}"))
+        assert stock == pytest.approx(interp, rel=1e-5) and result.distances[f"interp-{k}"] == pytest.approx(interp)
+        soup = reference_distance(w0, weights(f"soup-{k}"))
+        assert result.merge_t[f"interp-{k}"] * soup == pytest.approx(interp, rel=1e-5)
+    assert result.merge_t["line-1.25"] == 1.25 and (root / "id_ood.png").is_file()
+    from hf_model_stock.study.compare import compare_table
+
+    table = compare_table([root])  # the longer run's table, read back from the files
+    assert len(table) == 4 and table[2].startswith("| 3 | gsm8k_nll | ") and table[3].startswith("| 3 | pydoc_nll | ")
+    ids = [float(rows[name]["gsm8k_nll_raw"]) for name in ("soup-3", "stock-3", "interp-3")]
+    assert "| " + " | ".join(f"{v:.4f}" for v in ids) + " |" in table[2]
     nlls = {n: float(r["gsm8k_nll_raw"]) for n, r in rows.items()}
     assert all(nlls[f"ft-{i}"] < nlls["base"] for i in (1, 2, 3))  # the fine-tunes learned something
     assert len({nlls["ft-1"], nlls["ft-2"], nlls["ft-3"]}) == 3  # and different things
@@ -168,4 +205,5 @@ def test_split_and_eval_files(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     records = [json.loads(line) for line in files["gsm8k_nll"].read_text().splitlines()]
     assert [r["answer_tokens"] for r in records] == [len(token_ids(tok, i)[1]) for i in split.heldout[:3]]
     assert len((tmp_path / "gsm8k" / "train.jsonl").read_text().splitlines()) == 8
-    assert with_overrides(StudySettings(), steps=9, exact_match=True).tasks == ("gsm8k_nll", *EXACT_MATCH_TASKS)
+    assert with_overrides(StudySettings(), steps=9, exact_match=True).tasks == ("gsm8k_nll", "pydoc_nll",
+                                                                            *EXACT_MATCH_TASKS)
