@@ -227,8 +227,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.study:
+        from hf_model_stock.study.experiment import StudySettings, run_study, with_overrides
         from hf_model_stock.study.report import print_summary
-        from hf_model_stock.study.runner import StudySettings, run_study, with_overrides
 
         settings = with_overrides(StudySettings(), steps=args.steps, items=args.items, exact_match=args.exact_match)
         result = run_study(args.workdir, settings)
@@ -236,7 +236,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 0
     if args.steps is not None or args.items is not None or args.exact_match:
         raise ModelStockError("demo: --steps, --items and --exact-match go with --study")
-    from hf_model_stock.demo import run_demo
+    from hf_model_stock.study.demo import run_demo
 
     run_demo(args.workdir, progress=not args.quiet)
     return 0

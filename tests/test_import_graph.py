@@ -15,9 +15,10 @@ STAGES = [
     "errors", "versions", "yaml_schema",  # cross-cutting leaves
     "methods", "io", "hub",  # the math; local files; the Hub (listings, headers, ranges, streamed shards)
     "eval_spec", "recipe",  # what to do: the evaluation spec (a leaf the recipe holds), the recipe
-    "sources", "merge", "publish", "pipeline",  # resolve -> plan and execute -> write -> the library API
+    "sources", "mergekit",  # resolve (local dir or Hub repo -> snapshot); mergekit configs and published merges -> a Recipe
+    "merge", "publish", "pipeline",  # plan and execute -> write -> the library API
     "analysis", "evaluation", "workflow",  # inspect and training; scoring; the recipe workflow (merge, eval, push)
-    "leaderboard", "demo", "study", "cli",  # many models; the demo and the study built on it; the command line
+    "leaderboard", "study", "cli",  # many models; the quick demo and the study; the command line
 ]
 MAX_TOP_LEVEL_MODULES = 10
 

@@ -67,7 +67,7 @@ def test_shipped_recipes_are_valid():
 
 
 def test_demo_recipe_file_is_the_one_the_demo_writes():
-    from hf_model_stock.demo import demo_recipe
+    from hf_model_stock.study.demo import demo_recipe
 
     assert (REPO / "recipes" / "demo.yaml").read_text() == demo_recipe("../hfms-demo/models")
 

@@ -16,7 +16,7 @@ from hf_model_stock.study.data import ID_TASK, OOD_TASK
 from hf_model_stock.study.report import headline_value, line_points, paired
 
 if TYPE_CHECKING:
-    from hf_model_stock.study.runner import StudyResult
+    from hf_model_stock.study.experiment import StudyResult
 
 STYLE = {"base": ("black", "s"), "ft": ("tab:gray", "o"), "soup": ("tab:blue", "D"), "stock": ("tab:red", "^"),
          "interp": ("tab:green", "v"), "line": ("tab:cyan", "o")}

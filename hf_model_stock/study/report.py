@@ -15,7 +15,7 @@ from hf_model_stock.study.data import ID_TASK, OOD_TASK, packaged_gsm8k
 if TYPE_CHECKING:
     from hf_model_stock.analysis.inspect import InspectReport
     from hf_model_stock.leaderboard.board import Leaderboard
-    from hf_model_stock.study.runner import StudyResult
+    from hf_model_stock.study.experiment import StudyResult
 
 NLL = ID_TASK
 EXTRA_HEADS = {"gsm8k_answer": "answer, teacher-forced", "gsm8k": "GSM8K exact match (5-shot, strict)"}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_model_stock.demo import FINETUNES, layer_t_lines, run_demo
+from hf_model_stock.study.demo import FINETUNES, layer_t_lines, run_demo
 from tests.study.test_study import tiny  # noqa: F401  (the fixture)
 
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from hf_model_stock.study.data import Item, continuation, prompt, split_items
+from hf_model_stock.study.experiment import StudySettings, run_study
 from hf_model_stock.study.finetune import TrainSettings, data_order, finetune, usable_items
-from hf_model_stock.study.runner import StudySettings, run_study
 
 NAMES = ["base", "ft-1", "ft-2", "ft-3", "soup-2", "soup-3", "stock-2", "stock-3", "interp-2", "interp-3",
          "line-0.25", "line-0.50", "line-1.25"]
@@ -193,7 +193,7 @@ def test_split_and_eval_files(tiny: tuple[Path, Path], tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     from hf_model_stock.study.data import EXACT_MATCH_TASKS, token_ids, write_eval_data
-    from hf_model_stock.study.runner import with_overrides
+    from hf_model_stock.study.experiment import with_overrides
 
     items = [Item(**r) for r in gsm8k_like(40)]
     split = split_items(items, 10)

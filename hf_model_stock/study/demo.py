@@ -125,7 +125,7 @@ def run_demo(workdir: Path, progress: bool = True, *, base_dir: Path | None = No
     print t per layer and the held-out NLL of every model (through the leaderboard). ``base_dir``:
     a base with a tokenizer instead of SmolLM2 (copied in); ``data_file``: GSM8K-format jsonl instead
     of the installed GSM8K test split."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see study.runner: spinning threads cost 2-3x when shared
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see study.experiment: spinning threads cost 2-3x when shared
     from transformers import AutoTokenizer
 
     from hf_model_stock.leaderboard.batch import run_leaderboard

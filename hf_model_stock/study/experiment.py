@@ -179,7 +179,7 @@ def run_study(workdir: Path, settings: StudySettings = StudySettings(), *, base_
     clock = time.perf_counter()
 
     if base_dir is None:
-        from hf_model_stock.demo import build_base
+        from hf_model_stock.study.demo import build_base
 
         base_dir = workdir / "models" / "base"
         _say(out, f"[1/7] base model -> {base_dir}")
