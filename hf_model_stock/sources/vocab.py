@@ -209,25 +209,26 @@ def vocab_rows(inputs: Sequence[VocabInput], out_tokens: Mapping[str, int], out_
     kind = np.full(out_rows, COPY, dtype=np.int8)
     copy_from = np.full(out_rows, -1, dtype=np.int64)
     for r in range(out_rows):
-        tok = by_id.get(r)
-        if tok is None:
+        found = by_id.get(r)
+        if found is None:
             if out_input is not None and r < inputs[out_input].rows:
                 copy_from[r] = out_input
                 source[out_input, r] = r
             continue
         for j, inp in enumerate(inputs):
-            k = inp.tokens.get(tok)
+            k = inp.tokens.get(found)
             if k is not None and 0 <= k < inp.rows:
                 source[j, r] = k
         kind[r] = MERGE if source[0, r] >= 0 else NEW
     result = VocabRows(rows=out_rows, source=source, kind=kind, copy_from=copy_from)
-    orphans = [by_id[r] for r in np.flatnonzero((kind == NEW) & (source[1:] < 0).all(0))]
+    orphans = [by_id[int(r)] for r in np.flatnonzero((kind == NEW) & (source[1:] < 0).all(0))]
     if orphans:
         shown = ", ".join(map(repr, orphans[:5])) + (f" and {len(orphans) - 5} more" if len(orphans) > 5 else "")
         result.problems.append(f"tokenizer_source {source_label}: token(s) {shown} have no embedding row in the base "
                                "or any fine-tune")
     new = np.flatnonzero(kind == NEW)
-    listed = [f"{by_id[r]!r} (row {r}: mean of {', '.join(inputs[j].label for j in np.flatnonzero(source[1:, r] >= 0) + 1)})"
+    listed = [f"{by_id[int(r)]!r} (row {r}: mean of "
+              f"{', '.join(inputs[int(j)].label for j in np.flatnonzero(source[1:, r] >= 0) + 1)})"
               for r in new[:MAX_LISTED_TOKENS]]
     pad = int((kind == COPY).sum())
     partial = int(((kind == MERGE) & ~result.shared).sum())

