@@ -32,7 +32,7 @@ from hf_model_stock.sources.resolve import (
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAMES = ("mergekit_config.yml", "mergekit_config.yaml")
+CONFIG_NAMES = ("mergekit_config.yml",)  # what mergekit writes beside a merge
 CARD_NAME = "README.md"
 CARD_MARKER = "The following YAML configuration was used to produce this model"
 _HEADING = re.compile(r"^\s{0,3}#{1,6}\s.*\bconfiguration\b", re.IGNORECASE)

@@ -409,6 +409,9 @@ def translate(
     published merge this re-runs. Raises ``RecipeError`` naming the file and key."""
     translator = _Translator(data, source, base_dir, layers)
     recipe, warnings = translator.translate()
+    if reruns:
+        translator.notes.append("the sources are read at the revisions the config names (mergekit records no source "
+                                "commits): the commits read are those under Sources")
     recipe["origin"] = {"mergekit_config": source, **({"reruns": reruns} if reruns else {}), "notes": translator.notes}
     text = yaml.safe_dump(recipe, sort_keys=False)
     return Translation(parse_recipe(text, source, with_lines=False), warnings)
