@@ -17,8 +17,11 @@ from hf_model_stock.errors import RecipeError
 from hf_model_stock.mergekit.published import config_in_card, load_run_target
 from hf_model_stock.mergekit.translate import recipe_yaml, translate
 from hf_model_stock.recipe import ModelEntry, load_recipe
-from tests.hub_fixtures import CONFIG, hub, tiny_llama  # noqa: F401
+from tests import hub_fixtures
+from tests.hub_fixtures import CONFIG, set_offline, tiny_llama
 from tests.modelgen import finetunes, write_checkpoint
+
+hub = hub_fixtures.hub  # the Hub stand-in, as a fixture of this module
 
 WEIGHTS_WARNING = ("ignored, as mergekit's model_stock ignores them (Model Stock has no weights): "
                    "models[1].parameters.weight, models[1].parameters.density, models[2].parameters.weight")
@@ -342,6 +345,18 @@ def test_rerun_a_published_merge_from_the_hub_fetches_only_its_card(work, hub, m
     assert (f"This merge re-runs the published merge [org/published](https://huggingface.co/org/published/tree/{sha}) "
             f"(commit `{sha}`) from its mergekit configuration `org/published@{sha}/README.md`") in card
 
+    set_offline(monkeypatch, True)  # everything it read is cached: the re-run repeats offline, asking nothing
+    hub.reset_stats()
+    assert main(["run", "org/published", "--out", "offline", "-q"]) == 0
+    assert hub.log == [] and shards(work / "offline") == shards(work / "rerun")
+
+
+def test_a_missing_published_repo_is_one_line(work, hub, capsys):
+    assert main(["run", "org/nothing", "--out", "rerun"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: org/nothing: repository not found on the Hub (or it is "
+                                               "private: log in with hf auth login or HF_TOKEN)")
+    assert not (work / "rerun").exists()
+
 
 def test_a_published_merge_of_another_method_is_refused_naming_its_card(work, hub, capsys):
     card = MERGEKIT_CARD.replace("{config}", "merge_method: slerp\nbase_model: org/a\nmodels: [{model: org/a}, {model: org/b}]")
@@ -362,3 +377,25 @@ def test_out_overrides_output_path_of_our_own_recipes(work):
     assert (work / "chosen" / "model.safetensors").is_file() and not (work / "elsewhere").exists()
     report = json.loads((work / "chosen" / "merge_report.json").read_text())
     assert report["recipe"]["output"]["path"] == "chosen" and "origin" not in report["recipe"]
+
+
+def test_base_plus_lora_references_merge_as_adapter_fine_tunes(tmp_path, monkeypatch):
+    from tests.adaptergen import make_adapter, tiny_base
+
+    monkeypatch.chdir(tmp_path)
+    base = tiny_base(tmp_path / "lbase")
+    for i in (1, 2):
+        make_adapter(base, tmp_path / f"lora{i}", seed=i, r=2, lora_alpha=4, target_modules=["q_proj", "up_proj"])
+    write(tmp_path / "config.yml", """
+        merge_method: model_stock
+        base_model: lbase
+        models:
+          - model: lbase
+          - model: lbase+lora1
+          - model: lbase+lora2
+        """)
+    write(tmp_path / "native.yaml", "base_model: lbase\nmodels: [lora1, lora2]\n")
+    assert main(["run", "config.yml", "--out", "from-mergekit", "-q"]) == 0
+    assert main(["run", "native.yaml", "--out", "native-out", "-q"]) == 0
+    assert shards(tmp_path / "from-mergekit") == shards(tmp_path / "native-out")
+    assert shards(tmp_path / "native-out") != shards(base)  # the adapters moved the weights

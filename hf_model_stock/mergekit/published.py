@@ -105,20 +105,31 @@ def fetch_published(repo_id: str, revision: str | None) -> tuple[Path, str | Non
     """Download the published merge's mergekit_config.yml, or its README.md when it has none (that one
     file; never its weights). Returns the local file and the commit it came from."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     entry = ModelEntry(model=repo_id, revision=revision)
     check_repo_id(entry)
+    offline: BaseException | None = None
     for name in (*CONFIG_NAMES, CARD_NAME):
         try:
             path = Path(hf_hub_download(repo_id, name, revision=revision))
+        except LocalEntryNotFoundError as exc:  # offline and not cached: the card may be
+            offline = exc
+            continue
         except EntryNotFoundError:
             continue
-        except (*transport_errors(), ValueError) as exc:
+        except _hub_errors() as exc:
             raise SourceError(hub_error_message(entry, exc)) from None
         commit = path.parent.name if SNAPSHOT_COMMIT.fullmatch(path.parent.name) else None
         return path, commit
+    if offline is not None:
+        raise SourceError(hub_error_message(entry, offline))
     raise SourceError(f"{entry.label}: neither {CONFIG_NAMES[0]} nor {CARD_NAME} in the repo (no mergekit configuration)")
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What a Hub download raises for a failed request or an invalid repo id (a ValueError)."""
+    return (*transport_errors(), ValueError)
 
 
 def layer_count(entry: ModelEntry) -> int:
@@ -134,7 +145,7 @@ def layer_count(entry: ModelEntry) -> int:
         check_repo_id(entry)
         try:
             path = Path(hf_hub_download(entry.model, "config.json", revision=entry.revision))
-        except (*transport_errors(), ValueError) as exc:
+        except _hub_errors() as exc:
             raise SourceError(hub_error_message(entry, exc)) from None
     config = read_json_object(path)
     for scope in (config, config.get("text_config") or {}):
