@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a recipe: merge, write, (push, evaluate)")
-    run.add_argument("recipe", type=Path)
+    run.add_argument("recipe", type=Path, help="a recipe, a mergekit config, or a published mergekit merge "
+                                               "(a model directory or org/name[@rev]) to re-run")
     run.add_argument("--out", type=Path, help="output directory (overrides output.path)")
     _add_merge_options(run)
     run.set_defaults(func=_cmd_run)
@@ -159,11 +160,18 @@ def _preload_in_background() -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from hf_model_stock.recipe import load_recipe
+    from hf_model_stock.mergekit.published import load_run_target
+    from hf_model_stock.mergekit.translate import recipe_yaml
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_run_target(args.recipe)  # a recipe, a mergekit config, or a published merge (dir or Hub repo)
+    if args.out is not None:
+        recipe = recipe.model_copy(update={"output": recipe.output.model_copy(
+            update={"path": str(args.out.expanduser().absolute())})})
     if args.stream:
         recipe = recipe.model_copy(update={"compute": recipe.compute.model_copy(update={"stream": True})})
+    if args.dry_run and recipe.origin is not None:  # translated: print it as our recipe, to save and edit
+        print(recipe_yaml(recipe), end="")
+        return 0
     if not args.dry_run:
         _preload_in_background()
     from hf_model_stock.workflow import run_recipe

@@ -116,6 +116,15 @@ class Output(_Strict):
         return parse_size(value)
 
 
+class Origin(_Strict):
+    """Where a translated recipe came from (``hf_model_stock.mergekit``): merge_report.json and the card
+    name it, with the notes on what the translation means for the numbers."""
+
+    mergekit_config: str = Field(min_length=1)  # the mergekit config it was translated from
+    reruns: str | None = None  # the published merge it re-runs: org/name@commit, or a directory
+    notes: list[str] = Field(default_factory=list)
+
+
 class Recipe(_Strict):
     """A validated merge recipe."""
 
@@ -132,6 +141,7 @@ class Recipe(_Strict):
     on_nonfinite: OnNonfinite = "error"
     adapter_base_mismatch: BaseMismatch = "error"  # a LoRA adapter trained on another base
     evals: EvalSpec | None = None
+    origin: Origin | None = None  # set when translated from a mergekit config
 
     @field_validator("method")
     @classmethod

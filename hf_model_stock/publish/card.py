@@ -35,7 +35,9 @@ def card_text(report: MergeReport, repo_id: str | None = None, t_plot: str | Non
     adapter = report.output_format == "adapter"  # a merged LoRA adapter: an adapter of the base
     if adapter:
         hub_ids = hub_ids[:1] if sources[0].repo_id else []
+    origin = (report.recipe or {}).get("origin")  # a translated mergekit config
     data = ModelCardData(
+        **({"reruns": origin["reruns"]} if origin and origin.get("reruns") else {}),  # the merge this re-runs
         base_model=(hub_ids[0] if adapter else hub_ids) if hub_ids else None,
         library_name="peft" if adapter else "transformers",
         pipeline_tag="text-generation",
@@ -56,6 +58,7 @@ def card_text(report: MergeReport, repo_id: str | None = None, t_plot: str | Non
         *(["", "This is a **LoRA adapter** of the base: the Model Stock merge of LoRA adapters, exactly "
             "(rank Σ r_i per module, t folded into B). Load it with `PeftModel.from_pretrained(base, this)`."]
           if adapter else []),
+        *(_origin_lines(origin) if origin else []),
         "",
         "## Sources",
         "",
@@ -93,6 +96,22 @@ def card_text(report: MergeReport, repo_id: str | None = None, t_plot: str | Non
         "",
     ]
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
+
+
+def _origin_lines(origin: dict[str, Any]) -> list[str]:
+    """The card's account of a translated mergekit config: the merge it re-runs, and the notes."""
+    reruns, config = origin.get("reruns"), origin["mergekit_config"]
+    if reruns and "/" in reruns.split("@")[0]:
+        repo, _, commit = reruns.partition("@")
+        what = (f"re-runs the published merge [{repo}](https://huggingface.co/{repo}/tree/{commit}) (commit "
+                f"`{commit}`) from its mergekit configuration `{config}`,")
+    elif reruns:
+        what = f"re-runs the merge `{reruns}` from its mergekit configuration `{config}`,"
+    else:
+        what = f"was translated from the mergekit configuration `{config}` and made"
+    lines = ["", "## From mergekit", "", f"This merge {what} with hf-model-stock (float64 arithmetic)."]
+    notes = origin.get("notes") or []
+    return lines + ([""] + [f"- {n}" for n in notes] if notes else [])
 
 
 EvalRow = Sequence[Any] | Any  # (task, metric, value[, name]) or an object with .task, .metric, .value

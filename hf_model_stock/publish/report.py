@@ -147,6 +147,8 @@ def public_recipe(recipe: dict[str, Any], names: dict[str, str]) -> dict[str, An
         return value
 
     out = dict(recipe)
+    if isinstance(out.get("origin"), dict):  # a translated mergekit config: where it came from
+        out["origin"] = {k: ref(v) if k in ("mergekit_config", "reruns") else v for k, v in out["origin"].items()}
     for key in ("base_model", "tokenizer_source"):
         if key in out:
             out[key] = ref(out[key])
@@ -188,7 +190,7 @@ def build_report(
         ),
         shards=result.shard_sha256,
         tokenizer_files=tokenizer_files or [],
-        notes=[_scrub(note, names) for note in plan.notes],
+        notes=[_scrub(note, names) for note in [*plan.notes, *((recipe or {}).get("origin") or {}).get("notes", [])]],
         versions=merge_versions(),
         recipe=None if recipe is None else public_recipe(recipe, names),
         tensors=list(result.tensors),
