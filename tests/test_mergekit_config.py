@@ -354,7 +354,8 @@ def test_rerun_a_published_merge_from_the_hub_fetches_only_its_card(work, hub, m
 def test_a_missing_published_repo_is_one_line(work, hub, capsys):
     assert main(["run", "org/nothing", "--out", "rerun"]) == 2
     assert capsys.readouterr().err.strip() == ("error: org/nothing: repository not found on the Hub (or it is "
-                                               "private: log in with hf auth login or HF_TOKEN)")
+                                               "private: log in with `hf auth login`, or set HF_TOKEN, with a token "
+                                               "that can read it)")
     assert not (work / "rerun").exists()
 
 

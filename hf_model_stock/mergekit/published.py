@@ -2,8 +2,8 @@
 published merge (a model directory or a Hub repo ``org/name[@rev]``) whose ``mergekit_config.yml`` or
 model card holds its mergekit config.
 
-From the Hub only the config, or failing that the card, is fetched (``hf_hub_download`` of that one
-file: no weights of the published merge); the sources it names are resolved by the run like any
+From the Hub only the config, or failing that the card, is fetched (``hub.listing.download_if_present`` of
+that one file: no weights of the published merge); the sources it names are resolved by the run like any
 recipe's. Cards are read in mergekit's layout (a ```yaml block after "The following YAML configuration
 was used to produce this model") and LazyMergekit's (a ```yaml block under a "Configuration" heading).
 """
@@ -18,16 +18,15 @@ from typing import Any
 import yaml
 
 from hf_model_stock.errors import RecipeError, SourceError
+from hf_model_stock.hub.listing import download_if_present, is_offline
 from hf_model_stock.mergekit.translate import LAYER_KEYS, is_mergekit_config, translate
 from hf_model_stock.recipe import ModelEntry, Recipe, load_recipe, split_revision
 from hf_model_stock.sources.resolve import (
     SNAPSHOT_COMMIT,
     check_repo_id,
     hf_cache_snapshot,
-    hub_error_message,
     is_local,
     read_json_object,
-    transport_errors,
 )
 
 logger = logging.getLogger(__name__)
@@ -104,49 +103,31 @@ def config_file_in(directory: Path) -> Path:
 def fetch_published(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
     """Download the published merge's mergekit_config.yml, or its README.md when it has none (that one
     file; never its weights). Returns the local file and the commit it came from."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
     entry = ModelEntry(model=repo_id, revision=revision)
     check_repo_id(entry)
-    offline: BaseException | None = None
     for name in (*CONFIG_NAMES, CARD_NAME):
-        try:
-            path = Path(hf_hub_download(repo_id, name, revision=revision))
-        except LocalEntryNotFoundError as exc:  # offline and not cached: the card may be
-            offline = exc
-            continue
-        except EntryNotFoundError:
-            continue
-        except _hub_errors() as exc:
-            raise SourceError(hub_error_message(entry, exc)) from None
-        commit = path.parent.name if SNAPSHOT_COMMIT.fullmatch(path.parent.name) else None
-        return path, commit
-    if offline is not None:
-        raise SourceError(hub_error_message(entry, offline))
+        path = download_if_present(repo_id, name, revision, entry.label)
+        if path is not None:
+            commit = path.parent.name if SNAPSHOT_COMMIT.fullmatch(path.parent.name) else None
+            return path, commit
+    if is_offline():
+        raise SourceError(f"{entry.label}: not in the local cache and the Hub cannot be reached (HF_HUB_OFFLINE or "
+                          "no network)")
     raise SourceError(f"{entry.label}: neither {CONFIG_NAMES[0]} nor {CARD_NAME} in the repo (no mergekit configuration)")
-
-
-def _hub_errors() -> tuple[type[BaseException], ...]:
-    """What a Hub download raises for a failed request or an invalid repo id (a ValueError)."""
-    return (*transport_errors(), ValueError)
 
 
 def layer_count(entry: ModelEntry) -> int:
     """A model's number of layers from its config.json (``num_hidden_layers``; a multimodal model's
     ``text_config``), downloaded alone for a Hub model."""
     if is_local(entry):
-        path = Path(entry.model).expanduser() / "config.json"
-        if not path.is_file():
+        path: Path | None = Path(entry.model).expanduser() / "config.json"
+        if path is None or not path.is_file():
             raise SourceError(f"{entry.label}: no config.json (to check a slice's layer_range against)")
     else:
-        from huggingface_hub import hf_hub_download
-
         check_repo_id(entry)
-        try:
-            path = Path(hf_hub_download(entry.model, "config.json", revision=entry.revision))
-        except _hub_errors() as exc:
-            raise SourceError(hub_error_message(entry, exc)) from None
+        path = download_if_present(entry.model, "config.json", entry.revision, entry.label)
+        if path is None:
+            raise SourceError(f"{entry.label}: no config.json in the repo (to check a slice's layer_range against)")
     config = read_json_object(path)
     for scope in (config, config.get("text_config") or {}):
         for key in LAYER_KEYS:

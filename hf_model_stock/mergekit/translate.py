@@ -72,6 +72,8 @@ class _Ref:
 
 
 class _Translator:
+    """One config's translation: each method reads a part and raises ``RecipeError`` naming the key."""
+
     def __init__(self, data: Mapping[str, Any], source: str, base_dir: Path | None, layers: LayerCount):
         self.data = data
         self.source = source
@@ -105,8 +107,9 @@ class _Translator:
                 raise self.fail(f"{key}.{extra[0]}", "unknown key")
             path, rev = value.get("path"), value.get("revision")
         elif isinstance(value, str):
-            if self.existing(value):
-                return self.local(value), None
+            local = self.existing(value)
+            if local:  # a local path is never split at '@'
+                return local, None
             if value.count("@") > 1:
                 raise self.fail(key, f"{value!r}: more than one '@'")
             path, _, rev = value.partition("@")
