@@ -145,11 +145,12 @@ def _program_process(libc: ctypes.CDLL, config: dict, layers: list, outer: int, 
         layers.append("pidns")
     machine = platform.machine()
     libc.syscall.restype = ctypes.c_long
-    if machine in _SYS_KEYCTL and libc.syscall(_SYS_KEYCTL[machine], _KEYCTL_JOIN_SESSION_KEYRING, None) >= 0:
+    skip = set(config["skip"])
+    if "keyring" not in skip and machine in _SYS_KEYCTL and libc.syscall(_SYS_KEYCTL[machine], _KEYCTL_JOIN_SESSION_KEYRING, None) >= 0:
         layers.append("keyring")
-    if "nocaps" not in config["skip"] and machine in _SYS_CAPSET and _drop_capabilities(libc, _SYS_CAPSET[machine]):
+    if "nocaps" not in skip and machine in _SYS_CAPSET and _drop_capabilities(libc, _SYS_CAPSET[machine]):
         layers.append("nocaps")
-    if seccomp.install(libc):
+    if "seccomp" not in skip and seccomp.install(libc):
         layers.append("seccomp")
     _rlimits(config["limits"])
     layers.append("rlimits")

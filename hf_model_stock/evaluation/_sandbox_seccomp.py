@@ -17,7 +17,7 @@ import platform
 
 _ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # AUDIT_ARCH_*
 # name -> (x86-64, arm64) syscall numbers
-_DENIED: dict[str, tuple[int | None, int]] = {
+_DENIED: dict[str, tuple[int, int | None]] = {
     "fork": (57, None), "vfork": (58, None), "clone": (56, 220), "clone3": (435, 435), "execve": (59, 221),
     "execveat": (322, 281), "mount": (165, 40), "umount2": (166, 39), "pivot_root": (155, 41),
     "chroot": (161, 51), "unshare": (272, 97), "setns": (308, 268), "open_tree": (428, 428),

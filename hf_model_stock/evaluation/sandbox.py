@@ -184,7 +184,7 @@ class _Session:
 
     def run(self, steps: list[_sandbox_verdict.Step], unparsable: str, probe: bool) -> tuple[Status, str]:
         """(status, reason) of the program; ``layers`` and ``returncode`` as the helper reported them."""
-        layers = self._report_line()
+        layers = self._report_line(self.deadline + 1.0)
         if not isinstance(layers, dict) or not isinstance(layers.get("layers"), list):
             return "failed", "the sandbox did not report its layers"
         self.layers = tuple(str(layer) for layer in layers["layers"])
@@ -245,16 +245,18 @@ class _Session:
             return None
         return message if isinstance(message, dict) else None
 
-    def _report_line(self) -> Any:
-        line = self.report.next(self.deadline + 1.0, 1 << 16)
+    def _report_line(self, deadline: float) -> Any:
+        line = self.report.next(deadline, 1 << 16)
         try:
             return json.loads(line) if line is not None else None
         except ValueError:
             return None
 
     def _ended(self) -> str | None:
-        """How the program process ended, from the helper: "exit", "signal", "timeout" (None: unknown)."""
-        ended = self._report_line()
+        """How the program process ended, from the helper: "exit", "signal", "timeout" (None: unknown,
+        e.g. it had not ended half a second after its verdict; the caller then kills it)."""
+        wait = self.deadline + 1.0 if time.monotonic() >= self.deadline else time.monotonic() + 0.5
+        ended = self._report_line(wait)
         if not isinstance(ended, dict):
             return None
         if isinstance(ended.get("exit"), int):
