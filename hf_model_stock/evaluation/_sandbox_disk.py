@@ -4,30 +4,41 @@ Landlock-only case and the sandbox's own files)."""
 
 from __future__ import annotations
 
-import itertools
 import os
 import stat
-from collections.abc import Iterator
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def remove_tree(path: str) -> bool:
-    """Remove the directory ``path`` and all beneath it; whether it is gone. Each subdirectory's entries
-    are moved up into ``path`` before the subdirectory is removed, so that at most two directories are
-    open at once and no path grows long: a 3000-deep tree is flattened, not walked."""
+    """Remove the directory ``path`` and all beneath it; whether it is gone. A depth-first walk that
+    holds one directory open at a time and climbs back through ``..`` of its descriptor, remembering
+    names only: no recursion, no long paths, so a 3000-deep tree is no harder than a flat one."""
     try:
-        top = os.open(path, _DIR_FLAGS)
+        here = os.open(path, _DIR_FLAGS)
     except OSError:
         return not os.path.lexists(path)
-    names = (f".hfms-{i}" for i in itertools.count())
+    below: list[str] = []  # the names from path down to here
     try:
-        while _flatten_once(top, names):
-            pass
+        while True:
+            sub = _clear_files(here)
+            if sub is not None:
+                os.chmod(sub, stat.S_IRWXU, dir_fd=here, follow_symlinks=False)  # a program may have made it 000
+                deeper = os.open(sub, _DIR_FLAGS, dir_fd=here)
+                os.close(here)
+                here = deeper
+                below.append(sub)
+                continue
+            if not below:
+                break
+            parent = os.open("..", _DIR_FLAGS, dir_fd=here)
+            os.close(here)
+            here = parent
+            os.rmdir(below.pop(), dir_fd=here)
     except OSError:
         pass
     finally:
-        os.close(top)
+        os.close(here)
     try:
         os.rmdir(path)
     except OSError:
@@ -35,30 +46,13 @@ def remove_tree(path: str) -> bool:
     return True
 
 
-def _flatten_once(top: int, names: Iterator[str]) -> bool:
-    """One pass over ``top``: files unlinked, each subdirectory emptied into ``top`` and removed.
-    Whether anything was there."""
-    entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in os.scandir(top)]
-    for name, is_dir in entries:
-        if not is_dir:
-            os.unlink(name, dir_fd=top)
-            continue
-        os.chmod(name, stat.S_IRWXU, dir_fd=top, follow_symlinks=False)  # a program may have chmod-ed it 000
-        sub = os.open(name, _DIR_FLAGS, dir_fd=top)
-        try:
-            for inner in [e.name for e in os.scandir(sub)]:
-                _move_up(sub, inner, top, names)
-        finally:
-            os.close(sub)
-        os.rmdir(name, dir_fd=top)
-    return bool(entries)
-
-
-def _move_up(sub: int, name: str, top: int, names: Iterator[str]) -> None:
-    while True:
-        target = next(names)
-        try:
-            os.stat(target, dir_fd=top, follow_symlinks=False)
-        except FileNotFoundError:
-            os.rename(name, target, src_dir_fd=sub, dst_dir_fd=top)
-            return
+def _clear_files(fd: int) -> str | None:
+    """Unlink every non-directory in ``fd``; the name of one subdirectory left, if any."""
+    sub = None
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                sub = entry.name
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+    return sub

@@ -6,8 +6,7 @@ values only (numbers, strings, bytes, containers, ``Decimal``, ``Fraction``, ``d
 """
 
 import collections
-import decimal
-import fractions
+import sys
 from typing import Any
 
 MAX_DEPTH = 100
@@ -67,9 +66,10 @@ def _other(value: Any, depth: int) -> Any:
         return [tag, [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in dict.items(value)]]
     if isinstance(value, collections.deque):
         return ["deque", [encode(item, depth + 1) for item in value]]
-    if isinstance(value, decimal.Decimal):
+    decimal, fractions = sys.modules.get("decimal"), sys.modules.get("fractions")  # none unless imported
+    if decimal is not None and isinstance(value, decimal.Decimal):
         return ["decimal", str(value)]
-    if isinstance(value, fractions.Fraction):
+    if fractions is not None and isinstance(value, fractions.Fraction):
         return ["fraction", encode(value.numerator), encode(value.denominator)]
     if isinstance(value, range):
         return ["range", encode(value.start), encode(value.stop), encode(value.step)]
@@ -150,8 +150,8 @@ _DECODERS = {
     "odict": lambda args, depth: collections.OrderedDict(_pairs(args, depth)),
     "counter": lambda args, depth: collections.Counter(dict(_pairs(args, depth))),
     "deque": lambda args, depth: collections.deque(_items(args, depth)),
-    "decimal": lambda args, depth: decimal.Decimal(_str(args[0])),
-    "fraction": lambda args, depth: fractions.Fraction(_int(args[0], depth), _int(args[1], depth)),
+    "decimal": lambda args, depth: __import__("decimal").Decimal(_str(_one(args))),
+    "fraction": lambda args, depth: __import__("fractions").Fraction(_int(args[0], depth), _int(args[1], depth)),
     "range": lambda args, depth: range(*(_int(a, depth) for a in args)),
     "opaque": _opaque,
 }

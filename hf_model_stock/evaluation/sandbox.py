@@ -125,7 +125,7 @@ def _spawn(source: str | None, limits: Limits, *, allow_unconfined_reads: bool, 
             config = {"limits": asdict(limits), "root": str(root), "probe": source is None,
                       "unconfined_reads": allow_unconfined_reads, "skip": list(skip), "fds": channel.child_fds}
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-B", str(CHILD), json.dumps(config)],
+                [sys.executable, "-I", "-S", "-B", str(CHILD), json.dumps(config)],
                 cwd=work, stdin=subprocess.DEVNULL, stdout=out, stderr=err, close_fds=True,
                 pass_fds=channel.child_fds, start_new_session=True,
                 env={"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8"},
