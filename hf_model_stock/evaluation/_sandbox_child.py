@@ -146,7 +146,8 @@ def _program_process(libc: ctypes.CDLL, config: dict, layers: list, outer: int, 
     machine = platform.machine()
     libc.syscall.restype = ctypes.c_long
     skip = set(config["skip"])
-    if "keyring" not in skip and machine in _SYS_KEYCTL and libc.syscall(_SYS_KEYCTL[machine], _KEYCTL_JOIN_SESSION_KEYRING, None) >= 0:
+    keyctl = _SYS_KEYCTL.get(machine)
+    if "keyring" not in skip and keyctl and libc.syscall(keyctl, _KEYCTL_JOIN_SESSION_KEYRING, None) >= 0:
         layers.append("keyring")
     if "nocaps" not in skip and machine in _SYS_CAPSET and _drop_capabilities(libc, _SYS_CAPSET[machine]):
         layers.append("nocaps")

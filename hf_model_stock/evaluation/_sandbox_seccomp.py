@@ -4,7 +4,8 @@ A classic-BPF program written here and installed with ``prctl(PR_SET_SECCOMP)``;
 Refused with EPERM, whatever the arguments: new processes and threads, exec; mount, pivot_root, chroot,
 unshare, setns and the new mount API; ptrace, process_vm_readv/writev, kcmp, open_by_handle_at;
 pidfd_open, pidfd_send_signal, pidfd_getfd; keyctl, add_key, request_key; io_uring (which would do
-file and socket work without the calls below seeing it), bpf, perf_event_open, userfaultfd.
+file and socket work without the calls below seeing it), bpf, perf_event_open, userfaultfd; socket
+(no network, and no path-named Unix socket of the host's either).
 Refused where they name another process: prlimit64, sched_setaffinity, sched_setscheduler,
 sched_setparam, sched_setattr, migrate_pages, move_pages (pid != 0), setpriority (other than
 PRIO_PROCESS 0), ioprio_set (other than IOPRIO_WHO_PROCESS 0); prctl(PR_SET_PDEATHSIG) (the program
@@ -28,6 +29,7 @@ _DENIED: dict[str, tuple[int, int | None]] = {
     "keyctl": (250, 219), "add_key": (248, 217), "request_key": (249, 218), "io_uring_setup": (425, 425),
     "io_uring_enter": (426, 426), "io_uring_register": (427, 427), "bpf": (321, 280),
     "perf_event_open": (298, 241), "userfaultfd": (323, 282), "process_madvise": (440, 440),
+    "socket": (41, 198),
 }
 # name -> ((x86-64, arm64), ((argument index, the only value allowed), ...))
 _SELF_ONLY = {

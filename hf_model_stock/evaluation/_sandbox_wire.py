@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 MAX_DEPTH = 100
+MAX_HASHED = 10_000
 _PLAIN = (bool, int, float, complex, str, bytes, bytearray, list, tuple, set, frozenset, dict)
 
 
@@ -81,7 +82,8 @@ def _other(value: Any, depth: int) -> Any:
 
 
 def decode(data: Any, depth: int = 0) -> Any:
-    """The value ``encode`` described; ``ValueError`` for anything malformed."""
+    """The value ``encode`` described; ``ValueError`` for anything malformed, or for a set or dict of
+    more than ``MAX_HASHED`` entries (colliding hashes would make building it quadratic)."""
     if depth > MAX_DEPTH or not isinstance(data, list) or not data or not isinstance(data[0], str):
         raise ValueError("malformed value")
     tag, args = data[0], data[1:]
@@ -108,9 +110,15 @@ def _items(args: list, depth: int) -> list:
     return [decode(item, depth) for item in args[0]]
 
 
+def _hashed(args: list, depth: int) -> list:
+    if len(args) != 1 or not isinstance(args[0], list) or len(args[0]) > MAX_HASHED:
+        raise TypeError("not a list, or too long")
+    return _items(args, depth)
+
+
 def _pairs(args: list, depth: int) -> list[tuple[Any, Any]]:
-    if len(args) != 1 or not isinstance(args[0], list):
-        raise TypeError("not a list")
+    if len(args) != 1 or not isinstance(args[0], list) or len(args[0]) > MAX_HASHED:
+        raise TypeError("not a list, or too long")
     pairs = []
     for pair in args[0]:
         if not isinstance(pair, list) or len(pair) != 2:
@@ -144,8 +152,8 @@ _DECODERS = {
     "bytearray": lambda args, depth: bytearray.fromhex(_str(args[0])),
     "list": lambda args, depth: _items(args, depth),
     "tuple": lambda args, depth: tuple(_items(args, depth)),
-    "set": lambda args, depth: set(_items(args, depth)),
-    "frozenset": lambda args, depth: frozenset(_items(args, depth)),
+    "set": lambda args, depth: set(_hashed(args, depth)),
+    "frozenset": lambda args, depth: frozenset(_hashed(args, depth)),
     "dict": lambda args, depth: dict(_pairs(args, depth)),
     "odict": lambda args, depth: collections.OrderedDict(_pairs(args, depth)),
     "counter": lambda args, depth: collections.Counter(dict(_pairs(args, depth))),

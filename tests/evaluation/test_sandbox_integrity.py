@@ -46,8 +46,8 @@ FORGED = {  # name -> (program, whether a plain run's exit status would count it
         "    exec('\\n'.join(l for l in open('program.py').read().splitlines() if not l.startswith('assert')))\n"
         "    os._exit(0)\n", True),
     "signal handler exits 0 on SIGALRM": (
-        "import signal, os, time\nsignal.signal(signal.SIGALRM, lambda *a: os._exit(0))\nsignal.setitimer(signal.ITIMER_REAL, 0.3)\n"
-        + WRONG + "time.sleep(1)\n", True),
+        "import signal, os, time\nsignal.signal(signal.SIGALRM, lambda *a: os._exit(0))\n"
+        "signal.setitimer(signal.ITIMER_REAL, 0.3)\n" + WRONG + "time.sleep(1)\n", True),
     "finalizer exits 0 at shutdown": ("import os\nclass F:\n    def __del__(self):\n        os._exit(0)\nf = F()\n" + WRONG,
                                       True),
     "AssertionError replaced in builtins": (
@@ -61,14 +61,16 @@ FORGED = {  # name -> (program, whether a plain run's exit status would count it
         "if os.path.exists('/proc/self/cmdline') else [3, 4, 5]\n"
         "os.write(fds[2], b'{\"ran\": true}\\n')\nwhile os.read(fds[1], 65536):\n"
         "    os.write(fds[2], b'{\"value\": [\"bool\", true]}\\n')\nos._exit(0)\n", False),
+    "math.isclose patched to hold": ("import math\nmath.isclose = lambda *a, **k: True\n" + WRONG, True),
     "__eq__ that always holds": ("class Yes:\n    def __eq__(self, other):\n        return True\n"
                                  "def add(a, b):\n    return Yes()\n", True),
 }
 
 
-def _plain_exit_status(program: str, tmp_path: Path) -> int:
-    """The old rule: run program + asserts as one file in a plain interpreter; 0 counted as a pass."""
-    (tmp_path / "program.py").write_text(program + "\n" + "\n".join(TESTS))
+def _plain_exit_status(program: str, tmp_path: Path, tests: list[str] = TESTS) -> int:
+    """The old rule (and lm-eval's, but for the exits it counts as failures): program + asserts as one
+    file in a plain interpreter; 0 counted as a pass."""
+    (tmp_path / "program.py").write_text(program + "\n" + "\n".join(tests))
     return subprocess.run([sys.executable, "-I", "program.py"], cwd=tmp_path, capture_output=True,
                           timeout=30).returncode
 
@@ -76,11 +78,49 @@ def _plain_exit_status(program: str, tmp_path: Path) -> int:
 @pytest.mark.parametrize("name", FORGED)
 def test_a_forged_pass_scores_zero(name: str, tmp_path: Path) -> None:
     program, plain_passes = FORGED[name]
-    result = run_program(program, FAST, tests=TESTS)
+    tests = ["assert math.isclose(add(0.5, 0.25), 0.75)"] if "math" in name else TESTS
+    result = run_program(program, FAST, tests=tests)
     assert result.status == "failed", result
     assert result.reason
     if plain_passes:  # control: scored by its exit status, the probe passes
-        assert _plain_exit_status(program, tmp_path) == 0
+        assert _plain_exit_status(program, tmp_path, tests) == 0
+
+
+HONEST = [  # (program, tests): what a plain run of program + asserts decides, we decide too
+    ("def f(x):\n    return x * 2", ["assert f(2) == 4", "assert f('a') == 'aa'", "assert not f(0)"]),
+    ("def f(x):\n    return x * 2", ["assert f(2) == 5"]),
+    ("def f(x):\n    return map(str, range(x))", ["assert list(f(3)) == ['0', '1', '2']"]),
+    ("def f(x):\n    return map(str, range(x))", ["assert f(3) == ['0', '1', '2']"]),
+    ("def f():\n    return None", ["assert f() is None", "assert f() == None"]),
+    ("def f():\n    return 0.1 + 0.2", ["assert f() == 0.30000000000000004", "assert round(f(), 2) == 0.3"]),
+    ("def f():\n    return 0.1 + 0.2", ["assert f() == 0.3"]),
+    ("def f():\n    return float('nan')", ["assert f() != f()"]),
+    ("from collections import namedtuple, OrderedDict, Counter, deque, defaultdict\nP = namedtuple('P', 'a b')\n"
+     "def f():\n    return P(1, 2), OrderedDict(a=1), Counter('aab'), deque([1]), defaultdict(int, a=1)",
+     ["assert f()[0] == (1, 2)", "assert f()[1] == {'a': 1}", "assert f()[2] == {'a': 2, 'b': 1}",
+      "assert f()[3] != [1]", "assert f()[4] == {'a': 1}"]),
+    ("def f(x):\n    return [x, (x,), {x}]", ["assert f(1) == [1, (1,), {1}]", "assert f(1) != [1, [1], {1}]"]),
+    ("def f(x):\n    return x > 0", ["assert f(1) == True", "assert f(-1) == False", "assert f(1) is True"]),
+    ("def f(x):\n    return 1 // x", ["assert f(1) == 1 or f(0) == 0"]),  # short-circuit: f(0) never runs
+    ("def f(x):\n    return 1 // x", ["assert f(0) == 0 or f(1) == 1"]),  # f(0) raises
+    ("calls = []\ndef f(x):\n    calls.append(x)\n    return len(calls)", ["assert f(5) == 1", "assert f(5) == 2",
+                                                                           "assert calls == [5, 5]"]),
+    ("def f(s):\n    return s.upper()", ["assert f('ab') in ('AB', 'ab')", "assert sorted(f('ba')) == ['A', 'B']"]),
+    ("def f(n):\n    return 2 ** n", ["assert f(200) == 2 ** 200", "assert -f(3) == -8"]),
+    ("def f():\n    return b'\\x00ab', bytearray(b'z'), 1 + 2j", ["assert f() == (b'\\x00ab', bytearray(b'z'), 1 + 2j)"]),
+    ("import math\ndef f(x):\n    return math.sqrt(x)", ["assert math.isclose(f(2), 1.41421, rel_tol=1e-4)",
+                                                          "assert math.floor(f(17)) == 4"]),
+    ("def f(x):\n    return math.sqrt(x)", ["assert f(4) == 2.0"]),  # NameError: math never imported
+    ("x = 3\nassert x == 3\ndef f():\n    return x", ["assert f() == 3", "x = 4", "assert f() == 4"]),
+]
+
+
+@pytest.mark.parametrize("index", range(len(HONEST)))
+def test_honest_programs_get_the_verdict_of_a_plain_run(index: int, tmp_path: Path) -> None:
+    program, tests = HONEST[index]
+    plain = _plain_exit_status(program, tmp_path, tests) == 0
+    result = run_program(program, FAST, tests=tests)
+    assert (result.status == "passed") == plain, result
 
 
 def test_the_right_answer_still_passes_and_the_wrong_one_fails() -> None:
@@ -103,7 +143,8 @@ def test_mbpp_process_results_decides_the_asserts_outside_the_program() -> None:
 
 CHANNEL = {
     "ftruncate(2, 0) and (1, 0)": "import os\nos.ftruncate(2, 0)\nos.ftruncate(1, 0)\n",
-    "a fake confinement report on stderr": "import sys\nsys.stderr.write('hfms-sandbox-layers:netns\\n{\"layers\": [\"x\"]}\\n')\n",
+    "a fake confinement report on stderr":
+        "import sys\nsys.stderr.write('hfms-sandbox-layers:netns\\n{\"layers\": [\"x\"]}\\n')\n",
     "closes every descriptor": "import os\nos.closerange(0, 1000)\n",
     "dup2 of stdout over every descriptor": "import os\nfor fd in range(3, 64):\n    try:\n        os.dup2(1, fd)\n"
                                             "    except OSError:\n        pass\nprint('{\"ran\": true}')\n",
@@ -211,10 +252,13 @@ def test_control_a_plain_process_does_harm_the_victim(name: str, victim: int, tm
 
 
 def test_kill_everything_and_the_process_group_reach_nothing_outside(victim: int) -> None:
-    program = NO_AUDIT + "import os\nfor target in (-1, 0):\n    try:\n        os.kill(target, 9)\n    except OSError:\n        pass\n"
+    program = NO_AUDIT + ("import os\nout = []\nfor target in (-1, 0):\n    try:\n        os.kill(target, 9)\n"
+                          "        out.append(0)\n    except OSError as e:\n        out.append(e.errno)\nprint(out)")
     result = run_program(program, FAST)
-    assert result.status != "passed" or result.returncode in (0, None)
-    assert Path(f"/proc/{victim}/limits").exists() and "State:\tZ" not in Path(f"/proc/{victim}/status").read_text()
+    # kill(-1): no process to signal (ESRCH); kill(0): its own session and group, where it is alone (and,
+    # as pid 1 of its namespace, immune to its own SIGKILL)
+    assert (result.status, result.stdout) == ("passed", "[3, 0]\n")
+    assert "State:\tZ" not in Path(f"/proc/{victim}/status").read_text()
     assert run_program("import os\nprint(os.getpid(), os.getppid())", FAST).stdout == "1 0\n"  # alone in its pidns
 
 
