@@ -3,8 +3,9 @@ confines itself). Two independent ways to keep a program's reads to what it need
 
   mountns   a new user and mount namespace whose root is an empty tmpfs holding read-only binds of
             the standard library (its site-packages covered by an empty tmpfs), the system library
-            directories, /etc/ld.so.cache and /dev/{null,zero,random,urandom}, and the working
-            directory read-write at its usual path: no /proc, /home, /tmp, /etc, HF cache or project
+            directories, /etc/ld.so.cache and /dev/{null,zero,random,urandom}, and at the working
+            directory's usual path a fresh tmpfs limited in bytes and inodes (the program's only
+            writable place; it vanishes with the namespace): no /proc, /home, /tmp, /etc, HF cache or project
   landlock  the kernel allows reads of those same paths (site-packages left out) and of the working
             directory only, and writes beneath the working directory only; with ABI >= 4 no TCP
             bind/connect, with ABI >= 6 no signals to processes outside the sandbox
@@ -16,6 +17,7 @@ import ctypes
 import os
 import site
 import sysconfig
+from collections.abc import Callable
 
 SYSTEM_LIBRARIES = ("/lib", "/lib64", "/usr/lib", "/usr/lib64")  # what extension modules dlopen
 FILES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom", "/etc/ld.so.cache")
@@ -52,7 +54,7 @@ def map_own_ids(uid: int, gid: int) -> None:
             fh.write(text)
 
 
-def minimal_root(libc: ctypes.CDLL, new_root: str, work: str, machine: str) -> None:
+def minimal_root(libc: ctypes.CDLL, new_root: str, work: str, machine: str, work_bytes: int, work_inodes: int) -> None:
     """Make an empty directory ``new_root`` this process's ``/`` holding only what a program needs
     (see the module docstring), then ``chdir(work)``. Needs a private mount namespace in which we hold
     CAP_SYS_ADMIN; raises OSError on any failure, and only a clean return means it is confined."""
@@ -61,15 +63,20 @@ def minimal_root(libc: ctypes.CDLL, new_root: str, work: str, machine: str) -> N
     call("mount tmpfs", libc.mount(b"tmpfs", new_root.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
                                    b"mode=0755,size=1m"))
     bound: list[str] = []
-    for path in [*SYSTEM_LIBRARIES, *stdlib_dirs(), *FILES, work]:
+    for path in [*SYSTEM_LIBRARIES, *stdlib_dirs(), *FILES]:
         if not os.path.exists(path):
             continue
         _recreate_links(new_root, path)
         real = os.path.realpath(path)
         if any(real == b or real.startswith(b.rstrip("/") + "/") for b in bound):
             continue
-        _bind(libc, real, new_root + real, read_only=path != work)
+        _bind(libc, real, new_root + real)
         bound.append(real)
+    _recreate_links(new_root, work)
+    os.makedirs(new_root + work, exist_ok=True)
+    options = f"mode=0700,size={work_bytes},nr_inodes={work_inodes}".encode()
+    call("mount the work tmpfs", libc.mount(b"tmpfs", (new_root + work).encode(), b"tmpfs",
+                                            _MS_NOSUID | _MS_NODEV, options))
     for hidden in site_dirs():
         if os.path.isdir(new_root + hidden):
             call("mount tmpfs", libc.mount(b"tmpfs", (new_root + hidden).encode(), b"tmpfs",
@@ -86,7 +93,7 @@ def minimal_root(libc: ctypes.CDLL, new_root: str, work: str, machine: str) -> N
     os.chdir(work)
 
 
-def _checked(libc: ctypes.CDLL):
+def _checked(libc: ctypes.CDLL) -> Callable[[str, int], None]:
     libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
     libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 
@@ -114,7 +121,8 @@ def _recreate_links(new_root: str, path: str) -> None:
         _recreate_links(new_root, done)
 
 
-def _bind(libc: ctypes.CDLL, source: str, target: str, read_only: bool) -> None:
+def _bind(libc: ctypes.CDLL, source: str, target: str) -> None:
+    """Bind ``source`` read-only at ``target``."""
     call = _checked(libc)
     if os.path.isdir(source):
         os.makedirs(target, exist_ok=True)
@@ -122,11 +130,10 @@ def _bind(libc: ctypes.CDLL, source: str, target: str, read_only: bool) -> None:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         open(target, "a").close()
     call(f"bind {source}", libc.mount(source.encode(), target.encode(), None, _MS_BIND | _MS_REC, None))
-    if read_only:
-        flags = os.statvfs(source).f_flag
-        kept = sum(ms for st, ms in _KEPT_FLAGS.items() if flags & st)
-        call(f"remount {source} read-only",
-             libc.mount(None, target.encode(), None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | kept, None))
+    flags = os.statvfs(source).f_flag
+    kept = sum(ms for st, ms in _KEPT_FLAGS.items() if flags & st)
+    call(f"remount {source} read-only",
+         libc.mount(None, target.encode(), None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | kept, None))
 
 
 # --- Landlock -----------------------------------------------------------------------------------------

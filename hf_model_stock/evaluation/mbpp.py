@@ -18,10 +18,12 @@ def fewshot_docs(dataset: Any) -> Any:
 
 
 def program(doc: dict[str, Any], completion: str) -> str:
-    """The program that passes iff ``completion`` solves ``doc``: setup code, completion, the asserts."""
-    return "\n".join([doc.get("test_setup_code") or "", completion, *doc["test_list"]])
+    """The program the sandbox runs for ``completion``: the problem's setup code, then the completion.
+    Its asserts (``doc["test_list"]``) are not part of it: the sandbox decides them (``tests=``)."""
+    return "\n".join([doc.get("test_setup_code") or "", completion])
 
 
 def process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
-    """pass@1 of the single greedy completion, run in the sandbox."""
-    return {"pass@1": float(run_program(program(doc, results[0]), LIMITS).status == "passed")}
+    """pass@1 of the single greedy completion, run in the sandbox, its asserts decided outside it."""
+    result = run_program(program(doc, results[0]), LIMITS, tests=doc["test_list"])
+    return {"pass@1": float(result.status == "passed")}

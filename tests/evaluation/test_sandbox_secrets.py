@@ -32,6 +32,8 @@ from hf_model_stock.evaluation.sandbox import ExecResult, Limits, run_program
 
 FAST = Limits(timeout_s=5.0, cpu_s=3, memory_bytes=512 << 20, output_bytes=64 << 10)
 SECRET = f"hfms-planted-{uuid.uuid4().hex}"
+# the evaluating process: the parent of the sandbox's helper, itself the program's parent
+GRANDPARENT = "import os\nevaluator = open(f'/proc/{os.getppid()}/stat').read().rsplit(')', 1)[1].split()[1]\n"
 READ_ERRORS = ("PermissionError", "FileNotFoundError", "OSError", "NotADirectoryError")
 
 
@@ -96,11 +98,11 @@ def _probes(p: Planted) -> list[Probe]:
               home_names, raises=False),  # the mount namespace lists the way to the stdlib if it is in there
         Probe("relative path up from the working directory",
               f"import os\nprint(open('../' * os.getcwd().count('/') + {token.lstrip('/')!r}).read())", secret),
-        Probe("parent's environment via /proc/<ppid>/environ",
-              "import os\nprint([e for e in open(f'/proc/{os.getppid()}/environ', 'rb').read().split(b'\\0') "
+        Probe("evaluator's environment via /proc/<ppid of ppid>/environ",
+              f"{GRANDPARENT}print([e for e in open(f'/proc/{{evaluator}}/environ', 'rb').read().split(b'\\0') "
               f"if b'{SECRET}' in e])", (f"{SECRET}-env",)),
-        Probe("parent's working directory via /proc/<ppid>/cwd",
-              "import os\nprint(os.listdir(f'/proc/{os.getppid()}/cwd'))", (f"{SECRET}-name",)),
+        Probe("evaluator's working directory via /proc/<ppid of ppid>/cwd",
+              f"{GRANDPARENT}print(os.listdir(f'/proc/{{evaluator}}/cwd'))", (f"{SECRET}-name",)),
         Probe("pid 1's environment", "print(len(open('/proc/1/environ', 'rb').read()))", (), leaks_unconfined=False),
         Probe("every process's environment via /proc/*/environ",
               "import glob\nfound = []\n"
@@ -139,7 +141,7 @@ def _probes(p: Planted) -> list[Probe]:
 
 
 CONFIGS = {"all layers": None, "mount namespace alone": ("landlock",), "Landlock alone": ("mountns",),
-           "no read layer (control)": ("mountns", "landlock")}
+           "no read layer (control)": ("mountns", "landlock", "pidns", "nocaps")}
 PROBE_NAMES = [probe.name for probe in _probes(Planted(Path("/h"), Path("/h/t"), Path("/h/s"), Path("/c"), 3))]
 DRIVER = """
 import json, sys
