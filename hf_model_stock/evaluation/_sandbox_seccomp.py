@@ -6,14 +6,16 @@ unshare, setns and the new mount API; ptrace, process_vm_readv/writev, kcmp, ope
 pidfd_open, pidfd_send_signal, pidfd_getfd; keyctl, add_key, request_key; io_uring (which would do
 file and socket work without the calls below seeing it), bpf, perf_event_open, userfaultfd; socket
 (no network, and no path-named Unix socket of the host's either).
-Refused where they name another process: prlimit64, sched_setaffinity, sched_setscheduler,
-sched_setparam, sched_setattr, migrate_pages, move_pages (pid != 0), setpriority (other than
-PRIO_PROCESS 0), ioprio_set (other than IOPRIO_WHO_PROCESS 0); prctl(PR_SET_PDEATHSIG) (the program
+Refused where they name another process (a pid other than 0 or our own): prlimit64,
+sched_setaffinity, sched_setscheduler, sched_setparam, sched_setattr, migrate_pages, move_pages,
+setpriority (PRIO_PROCESS only), ioprio_set (IOPRIO_WHO_PROCESS only), kill, tkill, tgkill,
+rt_sigqueueinfo, rt_tgsigqueueinfo (so no kill(-1) either); prctl(PR_SET_PDEATHSIG) (the program
 must die with its helper). fallocate fails with EOPNOTSUPP (glibc's posix_fallocate then writes the
 blocks, within RLIMIT_FSIZE and the work dir's size). Other ABIs (x32, 32-bit) are refused.
 """
 
 import ctypes
+import os
 import platform
 
 _ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # AUDIT_ARCH_*
@@ -31,13 +33,17 @@ _DENIED: dict[str, tuple[int, int | None]] = {
     "perf_event_open": (298, 241), "userfaultfd": (323, 282), "process_madvise": (440, 440),
     "socket": (41, 198),
 }
-# name -> ((x86-64, arm64), ((argument index, the only value allowed), ...))
-_SELF_ONLY = {
-    "prlimit64": ((302, 261), ((0, 0),)), "sched_setaffinity": ((203, 122), ((0, 0),)),
-    "sched_setscheduler": ((144, 119), ((0, 0),)), "sched_setparam": ((142, 118), ((0, 0),)),
-    "sched_setattr": ((314, 274), ((0, 0),)), "migrate_pages": ((256, 238), ((0, 0),)),
-    "move_pages": ((279, 239), ((0, 0),)), "setpriority": ((141, 140), ((0, 0), (1, 0))),
-    "ioprio_set": ((251, 30), ((0, 1), (1, 0))),
+# name -> ((x86-64, arm64), ((argument index, the values allowed), ...)); SELF stands for our own pid
+SELF = "self"
+_SELF_ONLY: dict[str, tuple[tuple[int, int], tuple[tuple[int, tuple[int | str, ...]], ...]]] = {
+    "prlimit64": ((302, 261), ((0, (0, SELF)),)), "sched_setaffinity": ((203, 122), ((0, (0, SELF)),)),
+    "sched_setscheduler": ((144, 119), ((0, (0, SELF)),)), "sched_setparam": ((142, 118), ((0, (0, SELF)),)),
+    "sched_setattr": ((314, 274), ((0, (0, SELF)),)), "migrate_pages": ((256, 238), ((0, (0, SELF)),)),
+    "move_pages": ((279, 239), ((0, (0, SELF)),)), "setpriority": ((141, 140), ((0, (0,)), (1, (0, SELF)))),
+    "ioprio_set": ((251, 30), ((0, (1,)), (1, (0, SELF)))),
+    "kill": ((62, 129), ((0, (0, SELF)),)), "tkill": ((200, 130), ((0, (SELF,)),)),
+    "tgkill": ((234, 131), ((0, (SELF,)),)), "rt_sigqueueinfo": ((129, 138), ((0, (0, SELF)),)),
+    "rt_tgsigqueueinfo": ((297, 240), ((0, (SELF,)),)),
 }
 _PRCTL, _PR_SET_PDEATHSIG = (157, 167), 1
 _FALLOCATE = (285, 47)
@@ -47,8 +53,9 @@ _ALLOW, _ERRNO = 0x7FFF0000, 0x00050000
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 
 
-def program(machine: str) -> list[tuple[int, int, int, int]] | None:
-    """The filter for ``machine`` as (code, jt, jf, k) instructions; None where we have no numbers."""
+def program(machine: str, self_pid: int) -> list[tuple[int, int, int, int]] | None:
+    """The filter for ``machine`` as (code, jt, jf, k) instructions, for a process whose own pid is
+    ``self_pid`` (1 in its own PID namespace); None where we have no numbers."""
     if machine not in _ARCH:
         return None
     column = 0 if machine == "x86_64" else 1
@@ -63,9 +70,13 @@ def program(machine: str) -> list[tuple[int, int, int, int]] | None:
     ops += [(_LD, 0, 0, 16), (_JEQ, "deny", 0, _PR_SET_PDEATHSIG), (_RET, 0, 0, _ALLOW)]
     for name, (_, checks) in _SELF_ONLY.items():
         labels[f"self-{name}"] = len(ops)
-        for index, value in checks:  # both 32-bit halves of the argument must match
-            ops += [(_LD, 0, 0, 16 + 8 * index), (_JEQ, 0, "deny", value),
-                    (_LD, 0, 0, 20 + 8 * index), (_JEQ, 0, "deny", 0)]
+        for check, (index, allowed) in enumerate(checks):  # the low half one of the values, the high half 0
+            values = [self_pid if value == SELF else int(value) for value in allowed]
+            high = f"high-{name}-{check}"
+            ops.append((_LD, 0, 0, 16 + 8 * index))
+            ops += [(_JEQ, high, "deny" if i == len(values) - 1 else 0, v) for i, v in enumerate(values)]
+            labels[high] = len(ops)
+            ops += [(_LD, 0, 0, 20 + 8 * index), (_JEQ, 0, "deny", 0)]
         ops.append((_RET, 0, 0, _ALLOW))
     labels["deny"] = len(ops)
     ops.append((_RET, 0, 0, _ERRNO | _EPERM))
@@ -85,7 +96,7 @@ def _offset(labels: dict[str, int], target: int | str, at: int) -> int:
 
 def install(libc: ctypes.CDLL) -> bool:
     """Install the filter on this process (needs PR_SET_NO_NEW_PRIVS); False where it cannot."""
-    code = program(platform.machine())
+    code = program(platform.machine(), os.getpid())
     if code is None:
         return False
 
