@@ -28,6 +28,7 @@ Reads are confined when mountns or landlock is in force. When neither is, the pr
 """
 
 import ctypes
+import importlib
 import json
 import os
 import platform
@@ -64,9 +65,9 @@ def main() -> None:
     report, request, reply = config["fds"]
     _close_inherited_descriptors(keep=(report, request, reply))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import _sandbox_fs  # siblings; -I leaves the script's directory off sys.path
-    import _sandbox_seccomp
-    import _sandbox_wire
+    # siblings, loaded by name: -I leaves the script's directory off sys.path
+    _sandbox_fs, _sandbox_seccomp, _sandbox_wire = (
+        importlib.import_module(name) for name in ("_sandbox_fs", "_sandbox_seccomp", "_sandbox_wire"))
 
     del sys.path[0]
     work, skip, machine = os.path.realpath(os.getcwd()), set(config["skip"]), platform.machine()
