@@ -52,16 +52,24 @@ class Step:
     statement: str | None = None
 
 
+class UndecidableTest(ValueError):
+    """A test line whose asserts the evaluator cannot decide itself (one inside a loop, say)."""
+
+
 class LeafError(Exception):
     """A leaf raised in the sandbox, or its answer was missing or malformed."""
 
 
 def plan_tests(tests: Sequence[str]) -> list[Step]:
-    """The steps of the test lines, in order; ``SyntaxError`` if one does not parse."""
+    """The steps of the test lines, in order; ``SyntaxError`` if one does not parse, ``UndecidableTest``
+    if one nests an assert in another statement."""
     steps = []
     for text in tests:
         for node in ast.parse(text).body:
             if not isinstance(node, ast.Assert):
+                if any(isinstance(sub, ast.Assert) for sub in ast.walk(node)):
+                    raise UndecidableTest(f"a test line holds an assert inside a statement, which only the "
+                                          f"program could decide: {ast.unparse(node).splitlines()[0]}")
                 steps.append(Step(ast.unparse(node), None, (), statement=ast.unparse(node)))
                 continue
             line, leaves = ast.unparse(node), list[str]()
@@ -125,12 +133,20 @@ def _module(value: Any, name: str) -> ModuleType:
 
 
 def _trusted(node: ast.expr) -> bool:
-    """Whether ``node`` names only trusted builtins and touches no private attribute."""
+    """Whether ``node`` names only trusted builtins (and the variables of its own comprehensions and
+    lambdas) and
+    touches no private attribute. An expected value left to the sandbox would be answered by the
+    program, which could then echo it for the program's side of the comparison too."""
+    bound = {name.id for sub in ast.walk(node) if isinstance(sub, ast.comprehension)
+             for name in ast.walk(sub.target) if isinstance(name, ast.Name)}
+    bound |= {arg.arg for sub in ast.walk(node) if isinstance(sub, ast.Lambda)
+              for arg in (*sub.args.posonlyargs, *sub.args.args, *sub.args.kwonlyargs,
+                          *(a for a in (sub.args.vararg, sub.args.kwarg) if a is not None))}
     for sub in ast.walk(node):
-        if isinstance(sub, ast.Name) and sub.id not in TRUSTED_NAMES:
+        if isinstance(sub, ast.Name) and sub.id not in TRUSTED_NAMES and sub.id not in bound:
             return False
         if isinstance(sub, ast.Attribute) and sub.attr.startswith("_"):
             return False
-        if isinstance(sub, ast.NamedExpr | ast.Lambda | ast.Await | ast.Yield | ast.YieldFrom):
+        if isinstance(sub, ast.NamedExpr | ast.Await | ast.Yield | ast.YieldFrom):
             return False
     return True

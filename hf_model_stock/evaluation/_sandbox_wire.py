@@ -11,7 +11,9 @@ from typing import Any
 
 MAX_DEPTH = 100
 MAX_HASHED = 10_000
+MAX_ALIKE = 16  # keys of one set or dict that may share a hash
 _PLAIN = (bool, int, float, complex, str, bytes, bytearray, list, tuple, set, frozenset, dict)
+_ITER: dict[type, Any] = {list: list.__iter__, tuple: tuple.__iter__, set: set.__iter__, frozenset: frozenset.__iter__}
 
 
 class Opaque:
@@ -36,21 +38,23 @@ def encode(value: Any, depth: int = 0) -> Any:
     kind: type | None = type(value) if type(value) in _PLAIN else _known_subclass(value)
     if kind is None:
         return _other(value, depth)
+    # the base type's own methods throughout: a subclass's __str__, __int__ or __iter__ cannot change
+    # what is reported, which is what the base type's __eq__ (kept, as checked above) compares
     if kind is bool:
-        return ["bool", bool(value)]
+        return ["bool", int.__index__(value) == 1]
     if kind is int:
-        return ["int", format(int(value), "x")]
+        return ["int", format(int.__index__(value), "x")]
     if kind is float:
-        return ["float", float(value).hex()]
+        return ["float", float.hex(value)]
     if kind is complex:
-        return ["complex", value.real.hex(), value.imag.hex()]
+        return ["complex", float.hex(complex.real.__get__(value)), float.hex(complex.imag.__get__(value))]
     if kind is str:
-        return ["str", str(value)]
+        return ["str", str.__str__(value)]
     if kind in (bytes, bytearray):
-        return [kind.__name__, bytes(value).hex()]
+        return [kind.__name__, kind.hex(value)]
     if kind is dict:
         return ["dict", [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in dict.items(value)]]
-    return [kind.__name__, [encode(item, depth + 1) for item in value]]
+    return [kind.__name__, [encode(item, depth + 1) for item in _ITER[kind](value)]]
 
 
 def _known_subclass(value: Any) -> type | None:
@@ -113,7 +117,16 @@ def _items(args: list, depth: int) -> list:
 def _hashed(args: list, depth: int) -> list:
     if len(args) != 1 or not isinstance(args[0], list) or len(args[0]) > MAX_HASHED:
         raise TypeError("not a list, or too long")
-    return _items(args, depth)
+    return _spread(_items(args, depth))
+
+
+def _spread(keys: list) -> list:
+    """``keys``, unless many share one hash (crafted ints such as multiples of 2**61 - 1, whose set
+    would take the evaluator seconds to build: a program's real set or dict of distinct values has
+    at most a few alike)."""
+    if len(keys) > MAX_ALIKE and max(collections.Counter(map(hash, keys)).values()) > MAX_ALIKE:
+        raise ValueError("too many keys with one hash")
+    return keys
 
 
 def _pairs(args: list, depth: int) -> list[tuple[Any, Any]]:
@@ -124,6 +137,7 @@ def _pairs(args: list, depth: int) -> list[tuple[Any, Any]]:
         if not isinstance(pair, list) or len(pair) != 2:
             raise TypeError("not a pair")
         pairs.append((decode(pair[0], depth), decode(pair[1], depth)))
+    _spread([key for key, _ in pairs])
     return pairs
 
 

@@ -112,6 +112,8 @@ def _spawn(source: str | None, limits: Limits, *, allow_unconfined_reads: bool, 
         steps = _sandbox_verdict.plan_tests(tests)
     except SyntaxError as error:
         steps, unparsable = [], f"a test line does not parse: {error.msg}"
+    except _sandbox_verdict.UndecidableTest as error:
+        raise EvalError(f"mbpp: {error}") from None
     else:
         unparsable = ""
     with _workspace() as tmp:
@@ -278,7 +280,7 @@ class _Lines:
         """The next line; None at end of file, past ``deadline`` or past ``cap`` bytes."""
         while b"\n" not in self.buffer:
             left = deadline - time.monotonic()
-            if self.closed or len(self.buffer) > cap or left <= 0 or not select.select([self.fd], [], [], left)[0]:
+            if self.closed or len(self.buffer) > cap or left <= 0 or not _ready(self.fd, select.POLLIN, left):
                 return None
             chunk = os.read(self.fd, 1 << 16)
             if not chunk:
@@ -292,12 +294,20 @@ def _write_all(fd: int, data: bytes, deadline: float) -> bool:
     try:
         while data:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([], [fd], [], left)[1]:
+            if left <= 0 or not _ready(fd, select.POLLOUT, left):
                 return False
             data = data[os.write(fd, data[:select.PIPE_BUF]):]
     except BrokenPipeError:
         return False
     return True
+
+
+def _ready(fd: int, event: int, timeout_s: float) -> bool:
+    """Whether ``fd`` is ready for ``event`` (or closed) within ``timeout_s``; poll, not select, so
+    that an evaluator holding over 1024 descriptors works too."""
+    poller = select.poll()
+    poller.register(fd, event)
+    return bool(poller.poll(max(1, int(timeout_s * 1000) + 1)))
 
 
 def _stop(proc: subprocess.Popen) -> None:
