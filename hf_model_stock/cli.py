@@ -273,6 +273,7 @@ def _dispatch(argv: Sequence[str] | None) -> tuple[int, bool]:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("huggingface_hub").propagate = False  # it has a handler of its own: each line once
     if getattr(args, "quiet", False):
         silence_progress_bars()
     previous = signal.signal(signal.SIGTERM, _sigterm)

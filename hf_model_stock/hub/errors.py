@@ -106,7 +106,13 @@ def hub_error_message(label: str, repo_id: str, revision: str | None, exc: BaseE
         return (f"{label}: the cached snapshot is incomplete (an interrupted download?) and the Hub cannot be "
                 "reached: reconnect (unset HF_HUB_OFFLINE) to finish the download")
     if isinstance(exc, LocalEntryNotFoundError):  # a subclass of EntryNotFoundError: first
-        return f"{label}: not in the local cache and the Hub cannot be reached (HF_HUB_OFFLINE or no network)"
+        from huggingface_hub import constants
+
+        cause = exc.__cause__ or exc.__context__
+        if constants.is_offline_mode() or cause is None:
+            return f"{label}: not in the local cache and the Hub is offline (HF_HUB_OFFLINE)"
+        # online: huggingface_hub tried the Hub (with its own retries) and fell back to an empty cache
+        return hub_error_message(label, repo_id, revision, cause, download=download)
     if isinstance(exc, EntryNotFoundError):
         return f"{label}: {first_line(exc)}"
     if status in (401, 403):
@@ -115,6 +121,8 @@ def hub_error_message(label: str, repo_id: str, revision: str | None, exc: BaseE
         return f"{label}: not found on the Hub (HTTP 404)"
     if status is not None and status not in RETRY_STATUS:
         return f"{label}: the Hub answered HTTP {status} ({first_line(exc)})"
+    if status is not None:  # retryable, and retried
+        return f"{label}: the Hub kept answering HTTP {status} after retries; try again later"
     if download:
         return f"{label}: download failed ({type(exc).__name__}: {first_line(exc)}); run again to resume"
     return f"{label}: the Hub could not be reached ({type(exc).__name__}: {first_line(exc)}); check the connection"

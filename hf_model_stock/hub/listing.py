@@ -154,7 +154,7 @@ def download(repo_id: str, filename: str, commit: str, label: str | None = None)
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(retrying(lambda: hf_hub_download(repo_id, filename, revision=commit)))
+        return Path(retrying(lambda: hf_hub_download(repo_id, filename, revision=commit), head_retried=True))
     except transport_errors() as exc:
         raise SourceError(hub_error_message(label or repo_id, repo_id, commit, exc, download=True)) from None
 
@@ -166,7 +166,7 @@ def download_if_present(repo_id: str, filename: str, revision: str | None, label
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
-        return Path(retrying(lambda: hf_hub_download(repo_id, filename, revision=revision)))
+        return Path(retrying(lambda: hf_hub_download(repo_id, filename, revision=revision), head_retried=True))
     except LocalEntryNotFoundError as exc:
         if is_offline():
             return None
@@ -183,6 +183,6 @@ def download_snapshot(repo_id: str, revision: str | None, patterns: list[str], l
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(retrying(lambda: snapshot_download(repo_id, revision=revision, allow_patterns=patterns)))
+        return Path(retrying(lambda: snapshot_download(repo_id, revision=revision, allow_patterns=patterns), head_retried=True))
     except transport_errors() as exc:
         raise SourceError(hub_error_message(label or repo_id, repo_id, revision, exc, download=True)) from None

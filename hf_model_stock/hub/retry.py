@@ -36,14 +36,34 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, httpx2.TransportError)
 
 
-def retrying(call: Callable[[], T]) -> T:
-    """``call()``, tried again on transient failures (``is_transient``); the last failure is raised."""
+def retrying(call: Callable[[], T], *, head_retried: bool = False) -> T:
+    """``call()``, tried again on transient failures (``is_transient``); the last failure is raised.
+    ``head_retried``: ``call`` is a huggingface_hub download, which already retries its metadata
+    request (HEAD) with its own backoff, so a HEAD that failed after those tries is final here
+    (no tries multiplied: an unreachable Hub fails in its ~25 s, not six times that)."""
     failures = 0
     while True:
         try:
             return call()
         except Exception as exc:
             failures += 1
-            if failures > RETRIES or not is_transient(exc):
+            if failures > RETRIES or not is_transient(exc) or (head_retried and _failed_method(exc) == "HEAD"):
                 raise
             pause(failures)
+
+
+def _failed_method(exc: BaseException) -> str | None:
+    """The HTTP method of the request behind ``exc`` or the errors it was raised from, if known."""
+    seen: set[int] = set()
+    error: BaseException | None = exc
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        for holder in (getattr(error, "response", None), error):
+            try:
+                method = getattr(getattr(holder, "request", None), "method", None)
+            except RuntimeError:  # httpx: an error raised without a request
+                method = None
+            if isinstance(method, str):
+                return method.upper()
+        error = error.__cause__ or error.__context__
+    return None

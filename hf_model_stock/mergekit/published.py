@@ -111,8 +111,7 @@ def fetch_published(repo_id: str, revision: str | None) -> tuple[Path, str | Non
             commit = path.parent.name if SNAPSHOT_COMMIT.fullmatch(path.parent.name) else None
             return path, commit
     if is_offline():
-        raise SourceError(f"{entry.label}: not in the local cache and the Hub cannot be reached (HF_HUB_OFFLINE or "
-                          "no network)")
+        raise SourceError(f"{entry.label}: not in the local cache and the Hub is offline (HF_HUB_OFFLINE)")
     raise SourceError(f"{entry.label}: neither {CONFIG_NAMES[0]} nor {CARD_NAME} in the repo (no mergekit configuration)")
 
 

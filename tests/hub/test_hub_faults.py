@@ -123,3 +123,47 @@ def test_faults_on_every_kind_of_hub_request_are_retried(storage_hub, private, t
     assert main(args(tmp_path / "out", *REPOS, extra=extra)) == 0
     assert shards(tmp_path / "out") == private
     assert all(f.times == 0 for f in storage_hub.faults)  # every fault was met
+
+
+def test_a_hub_that_keeps_failing_metadata_is_tried_by_huggingface_hub_alone(storage_hub, private, tmp_path,
+                                                                             monkeypatch):
+    """huggingface_hub retries a download's HEAD itself (5 more tries): our retries do not multiply
+    them (six times six HEADs, minutes against an unreachable Hub), and the error is one line."""
+    import time
+
+    from hf_model_stock.errors import SourceError
+    from hf_model_stock.hub import listing
+
+    monkeypatch.setattr(time, "sleep", lambda s: None)  # huggingface_hub's own backoff
+    storage_hub.fail("HEAD", f"/{REPOS[0]}/resolve/*", mode="status", status=503, times=10_000)
+    storage_hub.reset_stats()
+    with pytest.raises(SourceError) as info:
+        listing.download(REPOS[0], "config.json", "main")
+    heads = storage_hub.requests("HEAD", "config.json")
+    assert len(heads) == 7, len(heads)  # huggingface_hub's own tries, once (not times our 6)
+    assert str(info.value) == "org/base: the Hub kept answering HTTP 503 after retries; try again later"
+    assert listing.download(REPOS[1], "config.json", "main").is_file()  # other repos are unaffected
+
+
+def test_a_head_that_failed_after_huggingface_hubs_tries_is_final():
+    """Unit: with ``head_retried`` a failed HEAD (found through the exception chain) is not tried again;
+    a failed GET is, and without ``head_retried`` so is the HEAD."""
+    import httpx2
+
+    calls = []
+
+    def failing(method):
+        def call():
+            calls.append(method)
+            try:
+                raise httpx2.ConnectError("refused", request=httpx2.Request(method, "http://127.0.0.1:9/x"))
+            except httpx2.ConnectError as exc:  # wrapped, as huggingface_hub's errors wrap the request's
+                raise httpx2.ConnectError("cannot reach the Hub") from exc
+        return call
+
+    for method, head_retried, tries in (("HEAD", True, 1), ("GET", True, retry_module.RETRIES + 1),
+                                        ("HEAD", False, retry_module.RETRIES + 1)):
+        calls.clear()
+        with pytest.raises(httpx2.ConnectError):
+            retry_module.retrying(failing(method), head_retried=head_retried)
+        assert len(calls) == tries, (method, head_retried)
