@@ -184,11 +184,9 @@ MODELS = "models:\n  - model: base\n  - model: ft0\n  - model: ft1\n"
      "from the models that have the token)"),
     (BASE + MODELS + "tokenizer: {source: base, pad_to_multiple_of: 64}\n",
      "tokenizer.pad_to_multiple_of: not supported (the output keeps the tokenizer source's rows, its padding included)"),
-    (BASE + MODELS + "chat_template: chatml\n",
-     "chat_template: 'chatml' is one of mergekit's built-in templates, which hf-model-stock does not ship (give "
-     "the Jinja text, a file, 'base' or a model)"),
-    (BASE + MODELS + "chat_template: auto\n",
-     "chat_template: 'auto' is not supported (name the model whose template to use, 'base', a file or the Jinja text)"),
+    (BASE + MODELS + "chat_template: exaone\n",
+     "chat_template: 'exaone' is one of mergekit's built-in templates that hf-model-stock does not ship (chatml, "
+     "llama3, mistral, alpaca are; or give the Jinja text, a file, 'base' or a model)"),
     ("merge_method: model_stock\n" + MODELS, "base_model: required (Model Stock merges fine-tunes of a base model)"),
     (BASE + "models:\n  - model: ft0\n", "models: Model Stock needs at least 2 fine-tuned models, got 1"),
 ])
@@ -400,3 +398,39 @@ def test_base_plus_lora_references_merge_as_adapter_fine_tunes(tmp_path, monkeyp
     assert main(["run", "native.yaml", "--out", "native-out", "-q"]) == 0
     assert shards(tmp_path / "from-mergekit") == shards(tmp_path / "native-out")
     assert shards(tmp_path / "native-out") != shards(base)  # the adapters moved the weights
+
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"}]
+RENDERED = {  # each format's published layout, for CONVERSATION with the generation prompt
+    "chatml": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+               "Hello.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"),
+    "llama3": ("<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user"
+               "<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello.<|eot_id|>"
+               "<|start_header_id|>user<|end_header_id|>\n\n2+2?<|eot_id|><|start_header_id|>assistant"
+               "<|end_header_id|>\n\n"),
+    "mistral": "<s>[INST] Be brief.\n\nHi [/INST]Hello.</s>[INST] 2+2? [/INST]",
+    "alpaca": ("Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello.</s>\n\n### Instruction:\n2+2?\n\n"
+               "### Response:\n"),
+}
+
+
+@pytest.mark.parametrize("name", RENDERED)
+def test_mergekit_template_names_become_our_jinja(name):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    data = {"merge_method": "model_stock", "base_model": "org/b", "models": [{"model": "org/x"}, {"model": "org/y"}],
+            "chat_template": name}
+    recipe = translate(data, "c.yml", layers=lambda e: 2).recipe
+    assert f"chat_template {name}: hf-model-stock's own Jinja for the {name} format" in recipe.origin.notes
+    rendered, _ = render_jinja_template(conversations=[CONVERSATION], chat_template=recipe.chat_template,
+                                        add_generation_prompt=True, bos_token="<s>", eos_token="</s>")
+    assert rendered[0] == RENDERED[name]
+
+
+def test_chat_template_auto_is_our_default_and_exaone_is_refused():
+    data = {"merge_method": "model_stock", "base_model": "org/b", "models": [{"model": "org/x"}, {"model": "org/y"}]}
+    auto = translate({**data, "chat_template": "auto"}, "c.yml", layers=lambda e: 2).recipe
+    assert auto.chat_template is None and any(n.startswith("chat_template auto:") for n in auto.origin.notes)
+    with pytest.raises(RecipeError, match=r"^c.yml: chat_template: 'exaone' is one of mergekit's built-in"):
+        translate({**data, "chat_template": "exaone"}, "c.yml", layers=lambda e: 2)

@@ -22,6 +22,7 @@ import yaml
 
 from hf_model_stock.errors import RecipeError
 from hf_model_stock.io.dtypes import CONFIG_DTYPE_NAMES, parse_dtype_name
+from hf_model_stock.mergekit.chat_templates import BUILTIN
 from hf_model_stock.recipe import ModelEntry, Recipe, parse_recipe
 
 logger = logging.getLogger(__name__)
@@ -318,11 +319,16 @@ class _Translator:
         if value is None or (isinstance(value, str) and ("{{" in value or "{%" in value)):
             return value
         if value == "auto":
-            raise self.fail("chat_template", "'auto' is not supported (name the model whose template to use, "
-                                             "'base', a file or the Jinja text)")
-        if isinstance(value, str) and value in ("alpaca", "chatml", "exaone", "llama3", "mistral"):
-            raise self.fail("chat_template", f"{value!r} is one of mergekit's built-in templates, which hf-model-stock "
-                                             "does not ship (give the Jinja text, a file, 'base' or a model)")
+            self.notes.append("chat_template auto: the tokenizer source's template, else a fine-tune's (mergekit "
+                              "takes the one most of the models have)")
+            return None
+        if isinstance(value, str) and value in BUILTIN:
+            self.notes.append(f"chat_template {value}: hf-model-stock's own Jinja for the {value} format")
+            return BUILTIN[value]
+        if value == "exaone":
+            raise self.fail("chat_template", "'exaone' is one of mergekit's built-in templates that hf-model-stock "
+                                             f"does not ship ({', '.join(BUILTIN)} are; or give the Jinja text, a "
+                                             "file, 'base' or a model)")
         if not isinstance(value, str):
             raise self.fail("chat_template", f"must be a string, got {value!r}")
         return self.local(value)
