@@ -57,18 +57,19 @@ def _token_in_use() -> str | None:
         return None
 
 
-def refused_message(repo_id: str, status: int, what: str | None = None) -> str:
-    """The line for a 401/403 on ``repo_id`` (``what``: the file asked for): which token was refused,
-    or that none was sent, and what to do."""
+def refused_message(repo_id: str, status: int, what: str | None = None, *, write: bool = False) -> str:
+    """The line for a 401/403 on ``repo_id`` (``what``: the file asked for; ``write``: a push): which
+    token was refused, or that none was sent, and what to do."""
     token = _token_in_use()
     http = f"HTTP {status}" + (f", {what}" if what else "")
+    can = "write to this namespace" if write else "read this repository"
     if token == "HF_TOKEN":
-        return f"{repo_id}: the Hub refused the token in HF_TOKEN ({http}): set it to a token that can read this repository"
+        return f"{repo_id}: the Hub refused the token in HF_TOKEN ({http}): set it to a token that can {can}"
     if token:
         return (f"{repo_id}: the Hub refused {token} ({http}): log in again, or set HF_TOKEN, with a token that can "
-                "read this repository")
+                f"{can}")
     return (f"{repo_id}: the Hub refused access ({http}) and no token was sent: set HF_TOKEN (or run "
-            "`hf auth login`) to a token that can read this repository")
+            f"`hf auth login`) to a token that can {can}")
 
 
 def refused(repo_id: str, status: int, what: str | None = None) -> SourceError:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hf_model_stock.errors import ModelStockError
-from hf_model_stock.hub.errors import first_line, status_of, transport_errors
+from hf_model_stock.hub.errors import first_line, refused_message, status_of, transport_errors
+from hf_model_stock.hub.retry import retrying
 
 if TYPE_CHECKING:
     from hf_model_stock.publish.report import MergeReport
@@ -77,11 +78,11 @@ def unchanged_shards(api: Any, repo_id: str, revision: str | None, directory: Pa
     shards = report.shards if report is not None else {}
     if not shards:
         return []
-    remote = {
+    remote = retrying(lambda: {
         f.path: f
         for f in api.list_repo_tree(repo_id, revision=revision, recursive=True)
         if isinstance(f, RepoFile) and f.lfs is not None
-    }
+    })
     same = []
     for name, digest in sorted(shards.items()):
         local, there = directory / name, remote.get(name)
@@ -107,8 +108,7 @@ def _push_error(repo_id: str, exc: BaseException) -> PushError:
     if cause is not None:  # upload errors wrap the HTTP error: name it too
         first += f": {first_line(cause)}"
     if isinstance(exc, HfHubHTTPError) and status in (401, 403):
-        return PushError(f"{repo_id}: the Hub refused the push ({status}): log in with a write token "
-                         "(hf auth login, or set HF_TOKEN) that may write to this namespace")
+        return PushError(refused_message(repo_id, status, "the push", write=True))
     return PushError(f"{repo_id}: push failed ({type(exc).__name__}: {first}); run the same push again to resume, "
                      "files already on the Hub are not sent again")
 
@@ -143,9 +143,9 @@ def push_model(
     prepare_card(directory, repo_id, report)
     api = HfApi()
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        retrying(lambda: api.create_repo(repo_id, private=private, exist_ok=True))
         if revision and revision != constants.DEFAULT_REVISION:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
+            retrying(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True))
         skip = unchanged_shards(api, repo_id, revision, directory, report)
         if skip:
             logger.info("%d shard(s) already on the Hub with the same sha256: not uploaded again", len(skip))

@@ -154,10 +154,31 @@ def test_push_without_write_token_says_how_to_log_in(tmp_path, monkeypatch, merg
     out, _ = merged
     with FakeHub(token="hf_write") as fake:
         set_hub_env(monkeypatch, fake.url, tmp_path / "other")
-        with pytest.raises(PushError, match=r"me/merged: the Hub refused the push \(401\): log in"):
+        with pytest.raises(PushError) as info:
             push_model(out, "me/merged")
+        assert str(info.value) == ("me/merged: the Hub refused access (HTTP 401, the push) and no token was sent: "
+                                   "set HF_TOKEN (or run `hf auth login`) to a token that can write to this namespace")
+        monkeypatch.setenv("HF_TOKEN", "hf_read_only")
+        with pytest.raises(PushError) as info:
+            push_model(out, "me/merged")
+        assert str(info.value) == ("me/merged: the Hub refused the token in HF_TOKEN (HTTP 401, the push): set it "
+                                   "to a token that can write to this namespace")
         monkeypatch.setenv("HF_TOKEN", "hf_write")
         assert "/me/merged/commit/" in push_model(out, "me/merged")
+
+
+@pytest.mark.parametrize("pattern", ["/api/repos/create", "/api/models/me/faulty/branch/*",
+                                     "/api/models/me/faulty/tree/*"])
+def test_a_503_on_the_push_s_repo_calls_is_retried(hub, merged, monkeypatch, pattern):
+    """Creating the repo and the branch, and listing what is already there, go through the hub's one
+    retry policy like every read."""
+    from hf_model_stock.hub import retry
+
+    monkeypatch.setattr(retry, "_backoff", lambda s: None)
+    out, _ = merged
+    fault = hub.fail("GET" if "tree" in pattern else "POST", pattern, mode="status", status=503, times=1)
+    assert "/me/faulty/commit/" in push_model(out, "me/faulty", revision="dev")
+    assert fault.times == 0  # the fault was met, and got over
 
 
 def test_a_merge_of_local_models_pushes_a_valid_card(hub, models, tmp_path):
