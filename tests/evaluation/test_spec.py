@@ -35,7 +35,7 @@ def test_default_is_the_core_suite_and_suites_expand() -> None:
     assert EvalSpec().task_names() == ["gsm8k", "math", "mmlu_pro"]
     assert EvalSpec(suite="all").task_names() == ["gsm8k", "math", "mmlu_pro", "mbpp", "harmbench"]
     assert EvalSpec(suite="safety").task_names() == ["harmbench"]
-    assert EvalSpec(suite="study").task_names() == ["gsm8k_nll", "gsm8k_answer"]
+    assert EvalSpec(suite="study").task_names() == ["gsm8k_nll", "gsm8k_answer", "pydoc_nll"]
 
 
 def test_rejections_name_the_problem() -> None:
