@@ -104,6 +104,18 @@ def reference(paths: dict[str, Path], names: list[str], source: str, filter_wise
     return out
 
 
+def assert_rows_match(merged: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], rows: int,
+                      tie: bool) -> None:
+    """The merged vocabulary tensors have ``rows`` rows and equal the float64 reference to float32 rounding."""
+    assert set(expected) == ({"model.embed_tokens.weight"} if tie else set(VOCAB_TENSORS))
+    for key, ref in expected.items():
+        got = merged[key]
+        assert got.shape == (rows, 32), key
+        rounded = ref.to(torch.float32)
+        diff = (got.double() - rounded.double()).abs()
+        assert bool((diff <= ulp(rounded)).all()), f"{key}: max diff {diff.max()}"
+
+
 @pytest.mark.parametrize("source", ["ft0", "ft2", "base", "union"])
 @pytest.mark.parametrize("granularity", ["layer", "filter"])
 def test_rows_follow_the_tokenizer_source(vocab_models, tmp_path, source, granularity):
@@ -117,13 +129,7 @@ def test_rows_follow_the_tokenizer_source(vocab_models, tmp_path, source, granul
     merged = load_dir(out.path)
     expected = reference(paths, names, source, granularity == "filter")
     rows = {"ft0": 66, "ft1": 66, "ft2": 72, "base": 64, "union": 66}[source]
-    assert set(expected) == ({"model.embed_tokens.weight"} if tie else set(VOCAB_TENSORS))
-    for key, ref in expected.items():
-        got = merged[key]
-        assert got.shape == (rows, 32), key
-        rounded = ref.to(torch.float32)
-        diff = (got.double() - rounded.double()).abs()
-        assert bool((diff <= ulp(rounded)).all()), f"{key}: max diff {diff.max()}"
+    assert_rows_match(merged, expected, rows, tie)
     base = load_dir(paths["base"])
     fts = [load_dir(paths[n]) for n in names]
     for name, b in base.items():  # the other tensors: Model Stock as ever
