@@ -32,7 +32,6 @@ import importlib
 import json
 import os
 import platform
-import resource
 import select
 import signal
 import sys
@@ -231,6 +230,8 @@ def _send(fd: int, message: dict) -> None:
 
 def _close_inherited_descriptors(keep: tuple) -> None:
     """Close every descriptor but stdin, stdout, stderr and ``keep`` (the parent closes them too)."""
+    import resource  # here, not at the top: the evaluator imports this module on any platform
+
     top = max(resource.getrlimit(resource.RLIMIT_NOFILE)[1], 1 << 16)
     low = 3
     for fd in sorted(keep):
@@ -264,6 +265,8 @@ def _drop_capabilities(libc: ctypes.CDLL, number: int) -> bool:
 
 
 def _rlimits(limits: dict) -> None:
+    import resource
+
     cpu = int(limits["cpu_s"])
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     resource.setrlimit(resource.RLIMIT_AS, (limits["memory_bytes"],) * 2)

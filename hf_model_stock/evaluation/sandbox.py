@@ -41,7 +41,8 @@ from hf_model_stock.evaluation.errors import EvalError
 
 CHILD = Path(__file__).with_name("_sandbox_child.py")
 Status = Literal["passed", "failed", "timeout", "output_limit"]
-_CPU_SIGNALS = (signal.SIGXCPU, signal.SIGKILL)  # soft, then hard RLIMIT_CPU
+# soft, then hard RLIMIT_CPU (getattr: this module imports on Windows too, where run_program refuses)
+_CPU_SIGNALS = tuple(getattr(signal, name) for name in ("SIGXCPU", "SIGKILL") if hasattr(signal, name))
 UNCONFINED_READS_ENV = "HF_MODEL_STOCK_UNCONFINED_READS"
 MAX_ANSWER = 4 << 20  # bytes of one answer of the program's (a leaf's value)
 

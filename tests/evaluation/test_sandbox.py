@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import sysconfig
 import time
 import uuid
@@ -131,3 +133,28 @@ def test_kernel_refuses_writes_outside_even_past_the_audit_hook(layer: str, erro
     finally:
         if os.path.lexists(fifo):
             os.remove(fifo)
+
+
+WINDOWS_LIKE = """
+import signal, sys
+sys.modules["resource"] = None  # as on Windows: `import resource` fails
+sys.modules["fcntl"] = None
+for name in ("SIGXCPU", "SIGKILL"):
+    delattr(signal, name)
+from hf_model_stock.evaluation import mbpp
+from hf_model_stock.evaluation.errors import EvalError
+sys.platform = "win32"
+try:
+    mbpp.process_results({"test_list": ["assert f() == 1"]}, ["def f():\\n    return 1"])
+except EvalError as error:
+    print(error)
+"""
+
+
+def test_off_linux_mbpp_imports_and_refuses_in_one_line() -> None:
+    """Where ``resource`` and the POSIX signals are missing (Windows), the MBPP hooks import (lm-eval
+    loads them with the task) and scoring refuses in one line, running nothing."""
+    proc = subprocess.run([sys.executable, "-c", WINDOWS_LIKE], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "mbpp: the code sandbox needs Linux (namespaces, Landlock, seccomp, rlimits)\n"
